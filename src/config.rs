@@ -1,0 +1,815 @@
+//! The configuration: a YAML file parsed into a typed tree and validated once.
+//!
+//! Parsing uses `serde-saphyr` (a maintained, panic-free YAML deserializer; see
+//! the README for why not `serde_yaml`) wrapped in `serde_path_to_error`, so a
+//! syntax or type error names the file, the line and the key. Checks that serde
+//! cannot express (unique names, addresses that parse, certificate files that
+//! exist) run afterwards on values that kept their source location.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+/// A configuration error: where it is and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}:{column}: key `{key}`: {message}")]
+    Invalid {
+        file: String,
+        line: u32,
+        column: u32,
+        key: String,
+        message: String,
+    },
+}
+
+/// The validated configuration of one portal process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub admin: Admin,
+    pub shutdown: ShutdownSettings,
+    pub clusters: Vec<Cluster>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShutdownSettings {
+    /// How long sessions may keep running after a stop signal.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Redis,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Protocol::Redis => f.write_str("redis"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub name: String,
+    pub protocol: Protocol,
+    pub probe: ProbeSettings,
+    pub members: Vec<Member>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProbeSettings {
+    pub interval: Duration,
+    /// Probe period while the cluster has no leader.
+    pub fast_interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+}
+
+/// A credential. Its `Debug` output never shows the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub name: String,
+    /// `host:port`; resolved at connect time so DNS names follow changes.
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Route {
+    Leader,
+    Replicas,
+    Any,
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Route::Leader => "leader",
+            Route::Replicas => "replicas",
+            Route::Any => "any",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    LeastConnections,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLeaderChange {
+    #[default]
+    Close,
+    Keep,
+}
+
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub route: Route,
+    pub balance: Balance,
+    pub tls: TlsFiles,
+    pub hold_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
+    pub on_leader_change: OnLeaderChange,
+}
+
+/// Certificate chain and private key files, PEM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Config {
+    /// Reads, parses and validates `file`.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.display().to_string(),
+            source,
+        })?;
+        Config::parse(file, &text)
+    }
+
+    /// Parses and validates `text`, naming `file` in errors and resolving
+    /// relative paths against its directory.
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw = parse_raw(file, text)?;
+        let base = file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Validator { file, base: &base }.validate(raw)
+    }
+
+    pub fn endpoint_count(&self) -> usize {
+        self.clusters.iter().map(|c| c.endpoints.len()).sum()
+    }
+}
+
+fn parse_raw(file: &Path, text: &str) -> Result<RawConfig, ConfigError> {
+    let mut path = String::new();
+    let options = serde_saphyr::options! { with_snippet: false };
+    let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+        serde_path_to_error::deserialize::<_, RawConfig>(de).map_err(|err| {
+                // `Spanned` fields show up as a `.value` step; hide it.
+                path = err.path().to_string().replace(".value", "");
+            err.into_inner()
+        })
+    });
+    parsed.map_err(|err| {
+        let (line, column) = err
+            .location()
+            .map(|l| (l.line() as u32, l.column() as u32))
+            .unwrap_or((0, 0));
+        ConfigError::Invalid {
+            file: file.display().to_string(),
+            line,
+            column,
+            key: if path.is_empty() || path == "." {
+                "(top level)".to_string()
+            } else {
+                path
+            },
+            message: bare_message(&err.to_string()),
+        }
+    })
+}
+
+/// serde-saphyr prefixes its messages with "error: line N column M: ";
+/// the location is reported in our own format, so strip it.
+fn bare_message(text: &str) -> String {
+    let first = text.lines().next().unwrap_or(text);
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    match first.find(": ") {
+        Some(at) if first.starts_with("line ") => first[at + 2..].to_string(),
+        _ => first.to_string(),
+    }
+}
+
+// ---- the raw, serde-facing tree -------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    admin: RawAdmin,
+    certs_dir: Option<Spanned<String>>,
+    #[serde(default)]
+    shutdown: RawShutdown,
+    clusters: Vec<RawCluster>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default = "default_admin_listen")]
+    listen: Spanned<String>,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> Spanned<String> {
+    unspanned("127.0.0.1:9090".to_string())
+}
+
+fn unspanned<T>(value: T) -> Spanned<T> {
+    Spanned {
+        value,
+        referenced: serde_saphyr::Location::UNKNOWN,
+        defined: serde_saphyr::Location::UNKNOWN,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    #[serde(default = "default_drain", deserialize_with = "de_duration")]
+    drain_timeout: Duration,
+}
+
+impl Default for RawShutdown {
+    fn default() -> Self {
+        RawShutdown {
+            drain_timeout: default_drain(),
+        }
+    }
+}
+
+fn default_drain() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: Spanned<String>,
+    protocol: Protocol,
+    #[serde(default)]
+    probe: RawProbe,
+    members: Spanned<Vec<RawMember>>,
+    endpoints: Vec<RawEndpoint>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    #[serde(default = "default_interval", deserialize_with = "de_duration")]
+    interval: Duration,
+    #[serde(default = "default_fast_interval", deserialize_with = "de_duration")]
+    fast_interval: Duration,
+    #[serde(default = "default_probe_timeout", deserialize_with = "de_duration")]
+    timeout: Duration,
+    #[serde(default = "default_rise")]
+    rise: Spanned<u32>,
+    #[serde(default = "default_rise")]
+    fall: Spanned<u32>,
+    username: Option<String>,
+    password_file: Option<Spanned<String>>,
+    password_env: Option<Spanned<String>>,
+}
+
+impl Default for RawProbe {
+    fn default() -> Self {
+        RawProbe {
+            interval: default_interval(),
+            fast_interval: default_fast_interval(),
+            timeout: default_probe_timeout(),
+            rise: default_rise(),
+            fall: default_rise(),
+            username: None,
+            password_file: None,
+            password_env: None,
+        }
+    }
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_fast_interval() -> Duration {
+    Duration::from_millis(50)
+}
+fn default_probe_timeout() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_rise() -> Spanned<u32> {
+    unspanned(2)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMember {
+    name: Spanned<String>,
+    address: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    name: Spanned<String>,
+    listen: Spanned<String>,
+    route: Route,
+    #[serde(default)]
+    balance: Balance,
+    tls: Spanned<RawTls>,
+    #[serde(default = "default_hold", deserialize_with = "de_duration")]
+    hold_timeout: Duration,
+    #[serde(default = "default_handshake", deserialize_with = "de_duration")]
+    handshake_timeout: Duration,
+    #[serde(default = "default_max_connections")]
+    max_connections: Spanned<usize>,
+    #[serde(default)]
+    on_leader_change: OnLeaderChange,
+}
+
+fn default_hold() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_handshake() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_connections() -> Spanned<usize> {
+    unspanned(10_000)
+}
+
+/// `tls: auto` or `tls: {cert: PATH, key: PATH}`.
+enum RawTls {
+    Auto,
+    Files { cert: String, key: String },
+}
+
+impl<'de> Deserialize<'de> for RawTls {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Files {
+            cert: String,
+            key: String,
+        }
+
+        struct TlsVisitor;
+        impl<'de> Visitor<'de> for TlsVisitor {
+            type Value = RawTls;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`auto` or a map with `cert` and `key`")
+            }
+            fn visit_str<E: de::Error>(self, value: &str) -> Result<RawTls, E> {
+                if value == "auto" {
+                    Ok(RawTls::Auto)
+                } else {
+                    Err(E::invalid_value(de::Unexpected::Str(value), &self))
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawTls, A::Error> {
+                let files = Files::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawTls::Files {
+                    cert: files.cert,
+                    key: files.key,
+                })
+            }
+        }
+        deserializer.deserialize_any(TlsVisitor)
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    let duration = humantime::parse_duration(&text).map_err(|err| {
+        de::Error::custom(format!(
+            "invalid duration {text:?} ({err}); write it like 500ms, 3s or 1m"
+        ))
+    })?;
+    if duration.is_zero() {
+        return Err(de::Error::custom("a duration must be greater than zero"));
+    }
+    Ok(duration)
+}
+
+// ---- validation -----------------------------------------------------------
+
+struct Validator<'a> {
+    file: &'a Path,
+    base: &'a Path,
+}
+
+impl Validator<'_> {
+    fn error<T>(&self, at: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.display().to_string(),
+            line: at.referenced.line() as u32,
+            column: at.referenced.column() as u32,
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn resolve(&self, path: &str) -> PathBuf {
+        let path = Path::new(path);
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base.join(path)
+        }
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let admin_listen: SocketAddr = raw.admin.listen.value.parse().map_err(|_| {
+            self.error(
+                &raw.admin.listen,
+                "admin.listen",
+                format!("{:?} is not an ip:port address", raw.admin.listen.value),
+            )
+        })?;
+
+        if raw.clusters.is_empty() {
+            return Err(ConfigError::Invalid {
+                file: self.file.display().to_string(),
+                line: 0,
+                column: 0,
+                key: "clusters".into(),
+                message: "at least one cluster is required".into(),
+            });
+        }
+
+        let mut cluster_names = HashSet::new();
+        let mut endpoint_names = HashSet::new();
+        let mut listens = HashSet::from([admin_listen]);
+        let mut clusters = Vec::with_capacity(raw.clusters.len());
+        for (ci, rc) in raw.clusters.into_iter().enumerate() {
+            let at = format!("clusters[{ci}]");
+            if rc.name.value.is_empty() || !cluster_names.insert(rc.name.value.clone()) {
+                return Err(self.error(
+                    &rc.name,
+                    format!("{at}.name"),
+                    format!("cluster name {:?} is empty or used twice", rc.name.value),
+                ));
+            }
+            let probe = self.probe(&at, rc.probe)?;
+
+            if rc.members.value.is_empty() {
+                return Err(self.error(&rc.members, format!("{at}.members"), "at least one member is required"));
+            }
+            let mut member_names = HashSet::new();
+            let mut addresses = HashSet::new();
+            let mut members = Vec::new();
+            for (mi, m) in rc.members.value.iter().enumerate() {
+                let mat = format!("{at}.members[{mi}]");
+                if m.name.value.is_empty() || !member_names.insert(m.name.value.clone()) {
+                    return Err(self.error(
+                        &m.name,
+                        format!("{mat}.name"),
+                        format!("member name {:?} is empty or used twice in this cluster", m.name.value),
+                    ));
+                }
+                if !valid_host_port(&m.address.value) {
+                    return Err(self.error(
+                        &m.address,
+                        format!("{mat}.address"),
+                        format!("{:?} is not host:port", m.address.value),
+                    ));
+                }
+                if !addresses.insert(m.address.value.clone()) {
+                    return Err(self.error(
+                        &m.address,
+                        format!("{mat}.address"),
+                        format!("address {} is used by two members", m.address.value),
+                    ));
+                }
+                members.push(Member {
+                    name: m.name.value.clone(),
+                    address: m.address.value.clone(),
+                });
+            }
+
+            if rc.endpoints.is_empty() {
+                return Err(self.error(&rc.name, format!("{at}.endpoints"), "at least one endpoint is required"));
+            }
+            let mut endpoints = Vec::new();
+            for (ei, re) in rc.endpoints.into_iter().enumerate() {
+                let eat = format!("{at}.endpoints[{ei}]");
+                if re.name.value.is_empty() || !endpoint_names.insert(re.name.value.clone()) {
+                    return Err(self.error(
+                        &re.name,
+                        format!("{eat}.name"),
+                        format!("endpoint name {:?} is empty or used twice", re.name.value),
+                    ));
+                }
+                let listen: SocketAddr = re.listen.value.parse().map_err(|_| {
+                    self.error(
+                        &re.listen,
+                        format!("{eat}.listen"),
+                        format!("{:?} is not an ip:port address", re.listen.value),
+                    )
+                })?;
+                if !listens.insert(listen) {
+                    return Err(self.error(
+                        &re.listen,
+                        format!("{eat}.listen"),
+                        format!("{listen} is already used by another endpoint or the admin listener"),
+                    ));
+                }
+                if re.max_connections.value == 0 {
+                    return Err(self.error(
+                        &re.max_connections,
+                        format!("{eat}.max_connections"),
+                        "must be at least 1",
+                    ));
+                }
+                let tls = self.tls(&eat, &re.tls, raw.certs_dir.as_ref())?;
+                endpoints.push(Endpoint {
+                    name: re.name.value,
+                    listen,
+                    route: re.route,
+                    balance: re.balance,
+                    tls,
+                    hold_timeout: re.hold_timeout,
+                    handshake_timeout: re.handshake_timeout,
+                    max_connections: re.max_connections.value,
+                    on_leader_change: re.on_leader_change,
+                });
+            }
+
+            clusters.push(Cluster {
+                name: rc.name.value,
+                protocol: rc.protocol,
+                probe,
+                members,
+                endpoints,
+            });
+        }
+
+        Ok(Config {
+            file: self.file.to_path_buf(),
+            admin: Admin {
+                listen: admin_listen,
+            },
+            shutdown: ShutdownSettings {
+                drain_timeout: raw.shutdown.drain_timeout,
+            },
+            clusters,
+        })
+    }
+
+    fn probe(&self, at: &str, raw: RawProbe) -> Result<ProbeSettings, ConfigError> {
+        for (value, key) in [(&raw.rise, "rise"), (&raw.fall, "fall")] {
+            if value.value == 0 {
+                return Err(self.error(value, format!("{at}.probe.{key}"), "must be at least 1"));
+            }
+        }
+        let password = match (&raw.password_file, &raw.password_env) {
+            (Some(_), Some(env)) => {
+                return Err(self.error(
+                    env,
+                    format!("{at}.probe.password_env"),
+                    "set password_file or password_env, not both",
+                ))
+            }
+            (Some(file), None) => {
+                let path = self.resolve(&file.value);
+                let text = std::fs::read_to_string(&path).map_err(|err| {
+                    self.error(
+                        file,
+                        format!("{at}.probe.password_file"),
+                        format!("cannot read {}: {err}", path.display()),
+                    )
+                })?;
+                Some(Secret(text.trim_end_matches(['\r', '\n']).to_string()))
+            }
+            (None, Some(env)) => {
+                let value = std::env::var(&env.value).map_err(|_| {
+                    self.error(
+                        env,
+                        format!("{at}.probe.password_env"),
+                        format!("environment variable {} is not set", env.value),
+                    )
+                })?;
+                Some(Secret(value))
+            }
+            (None, None) => None,
+        };
+        Ok(ProbeSettings {
+            interval: raw.interval,
+            fast_interval: raw.fast_interval,
+            timeout: raw.timeout,
+            rise: raw.rise.value,
+            fall: raw.fall.value,
+            username: raw.username,
+            password,
+        })
+    }
+
+    fn tls(
+        &self,
+        at: &str,
+        raw: &Spanned<RawTls>,
+        certs_dir: Option<&Spanned<String>>,
+    ) -> Result<TlsFiles, ConfigError> {
+        let files = match &raw.value {
+            RawTls::Auto => {
+                let dir = certs_dir.map(|d| self.resolve(&d.value)).ok_or_else(|| {
+                    self.error(raw, format!("{at}.tls"), "`tls: auto` needs `certs_dir` at the top level")
+                })?;
+                TlsFiles {
+                    cert: dir.join("server.crt"),
+                    key: dir.join("server.key"),
+                }
+            }
+            RawTls::Files { cert, key } => TlsFiles {
+                cert: self.resolve(cert),
+                key: self.resolve(key),
+            },
+        };
+        for (path, key) in [(&files.cert, "cert"), (&files.key, "key")] {
+            if let Err(err) = std::fs::metadata(path) {
+                return Err(self.error(
+                    raw,
+                    format!("{at}.tls.{key}"),
+                    format!(
+                        "{}: {err} (make one with `portal certs init --dir DIR --host NAME`)",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        Ok(files)
+    }
+}
+
+fn valid_host_port(address: &str) -> bool {
+    if address.parse::<SocketAddr>().is_ok() {
+        return true;
+    }
+    match address.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && !host.contains(':')
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+                && port.parse::<u16>().is_ok_and(|p| p != 0)
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certs() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("server.crt"), "x").expect("write");
+        std::fs::write(dir.path().join("server.key"), "x").expect("write");
+        dir
+    }
+
+    fn config(dir: &Path, body: &str) -> Result<Config, ConfigError> {
+        Config::parse(&dir.join("portal.yaml"), body)
+    }
+
+    const GOOD: &str = "\
+certs_dir: .
+clusters:
+  - name: cache
+    protocol: redis
+    members:
+      - name: a
+        address: 127.0.0.1:6379
+      - name: b
+        address: localhost:6380
+    endpoints:
+      - name: rw
+        listen: 127.0.0.1:7000
+        route: leader
+        tls: auto
+        hold_timeout: 2s
+";
+
+    #[test]
+    fn good_config_gets_defaults() {
+        let dir = certs();
+        let cfg = config(dir.path(), GOOD).expect("valid");
+        let c = &cfg.clusters[0];
+        assert_eq!(c.probe.interval, Duration::from_secs(1));
+        assert_eq!(c.probe.rise, 2);
+        assert_eq!(c.endpoints[0].hold_timeout, Duration::from_secs(2));
+        assert_eq!(c.endpoints[0].on_leader_change, OnLeaderChange::Close);
+        assert_eq!(c.endpoints[0].tls.cert, dir.path().join("./server.crt"));
+        assert_eq!(cfg.admin.listen, "127.0.0.1:9090".parse().expect("addr"));
+    }
+
+    fn invalid(body: &str) -> (u32, String, String) {
+        let dir = certs();
+        match config(dir.path(), body) {
+            Err(ConfigError::Invalid { line, key, message, .. }) => (line, key, message),
+            other => panic!("expected an Invalid error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let (line, key, message) = invalid(&GOOD.replace("address: localhost", "adress: localhost"));
+        assert_eq!(line, 9);
+        assert!(key.starts_with("clusters[0].members[1]"), "{key}");
+        assert!(message.contains("adress"), "{message}");
+    }
+
+    #[test]
+    fn bad_duration_names_line_and_key() {
+        let (line, key, message) = invalid(&GOOD.replace("hold_timeout: 2s", "hold_timeout: 2q"));
+        assert_eq!(line, 15);
+        assert_eq!(key, "clusters[0].endpoints[0].hold_timeout");
+        assert!(message.contains("2q"), "{message}");
+    }
+
+    #[test]
+    fn semantic_errors_name_line_and_key() {
+        let (line, key, _) = invalid(&GOOD.replace("localhost:6380", "localhost"));
+        assert_eq!((line, key.as_str()), (9, "clusters[0].members[1].address"));
+        let (line, key, _) = invalid(&GOOD.replace("127.0.0.1:7000", "127.0.0.1:9090"));
+        assert_eq!((line, key.as_str()), (12, "clusters[0].endpoints[0].listen"));
+        let (_, key, _) = invalid(&GOOD.replace("name: b", "name: a"));
+        assert_eq!(key, "clusters[0].members[1].name");
+        let (_, key, message) = invalid(&GOOD.replace("certs_dir: .", "certs_dir: ./nope"));
+        assert_eq!(key, "clusters[0].endpoints[0].tls.cert");
+        assert!(message.contains("nope"), "{message}");
+    }
+
+    #[test]
+    fn tls_accepts_files_and_rejects_other_words() {
+        let dir = certs();
+        let body = GOOD.replace("tls: auto", "tls: {cert: server.crt, key: server.key}");
+        let cfg = config(dir.path(), &body).expect("valid");
+        assert_eq!(cfg.clusters[0].endpoints[0].tls.key, dir.path().join("server.key"));
+        let (line, key, _) = invalid(&GOOD.replace("tls: auto", "tls: maybe"));
+        assert_eq!((line, key.as_str()), (14, "clusters[0].endpoints[0].tls"));
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        assert_eq!(format!("{:?}", Secret("hunter2".into())), "Secret(***)");
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert!(valid_host_port("127.0.0.1:1"));
+        assert!(valid_host_port("[::1]:6379"));
+        assert!(valid_host_port("redis-0.svc:6379"));
+        assert!(!valid_host_port("redis"));
+        assert!(!valid_host_port("redis:0"));
+        assert!(!valid_host_port(":6379"));
+    }
+}

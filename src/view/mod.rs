@@ -1,0 +1,652 @@
+//! The membership view: a pure state machine from probe reports to the
+//! routing snapshot.
+//!
+//! No I/O, no clock, no locks: the caller feeds [`Report`]s (stamped with the
+//! time they were taken) to [`View::apply`] and publishes [`View::snapshot`].
+//! The rules (see `shared/design.md`):
+//!
+//! 1. A member is eligible after `rise` consecutive good reports and stops
+//!    being so after `fall` failed ones; a *hard* failure (the probe's
+//!    connection refused or reset, or a data-path connect failure) makes it
+//!    ineligible at once.
+//! 2. Among eligible members claiming primary, the confirmed leader (the
+//!    incumbent) keeps the role while it stays eligible and still claims it;
+//!    a rival displaces it only by proving a strictly newer [`Term`].
+//! 3. Without an incumbent, the claimant provably newer than every other
+//!    claimant (rising ones included) leads once eligible. If terms cannot
+//!    order them there is no leader and `split_brain` is set.
+//! 4. A claimant whose term is older than, or superseded by, a previous
+//!    leader's is fenced. A claimant that proves a term newer than the last
+//!    leader's needs no `rise`: that is the fast path of a promotion.
+//! 5. A claimant contradicted by a majority of the replicas that report whom
+//!    they follow is not leader.
+//!
+//! Every change of the leader or of the replica set bumps `epoch`.
+
+use std::cmp::Ordering;
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::SystemTime;
+
+#[cfg(test)]
+mod tests;
+
+/// Index of a member in its cluster's configuration order.
+pub type MemberId = usize;
+
+/// How many lineage steps (Redis: replid -> replid2) the view remembers.
+const LINEAGE_MEMORY: usize = 64;
+/// How many terms of past leaders the view remembers for fencing.
+const PAST_LEADERS_MEMORY: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Replica,
+    Unknown,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+            Role::Unknown => "unknown",
+        }
+    }
+}
+
+/// What orders two leaders in time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Term {
+    /// A counter that only grows: PostgreSQL timeline, etcd Raft term,
+    /// Sentinel config epoch.
+    Number(u64),
+    /// Redis replication history: `id` is the member's `master_replid`,
+    /// `previous` its `master_replid2`, the history it continued when it was
+    /// promoted.
+    Lineage { id: String, previous: Option<String> },
+}
+
+impl Term {
+    /// `Some(Greater)` when `self` is provably newer than `other`,
+    /// `Some(Less)` when provably older, `None` when the two cannot be ordered.
+    pub fn compare(&self, other: &Term) -> Option<Ordering> {
+        match (self, other) {
+            (Term::Number(a), Term::Number(b)) => Some(a.cmp(b)),
+            (
+                Term::Lineage { id: a, previous: pa },
+                Term::Lineage { id: b, previous: pb },
+            ) => {
+                if a == b {
+                    Some(Ordering::Equal)
+                } else if pa.as_deref() == Some(b.as_str()) {
+                    Some(Ordering::Greater)
+                } else if pb.as_deref() == Some(a.as_str()) {
+                    Some(Ordering::Less)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    }
+
+}
+
+impl fmt::Display for Term {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Term::Number(n) => write!(f, "{n}"),
+            Term::Lineage { id, previous: None } => write!(f, "replid:{id}"),
+            Term::Lineage {
+                id,
+                previous: Some(p),
+            } => write!(f, "replid:{id} (after {p})"),
+        }
+    }
+}
+
+/// What one probe of one member saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    pub role: Role,
+    pub term: Option<Term>,
+    /// The member this one replicates from, when it says so and its link is up.
+    pub upstream: Option<MemberId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Observed(Observation),
+    /// The probe failed. `hard` means the member is certainly unreachable
+    /// (connection refused or reset), not merely slow.
+    Failed { hard: bool, error: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub member: MemberId,
+    /// When the probe finished; kept for display, never compared to a clock.
+    pub at: SystemTime,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Not yet `rise` good reports since start.
+    Unknown,
+    Up,
+    Down,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Up => "up",
+            Health::Down => "down",
+        }
+    }
+}
+
+/// One member as the view sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberView {
+    pub health: Health,
+    pub role: Role,
+    pub term: Option<Term>,
+    pub upstream: Option<MemberId>,
+    pub last_report: Option<SystemTime>,
+    pub last_error: Option<String>,
+}
+
+/// The published state of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Grows by one at every change of `leader` or `replicas`.
+    pub epoch: u64,
+    pub leader: Option<MemberId>,
+    /// Eligible members in the replica role, in member order.
+    pub replicas: Vec<MemberId>,
+    /// More than one member claims primary and terms cannot order them.
+    pub split_brain: bool,
+    pub members: Vec<MemberView>,
+}
+
+/// A change the view made, for logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transition {
+    MemberUp { member: MemberId },
+    MemberDown { member: MemberId, hard: bool },
+    LeaderElected {
+        member: MemberId,
+        term: Option<Term>,
+        previous: Option<MemberId>,
+    },
+    LeaderLost { member: MemberId },
+    SplitBrain { claimants: Vec<MemberId> },
+    SplitBrainResolved,
+    /// A member claims primary but is fenced (older or superseded term,
+    /// or contradicted by the replicas).
+    Fenced { member: MemberId, reason: FenceReason },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceReason {
+    OlderTerm,
+    Contradicted,
+    /// An incumbent leads and this claimant cannot prove a newer term.
+    Incumbent,
+}
+
+impl FenceReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FenceReason::OlderTerm => "older_term",
+            FenceReason::Contradicted => "contradicted_by_replicas",
+            FenceReason::Incumbent => "incumbent_leads",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    pub rise: u32,
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone)]
+struct MemberState {
+    health: Health,
+    ok_streak: u32,
+    fail_streak: u32,
+    /// Latest observation; `None` after a failure.
+    seen: Option<Observation>,
+    last_report: Option<SystemTime>,
+    last_error: Option<String>,
+    /// Fence reason last reported, so each is logged once.
+    fenced: Option<FenceReason>,
+}
+
+/// The membership view of one cluster.
+#[derive(Debug, Clone)]
+pub struct View {
+    thresholds: Thresholds,
+    members: Vec<MemberState>,
+    leader: Option<MemberId>,
+    /// Term of the current leader, or of the last one when there is none.
+    /// It only moves forward, except when a new election cannot relate the
+    /// winner's term to it.
+    leader_term: Option<Term>,
+    /// Observed lineage steps `(id, previous)`, oldest first: they make
+    /// [`View::order`] transitive across several promotions.
+    lineage: VecDeque<(String, String)>,
+    /// Terms that have led: a claimant older than any of them is fenced.
+    past_leaders: VecDeque<Term>,
+    replicas: Vec<MemberId>,
+    split_brain: bool,
+    epoch: u64,
+}
+
+impl View {
+    pub fn new(member_count: usize, thresholds: Thresholds) -> View {
+        let fresh = MemberState {
+            health: Health::Unknown,
+            ok_streak: 0,
+            fail_streak: 0,
+            seen: None,
+            last_report: None,
+            last_error: None,
+            fenced: None,
+        };
+        View {
+            thresholds: Thresholds {
+                rise: thresholds.rise.max(1),
+                fall: thresholds.fall.max(1),
+            },
+            members: vec![fresh; member_count],
+            leader: None,
+            leader_term: None,
+            lineage: VecDeque::new(),
+            past_leaders: VecDeque::new(),
+            replicas: Vec::new(),
+            split_brain: false,
+            epoch: 0,
+        }
+    }
+
+    pub fn leader(&self) -> Option<MemberId> {
+        self.leader
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Applies one report and returns the changes it caused. Reports for
+    /// unknown members are ignored.
+    pub fn apply(&mut self, report: Report) -> Vec<Transition> {
+        let mut out = Vec::new();
+        let Thresholds { rise, fall } = self.thresholds;
+        if report.member >= self.members.len() {
+            return out;
+        }
+        self.members[report.member].last_report = Some(report.at);
+        match report.outcome {
+            Outcome::Observed(seen) => {
+                if let Some(Term::Lineage {
+                    id,
+                    previous: Some(previous),
+                }) = &seen.term
+                {
+                    let step = (id.clone(), previous.clone());
+                    if !self.lineage.contains(&step) {
+                        self.lineage.push_back(step);
+                        if self.lineage.len() > LINEAGE_MEMORY {
+                            self.lineage.pop_front();
+                        }
+                    }
+                }
+                let Some(state) = self.members.get_mut(report.member) else {
+                    return out;
+                };
+                state.ok_streak = state.ok_streak.saturating_add(1);
+                state.fail_streak = 0;
+                state.last_error = None;
+                if seen.role != Role::Primary {
+                    state.fenced = None;
+                }
+                state.seen = Some(seen);
+                if state.health != Health::Up && state.ok_streak >= rise {
+                    state.health = Health::Up;
+                    out.push(Transition::MemberUp {
+                        member: report.member,
+                    });
+                }
+            }
+            Outcome::Failed { hard, error } => {
+                let Some(state) = self.members.get_mut(report.member) else {
+                    return out;
+                };
+                state.ok_streak = 0;
+                state.fail_streak = state.fail_streak.saturating_add(1);
+                state.last_error = Some(error);
+                state.seen = None;
+                state.fenced = None;
+                let down = hard || state.fail_streak >= fall;
+                if down && state.health != Health::Down {
+                    state.health = Health::Down;
+                    out.push(Transition::MemberDown {
+                        member: report.member,
+                        hard,
+                    });
+                }
+            }
+        }
+        self.decide(&mut out);
+        out
+    }
+
+    /// The term a member currently claims, if it claims primary.
+    fn claim(&self, member: MemberId) -> Option<Option<&Term>> {
+        let seen = self.members.get(member)?.seen.as_ref()?;
+        (seen.role == Role::Primary).then_some(seen.term.as_ref())
+    }
+
+    /// Orders two terms using everything observed: `Greater` when `a` is
+    /// provably newer than `b`. Numbers compare as numbers; a lineage is
+    /// newer than each of its known ancestors.
+    pub fn order(&self, a: &Term, b: &Term) -> Option<Ordering> {
+        match (a, b) {
+            (Term::Lineage { id: a_id, .. }, Term::Lineage { id: b_id, .. }) => {
+                if a_id == b_id {
+                    Some(Ordering::Equal)
+                } else if self.descends(a, b_id) {
+                    Some(Ordering::Greater)
+                } else if self.descends(b, a_id) {
+                    Some(Ordering::Less)
+                } else {
+                    None
+                }
+            }
+            _ => a.compare(b),
+        }
+    }
+
+    /// Whether `ancestor` is in the history of `term`.
+    fn descends(&self, term: &Term, ancestor: &str) -> bool {
+        let Term::Lineage { id, previous } = term else {
+            return false;
+        };
+        let mut seen = vec![id.as_str()];
+        let mut next = previous.as_deref();
+        while let Some(step) = next {
+            if step == ancestor {
+                return true;
+            }
+            if seen.contains(&step) {
+                return false; // a cycle in reported ids: stop
+            }
+            seen.push(step);
+            next = self
+                .lineage
+                .iter()
+                .rev()
+                .find(|(id, _)| id == step)
+                .map(|(_, previous)| previous.as_str());
+        }
+        false
+    }
+
+    fn newer(&self, a: &Term, b: &Term) -> bool {
+        self.order(a, b) == Some(Ordering::Greater)
+    }
+
+    /// A claimant that proves a term newer than the last leader's may lead
+    /// before `rise` reports: the fast path of a promotion.
+    fn proves_newer_than_last_leader(&self, term: Option<&Term>) -> bool {
+        match (term, &self.leader_term) {
+            (Some(term), Some(last)) => self.newer(term, last),
+            _ => false,
+        }
+    }
+
+    /// The one claimant provably newer than every other, if there is one.
+    fn newest(&self, claimants: &[&Claimant]) -> Option<MemberId> {
+        match claimants {
+            [] => None,
+            [only] => Some(only.id),
+            _ => claimants.iter().find_map(|c| {
+                let term = c.term.as_ref()?;
+                claimants
+                    .iter()
+                    .filter(|o| o.id != c.id)
+                    .all(|o| o.term.as_ref().is_some_and(|t| self.newer(term, t)))
+                    .then_some(c.id)
+            }),
+        }
+    }
+
+    fn contradicted(&self, claimant: MemberId) -> bool {
+        let mut against = 0usize;
+        let mut reporting = 0usize;
+        for (id, m) in self.members.iter().enumerate() {
+            if id == claimant || m.health != Health::Up {
+                continue;
+            }
+            if let Some(Observation {
+                role: Role::Replica,
+                upstream: Some(up),
+                ..
+            }) = &m.seen
+            {
+                reporting += 1;
+                if *up != claimant {
+                    against += 1;
+                }
+            }
+        }
+        reporting > 0 && against * 2 > reporting
+    }
+
+    fn decide(&mut self, out: &mut Vec<Transition>) {
+        // An incumbent that now reports a term newer than the recorded one
+        // (or a first one) moves the reference that successors must beat.
+        if let Some(t) = self.leader.and_then(|l| self.claim(l)).flatten().cloned() {
+            let forward = match &self.leader_term {
+                None => true,
+                Some(last) => self.newer(&t, last),
+            };
+            if forward {
+                self.set_leader_term(t);
+            }
+        }
+
+        // Claimants: members whose latest report claims primary, minus those
+        // fenced. Rising members count too: while they cannot lead yet, they
+        // make an election ambiguous.
+        let mut claimants: Vec<Claimant> = Vec::new();
+        let mut fenced_now: Vec<(MemberId, FenceReason)> = Vec::new();
+        let claims: Vec<(MemberId, Option<&Term>)> = (0..self.members.len())
+            .filter_map(|id| self.claim(id).map(|term| (id, term)))
+            .collect();
+        for &(id, term) in &claims {
+            // Older than a past leader, or than another live claim: fenced,
+            // so a write never goes to a member with an older term.
+            let older = term.is_some_and(|t| {
+                self.past_leaders
+                    .iter()
+                    .any(|past| self.order(t, past) == Some(Ordering::Less))
+                    || claims
+                        .iter()
+                        .any(|(_, other)| other.is_some_and(|o| self.newer(o, t)))
+            });
+            if older {
+                fenced_now.push((id, FenceReason::OlderTerm));
+            } else if self.contradicted(id) {
+                fenced_now.push((id, FenceReason::Contradicted));
+            } else {
+                claimants.push(Claimant {
+                    id,
+                    term: term.cloned(),
+                    up: self.members[id].health == Health::Up,
+                });
+            }
+        }
+
+        // Successors prove a term newer than the last leader's: they lead at
+        // once, displacing an incumbent.
+        let successors: Vec<&Claimant> = claimants
+            .iter()
+            .filter(|c| self.proves_newer_than_last_leader(c.term.as_ref()))
+            .collect();
+        // The incumbent keeps its privilege only while its term is the one it
+        // was elected with (or a provably newer one).
+        let incumbent = self.leader.filter(|l| {
+            claimants.iter().any(|c| {
+                c.id == *l
+                    && c.up
+                    && match (&c.term, &self.leader_term) {
+                        (Some(t), Some(last)) => {
+                            matches!(self.order(t, last), Some(Ordering::Equal | Ordering::Greater))
+                        }
+                        (None, _) => true,
+                        (Some(_), None) => true,
+                    }
+            })
+        });
+
+        let (leader, split) = if !successors.is_empty() {
+            match self.newest(&successors) {
+                Some(id) => (Some(id), false),
+                None => (None, true),
+            }
+        } else if let Some(inc) = incumbent {
+            let rivals: Vec<MemberId> = claimants
+                .iter()
+                .filter(|c| c.id != inc && c.up)
+                .map(|c| c.id)
+                .collect();
+            for id in &rivals {
+                fenced_now.push((*id, FenceReason::Incumbent));
+            }
+            (Some(inc), !rivals.is_empty())
+        } else {
+            let all: Vec<&Claimant> = claimants.iter().collect();
+            match self.newest(&all) {
+                Some(id) => (all.iter().any(|c| c.id == id && c.up).then_some(id), false),
+                None => (None, claimants.len() > 1),
+            }
+        };
+
+        for (id, reason) in fenced_now {
+            let state = &mut self.members[id];
+            if state.fenced != Some(reason) {
+                state.fenced = Some(reason);
+                out.push(Transition::Fenced { member: id, reason });
+            }
+        }
+
+        if split != self.split_brain {
+            self.split_brain = split;
+            out.push(if split {
+                Transition::SplitBrain {
+                    claimants: claimants.iter().map(|c| c.id).collect(),
+                }
+            } else {
+                Transition::SplitBrainResolved
+            });
+        }
+
+        let mut changed = false;
+        if leader != self.leader {
+            let previous = self.leader;
+            if let Some(old) = previous {
+                out.push(Transition::LeaderLost { member: old });
+            }
+            if let Some(new) = leader {
+                let term = self.claim(new).flatten().cloned();
+                if let Some(t) = &term {
+                    self.set_leader_term(t.clone());
+                }
+                self.members[new].fenced = None;
+                out.push(Transition::LeaderElected {
+                    member: new,
+                    term,
+                    previous,
+                });
+            }
+            self.leader = leader;
+            changed = true;
+        } else if let Some(l) = leader {
+            // Same leader: follow its term when it moved forward, or when it
+            // was re-elected without its incumbent privilege.
+            if let Some(t) = self.claim(l).flatten().cloned() {
+                let moved = match &self.leader_term {
+                    None => true,
+                    Some(last) => incumbent.is_none() || self.newer(&t, last),
+                };
+                if moved {
+                    self.set_leader_term(t);
+                }
+            }
+        }
+
+        let replicas: Vec<MemberId> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(id, m)| {
+                Some(*id) != leader
+                    && m.health == Health::Up
+                    && m.seen.as_ref().is_some_and(|s| s.role == Role::Replica)
+            })
+            .map(|(id, _)| id)
+            .collect();
+        if replicas != self.replicas {
+            self.replicas = replicas;
+            changed = true;
+        }
+        if changed {
+            self.epoch += 1;
+        }
+    }
+
+    fn set_leader_term(&mut self, term: Term) {
+        if !self.past_leaders.contains(&term) {
+            self.past_leaders.push_back(term.clone());
+            if self.past_leaders.len() > PAST_LEADERS_MEMORY {
+                self.past_leaders.pop_front();
+            }
+        }
+        self.leader_term = Some(term);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            epoch: self.epoch,
+            leader: self.leader,
+            replicas: self.replicas.clone(),
+            split_brain: self.split_brain,
+            members: self
+                .members
+                .iter()
+                .map(|m| MemberView {
+                    health: m.health,
+                    role: m.seen.as_ref().map_or(Role::Unknown, |s| s.role),
+                    term: m.seen.as_ref().and_then(|s| s.term.clone()),
+                    upstream: m.seen.as_ref().and_then(|s| s.upstream),
+                    last_report: m.last_report,
+                    last_error: m.last_error.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+struct Claimant {
+    id: MemberId,
+    term: Option<Term>,
+    up: bool,
+}

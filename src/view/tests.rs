@@ -1,0 +1,424 @@
+use std::time::{Duration, SystemTime};
+
+use proptest::prelude::*;
+
+use super::*;
+
+const T: Thresholds = Thresholds { rise: 2, fall: 2 };
+
+fn at(n: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(n)
+}
+
+fn lineage(id: &str, previous: Option<&str>) -> Term {
+    Term::Lineage {
+        id: id.to_string(),
+        previous: previous.map(str::to_string),
+    }
+}
+
+fn primary(term: Option<Term>) -> Outcome {
+    Outcome::Observed(Observation {
+        role: Role::Primary,
+        term,
+        upstream: None,
+    })
+}
+
+fn replica(of: Option<MemberId>) -> Outcome {
+    Outcome::Observed(Observation {
+        role: Role::Replica,
+        term: None,
+        upstream: of,
+    })
+}
+
+fn hard() -> Outcome {
+    Outcome::Failed {
+        hard: true,
+        error: "connection refused".into(),
+    }
+}
+
+fn soft() -> Outcome {
+    Outcome::Failed {
+        hard: false,
+        error: "timeout".into(),
+    }
+}
+
+fn feed(view: &mut View, member: MemberId, outcome: Outcome) -> Vec<Transition> {
+    view.apply(Report {
+        member,
+        at: at(0),
+        outcome,
+    })
+}
+
+/// Two members, `0` leading with term `x`, `1` replicating from it.
+fn steady() -> View {
+    let mut v = View::new(2, T);
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(lineage("x", None))));
+        feed(&mut v, 1, replica(Some(0)));
+    }
+    assert_eq!(v.leader(), Some(0));
+    v
+}
+
+#[test]
+fn a_member_leads_only_after_rise_reports() {
+    let mut v = View::new(2, T);
+    feed(&mut v, 0, primary(Some(lineage("x", None))));
+    assert_eq!(v.leader(), None);
+    let t = feed(&mut v, 0, primary(Some(lineage("x", None))));
+    assert_eq!(v.leader(), Some(0));
+    assert!(t.contains(&Transition::MemberUp { member: 0 }));
+    assert!(matches!(t.last(), Some(Transition::LeaderElected { member: 0, .. })));
+}
+
+#[test]
+fn replicas_are_listed_once_eligible() {
+    let v = steady();
+    let s = v.snapshot();
+    assert_eq!(s.replicas, vec![1]);
+    assert_eq!(s.members[1].upstream, Some(0));
+    assert!(!s.split_brain);
+}
+
+#[test]
+fn a_hard_failure_demotes_at_once() {
+    let mut v = steady();
+    let before = v.epoch();
+    let t = feed(&mut v, 0, hard());
+    assert_eq!(v.leader(), None);
+    assert!(t.contains(&Transition::MemberDown { member: 0, hard: true }));
+    assert!(t.contains(&Transition::LeaderLost { member: 0 }));
+    assert!(v.epoch() > before);
+}
+
+#[test]
+fn soft_failures_demote_after_fall() {
+    let mut v = steady();
+    feed(&mut v, 0, soft());
+    // One soft failure: the member is not Up-and-claiming any more, so it
+    // cannot lead, but it is not marked down yet.
+    assert_eq!(v.snapshot().members[0].health, Health::Up);
+    feed(&mut v, 0, soft());
+    assert_eq!(v.snapshot().members[0].health, Health::Down);
+    assert_eq!(v.leader(), None);
+}
+
+#[test]
+fn a_promoted_replica_leads_at_its_first_report() {
+    let mut v = steady();
+    feed(&mut v, 0, hard());
+    // The replica, promoted: new id, previous = the old primary's id.
+    feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+    assert_eq!(v.leader(), Some(1));
+}
+
+#[test]
+fn a_promoted_replica_displaces_a_live_old_primary() {
+    let mut v = steady();
+    let t = feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+    assert_eq!(v.leader(), Some(1));
+    assert!(t.contains(&Transition::LeaderLost { member: 0 }));
+    assert!(t.contains(&Transition::Fenced {
+        member: 0,
+        reason: FenceReason::OlderTerm
+    }));
+    // The old primary still says primary with the superseded id: fenced.
+    for _ in 0..3 {
+        feed(&mut v, 0, primary(Some(lineage("x", None))));
+        assert_eq!(v.leader(), Some(1));
+    }
+}
+
+#[test]
+fn a_restarted_empty_master_does_not_displace_the_incumbent() {
+    let mut v = steady();
+    feed(&mut v, 0, hard());
+    feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+    assert_eq!(v.leader(), Some(1));
+    // Member 0 comes back empty, claiming primary with a fresh id.
+    for _ in 0..5 {
+        feed(&mut v, 0, primary(Some(lineage("z", None))));
+        feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+        assert_eq!(v.leader(), Some(1));
+    }
+    assert!(v.snapshot().split_brain, "two unordered primaries are reported");
+}
+
+#[test]
+fn two_unordered_masters_without_incumbent_mean_no_leader() {
+    let mut v = View::new(2, T);
+    let mut transitions = Vec::new();
+    for _ in 0..3 {
+        transitions.extend(feed(&mut v, 0, primary(Some(lineage("a", None)))));
+        transitions.extend(feed(&mut v, 1, primary(Some(lineage("b", None)))));
+        assert_eq!(v.leader(), None, "the first to rise must not win");
+    }
+    assert!(v.snapshot().split_brain);
+    assert!(transitions.contains(&Transition::SplitBrain {
+        claimants: vec![0, 1]
+    }));
+}
+
+#[test]
+fn split_brain_clears_when_one_stops_claiming() {
+    let mut v = View::new(2, T);
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(lineage("a", None))));
+        feed(&mut v, 1, primary(Some(lineage("b", None))));
+    }
+    assert!(v.snapshot().split_brain);
+    let t = feed(&mut v, 1, replica(Some(0)));
+    assert!(t.contains(&Transition::SplitBrainResolved));
+    assert_eq!(v.leader(), Some(0));
+}
+
+#[test]
+fn a_restarted_old_primary_does_not_block_a_promotion() {
+    let mut v = steady();
+    feed(&mut v, 0, hard());
+    // The old primary is back first, empty, with a fresh id...
+    feed(&mut v, 0, primary(Some(lineage("z", None))));
+    // ...then the replica is promoted: its lineage continues the last leader's.
+    feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+    assert_eq!(v.leader(), Some(1));
+}
+
+#[test]
+fn numeric_terms_order_claimants() {
+    let mut v = View::new(3, Thresholds { rise: 1, fall: 1 });
+    feed(&mut v, 0, primary(Some(Term::Number(3))));
+    assert_eq!(v.leader(), Some(0));
+    feed(&mut v, 1, primary(Some(Term::Number(4))));
+    assert_eq!(v.leader(), Some(1));
+    // The old one keeps claiming with term 3: fenced, never leader again.
+    feed(&mut v, 1, hard());
+    feed(&mut v, 0, primary(Some(Term::Number(3))));
+    assert_eq!(v.leader(), None);
+    feed(&mut v, 2, primary(Some(Term::Number(4))));
+    assert_eq!(v.leader(), Some(2));
+}
+
+#[test]
+fn equal_numeric_terms_are_split_brain_and_an_incumbent_keeps_the_role() {
+    let mut v = View::new(2, T);
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(Term::Number(5))));
+        feed(&mut v, 1, primary(Some(Term::Number(5))));
+    }
+    assert_eq!(v.leader(), None);
+    assert!(v.snapshot().split_brain);
+
+    let mut v = View::new(2, T);
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(Term::Number(5))));
+    }
+    assert_eq!(v.leader(), Some(0));
+    for _ in 0..3 {
+        feed(&mut v, 1, primary(Some(Term::Number(5))));
+    }
+    assert_eq!(v.leader(), Some(0), "incumbent keeps the role");
+    assert!(v.snapshot().split_brain);
+}
+
+#[test]
+fn a_claimant_contradicted_by_the_replicas_does_not_lead() {
+    let mut v = View::new(4, Thresholds { rise: 1, fall: 1 });
+    feed(&mut v, 1, replica(Some(0)));
+    feed(&mut v, 2, replica(Some(0)));
+    feed(&mut v, 3, primary(Some(lineage("q", None))));
+    assert_eq!(v.leader(), None, "two replicas follow member 0, not 3");
+    feed(&mut v, 0, primary(Some(lineage("p", None))));
+    assert_eq!(v.leader(), Some(0));
+}
+
+#[test]
+fn reports_for_unknown_members_are_ignored() {
+    let mut v = View::new(1, T);
+    assert!(feed(&mut v, 7, hard()).is_empty());
+}
+
+#[test]
+fn term_compare_is_antisymmetric_for_lineages() {
+    let x = lineage("x", None);
+    let y = lineage("y", Some("x"));
+    assert_eq!(y.compare(&x), Some(Ordering::Greater));
+    assert_eq!(x.compare(&y), Some(Ordering::Less));
+    assert_eq!(x.compare(&lineage("z", None)), None);
+    assert_eq!(x.compare(&Term::Number(1)), None);
+}
+
+// ---- properties over generated report sequences ---------------------------
+
+/// The test's own notion of "provably newer", written independently of the
+/// view: numbers compare; a lineage is newer than every ancestor reachable
+/// through the `(id, previous)` steps observed so far.
+fn oracle_newer(a: &Term, b: &Term, edges: &[(String, String)]) -> bool {
+    match (a, b) {
+        (Term::Number(a), Term::Number(b)) => a > b,
+        (Term::Lineage { id: a, .. }, Term::Lineage { id: b, .. }) => {
+            let mut frontier = vec![a.clone()];
+            let mut visited = std::collections::HashSet::new();
+            while let Some(id) = frontier.pop() {
+                for (child, parent) in edges {
+                    if *child == id && visited.insert(parent.clone()) {
+                        if parent == b {
+                            return a != b;
+                        }
+                        frontier.push(parent.clone());
+                    }
+                }
+            }
+            false
+        }
+        _ => false,
+    }
+}
+
+/// A chain of lineages t0 <- t1 <- t2, plus two unrelated ones.
+fn term_pool() -> Vec<Term> {
+    vec![
+        lineage("t0", None),
+        lineage("t1", Some("t0")),
+        lineage("t2", Some("t1")),
+        lineage("u", None),
+        lineage("v", Some("u")),
+        Term::Number(1),
+        Term::Number(2),
+    ]
+}
+
+fn outcome_strategy(members: usize) -> impl Strategy<Value = Outcome> {
+    let pool = term_pool();
+    prop_oneof![
+        (0..pool.len()).prop_map(move |i| primary(Some(pool[i].clone()))),
+        Just(primary(None)),
+        (0..members + 1).prop_map(move |m| replica((m < members).then_some(m))),
+        any::<bool>().prop_map(|hard| Outcome::Failed {
+            hard,
+            error: "e".into()
+        }),
+    ]
+}
+
+fn scenario() -> impl Strategy<Value = (usize, u32, u32, Vec<(usize, Outcome)>)> {
+    (2usize..5, 1u32..4, 1u32..4).prop_flat_map(|(n, rise, fall)| {
+        (
+            Just(n),
+            Just(rise),
+            Just(fall),
+            prop::collection::vec((0..n, outcome_strategy(n)), 1..120),
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn view_invariants_hold((n, rise, fall, steps) in scenario()) {
+        let mut v = View::new(n, Thresholds { rise, fall });
+        let mut leaders_terms: Vec<Term> = Vec::new();
+        let mut last_leader_term: Option<Term> = None;
+        let mut reported_by_leaders: Vec<Term> = Vec::new();
+        let mut edges: Vec<(String, String)> = Vec::new();
+        let mut last = v.snapshot();
+        for (i, (member, outcome)) in steps.into_iter().enumerate() {
+            if let Outcome::Observed(Observation { term: Some(Term::Lineage { id, previous: Some(p) }), .. }) = &outcome {
+                edges.push((id.clone(), p.clone()));
+            }
+            // A term the sitting leader reports counts as a leader's term.
+            if let Outcome::Observed(Observation { role: Role::Primary, term: Some(t), .. }) = &outcome {
+                if last.leader == Some(member) {
+                    last_leader_term = Some(t.clone());
+                    reported_by_leaders.push(t.clone());
+                }
+            }
+            v.apply(Report { member, at: at(i as u64), outcome });
+            let s = v.snapshot();
+
+            // The epoch never goes back, and moves exactly when routing changes.
+            let routing_changed = s.leader != last.leader || s.replicas != last.replicas;
+            prop_assert_eq!(s.epoch, last.epoch + u64::from(routing_changed));
+
+            if let Some(l) = s.leader {
+                // The leader currently claims primary.
+                prop_assert_eq!(s.members[l].role, Role::Primary);
+                prop_assert!(!s.replicas.contains(&l));
+                // Never a leader with a term older than an earlier leader's.
+                if let Some(term) = &s.members[l].term {
+                    for earlier in &leaders_terms {
+                        prop_assert!(!oracle_newer(earlier, term, &edges),
+                            "leader term {} older than earlier leader term {}", term, earlier);
+                    }
+                }
+                // A leader changed only to a member that is eligible or
+                // proves a newer term than its predecessor.
+                if last.leader != s.leader {
+                    let eligible = s.members[l].health == Health::Up;
+                    // ...than the last leader's term, or the one the
+                    // previous leader reports now.
+                    let previous_now = last.leader.and_then(|p| s.members[p].term.clone());
+                    let proves = s.members[l].term.as_ref().is_some_and(|t| {
+                        [&last_leader_term, &previous_now]
+                            .into_iter()
+                            .flatten()
+                            .chain(&leaders_terms)
+                            .chain(&reported_by_leaders)
+                            .any(|p| oracle_newer(t, p, &edges))
+                    });
+                    prop_assert!(eligible || proves,
+                        "member {} became leader without rise reports or a newer term", l);
+                }
+                if let Some(term) = &s.members[l].term {
+                    if leaders_terms.last() != Some(term) {
+                        leaders_terms.push(term.clone());
+                    }
+                    last_leader_term = Some(term.clone());
+                }
+            }
+            // Replicas are eligible and in the replica role.
+            for &r in &s.replicas {
+                prop_assert_eq!(s.members[r].health, Health::Up);
+                prop_assert_eq!(s.members[r].role, Role::Replica);
+            }
+            // Split brain means no one was provably newest: if it is set
+            // without a leader, at least two members claim primary.
+            if s.split_brain && s.leader.is_none() {
+                let claiming = s.members.iter().filter(|m| m.role == Role::Primary).count();
+                prop_assert!(claiming >= 2);
+            }
+            last = s;
+        }
+    }
+
+    #[test]
+    fn two_eligible_unordered_claimants_never_both_lead((n, steps) in (2usize..4).prop_flat_map(|n| (Just(n), prop::collection::vec((0..n, outcome_strategy(n)), 1..80)))) {
+        // With rise 1 every claimant is eligible at once; at any time the
+        // leader, if any, must be provably newer than or the incumbent over
+        // every other claimant: i.e. no other claimant is provably newer.
+        let mut v = View::new(n, Thresholds { rise: 1, fall: 1 });
+        let mut edges: Vec<(String, String)> = Vec::new();
+        for (member, outcome) in steps {
+            if let Outcome::Observed(Observation { term: Some(Term::Lineage { id, previous: Some(p) }), .. }) = &outcome {
+                edges.push((id.clone(), p.clone()));
+            }
+            v.apply(Report { member, at: at(0), outcome });
+            let s = v.snapshot();
+            if let Some(l) = s.leader {
+                for (id, m) in s.members.iter().enumerate() {
+                    if id == l || m.role != Role::Primary || m.health != Health::Up { continue; }
+                    if let (Some(t), Some(lt)) = (&m.term, &s.members[l].term) {
+                        prop_assert!(!oracle_newer(t, lt, &edges),
+                            "member {} has a newer term than leader {}", id, l);
+                    }
+                }
+            }
+        }
+    }
+}
