@@ -198,8 +198,8 @@ fn parse_raw(file: &Path, text: &str) -> Result<RawConfig, ConfigError> {
     let options = serde_saphyr::options! { with_snippet: false };
     let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
         serde_path_to_error::deserialize::<_, RawConfig>(de).map_err(|err| {
-                // `Spanned` fields show up as a `.value` step; hide it.
-                path = err.path().to_string().replace(".value", "");
+            // `Spanned` fields show up as a `.value` step; hide it.
+            path = err.path().to_string().replace(".value", "");
             err.into_inner()
         })
     });
@@ -446,7 +446,12 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn error<T>(&self, at: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    fn error<T>(
+        &self,
+        at: &Spanned<T>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         ConfigError::Invalid {
             file: self.file.display().to_string(),
             line: at.referenced.line() as u32,
@@ -500,7 +505,11 @@ impl Validator<'_> {
             let probe = self.probe(&at, rc.probe)?;
 
             if rc.members.value.is_empty() {
-                return Err(self.error(&rc.members, format!("{at}.members"), "at least one member is required"));
+                return Err(self.error(
+                    &rc.members,
+                    format!("{at}.members"),
+                    "at least one member is required",
+                ));
             }
             let mut member_names = HashSet::new();
             let mut addresses = HashSet::new();
@@ -511,7 +520,10 @@ impl Validator<'_> {
                     return Err(self.error(
                         &m.name,
                         format!("{mat}.name"),
-                        format!("member name {:?} is empty or used twice in this cluster", m.name.value),
+                        format!(
+                            "member name {:?} is empty or used twice in this cluster",
+                            m.name.value
+                        ),
                     ));
                 }
                 if !valid_host_port(&m.address.value) {
@@ -535,7 +547,11 @@ impl Validator<'_> {
             }
 
             if rc.endpoints.is_empty() {
-                return Err(self.error(&rc.name, format!("{at}.endpoints"), "at least one endpoint is required"));
+                return Err(self.error(
+                    &rc.name,
+                    format!("{at}.endpoints"),
+                    "at least one endpoint is required",
+                ));
             }
             let mut endpoints = Vec::new();
             for (ei, re) in rc.endpoints.into_iter().enumerate() {
@@ -558,7 +574,9 @@ impl Validator<'_> {
                     return Err(self.error(
                         &re.listen,
                         format!("{eat}.listen"),
-                        format!("{listen} is already used by another endpoint or the admin listener"),
+                        format!(
+                            "{listen} is already used by another endpoint or the admin listener"
+                        ),
                     ));
                 }
                 if re.max_connections.value == 0 {
@@ -660,7 +678,11 @@ impl Validator<'_> {
         let files = match &raw.value {
             RawTls::Auto => {
                 let dir = certs_dir.map(|d| self.resolve(&d.value)).ok_or_else(|| {
-                    self.error(raw, format!("{at}.tls"), "`tls: auto` needs `certs_dir` at the top level")
+                    self.error(
+                        raw,
+                        format!("{at}.tls"),
+                        "`tls: auto` needs `certs_dir` at the top level",
+                    )
                 })?;
                 TlsFiles {
                     cert: dir.join("server.crt"),
@@ -754,14 +776,17 @@ clusters:
     fn invalid(body: &str) -> (u32, String, String) {
         let dir = certs();
         match config(dir.path(), body) {
-            Err(ConfigError::Invalid { line, key, message, .. }) => (line, key, message),
+            Err(ConfigError::Invalid {
+                line, key, message, ..
+            }) => (line, key, message),
             other => panic!("expected an Invalid error, got {other:?}"),
         }
     }
 
     #[test]
     fn unknown_key_names_line_and_key() {
-        let (line, key, message) = invalid(&GOOD.replace("address: localhost", "adress: localhost"));
+        let (line, key, message) =
+            invalid(&GOOD.replace("address: localhost", "adress: localhost"));
         assert_eq!(line, 9);
         assert!(key.starts_with("clusters[0].members[1]"), "{key}");
         assert!(message.contains("adress"), "{message}");
@@ -780,7 +805,10 @@ clusters:
         let (line, key, _) = invalid(&GOOD.replace("localhost:6380", "localhost"));
         assert_eq!((line, key.as_str()), (9, "clusters[0].members[1].address"));
         let (line, key, _) = invalid(&GOOD.replace("127.0.0.1:7000", "127.0.0.1:9090"));
-        assert_eq!((line, key.as_str()), (12, "clusters[0].endpoints[0].listen"));
+        assert_eq!(
+            (line, key.as_str()),
+            (12, "clusters[0].endpoints[0].listen")
+        );
         let (_, key, _) = invalid(&GOOD.replace("name: b", "name: a"));
         assert_eq!(key, "clusters[0].members[1].name");
         let (_, key, message) = invalid(&GOOD.replace("certs_dir: .", "certs_dir: ./nope"));
@@ -793,7 +821,10 @@ clusters:
         let dir = certs();
         let body = GOOD.replace("tls: auto", "tls: {cert: server.crt, key: server.key}");
         let cfg = config(dir.path(), &body).expect("valid");
-        assert_eq!(cfg.clusters[0].endpoints[0].tls.key, dir.path().join("server.key"));
+        assert_eq!(
+            cfg.clusters[0].endpoints[0].tls.key,
+            dir.path().join("server.key")
+        );
         let (line, key, _) = invalid(&GOOD.replace("tls: auto", "tls: maybe"));
         assert_eq!((line, key.as_str()), (14, "clusters[0].endpoints[0].tls"));
     }

@@ -1,7 +1,23 @@
 //! portal: a TLS-terminating, leader-aware proxy for replicated databases.
 //!
-//! The crate is laid out one module per concern; `shared/design.md` has the
-//! picture. The binary is a thin `main` over [`cli`].
+//! One module per concern (see `shared/design.md` for the picture):
+//! [`config`] is the typed configuration, [`view`] the pure membership view,
+//! [`probe`] asks members what they are, [`cluster`] feeds reports to the
+//! view and publishes snapshots, [`router`] picks members, [`proxy`] is the
+//! data path, [`frontend`] the protocol-specific openings and refusals,
+//! [`tls`] and [`certs`] the TLS material, [`admin`] and [`metrics`] the
+//! operator's side, [`server`] the wiring and shutdown, [`cli`] the commands.
 
+pub mod admin;
+pub mod certs;
+pub mod cli;
+pub mod cluster;
 pub mod config;
+pub mod frontend;
+pub mod metrics;
+pub mod probe;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod tls;
 pub mod view;

@@ -65,7 +65,10 @@ pub enum Term {
     /// Redis replication history: `id` is the member's `master_replid`,
     /// `previous` its `master_replid2`, the history it continued when it was
     /// promoted.
-    Lineage { id: String, previous: Option<String> },
+    Lineage {
+        id: String,
+        previous: Option<String>,
+    },
 }
 
 impl Term {
@@ -75,8 +78,14 @@ impl Term {
         match (self, other) {
             (Term::Number(a), Term::Number(b)) => Some(a.cmp(b)),
             (
-                Term::Lineage { id: a, previous: pa },
-                Term::Lineage { id: b, previous: pb },
+                Term::Lineage {
+                    id: a,
+                    previous: pa,
+                },
+                Term::Lineage {
+                    id: b,
+                    previous: pb,
+                },
             ) => {
                 if a == b {
                     Some(Ordering::Equal)
@@ -91,7 +100,6 @@ impl Term {
             _ => None,
         }
     }
-
 }
 
 impl fmt::Display for Term {
@@ -121,7 +129,10 @@ pub enum Outcome {
     Observed(Observation),
     /// The probe failed. `hard` means the member is certainly unreachable
     /// (connection refused or reset), not merely slow.
-    Failed { hard: bool, error: String },
+    Failed {
+        hard: bool,
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,19 +188,31 @@ pub struct Snapshot {
 /// A change the view made, for logs and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transition {
-    MemberUp { member: MemberId },
-    MemberDown { member: MemberId, hard: bool },
+    MemberUp {
+        member: MemberId,
+    },
+    MemberDown {
+        member: MemberId,
+        hard: bool,
+    },
     LeaderElected {
         member: MemberId,
         term: Option<Term>,
         previous: Option<MemberId>,
     },
-    LeaderLost { member: MemberId },
-    SplitBrain { claimants: Vec<MemberId> },
+    LeaderLost {
+        member: MemberId,
+    },
+    SplitBrain {
+        claimants: Vec<MemberId>,
+    },
     SplitBrainResolved,
     /// A member claims primary but is fenced (older or superseded term,
     /// or contradicted by the replicas).
-    Fenced { member: MemberId, reason: FenceReason },
+    Fenced {
+        member: MemberId,
+        reason: FenceReason,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -509,7 +532,10 @@ impl View {
                     && c.up
                     && match (&c.term, &self.leader_term) {
                         (Some(t), Some(last)) => {
-                            matches!(self.order(t, last), Some(Ordering::Equal | Ordering::Greater))
+                            matches!(
+                                self.order(t, last),
+                                Some(Ordering::Equal | Ordering::Greater)
+                            )
                         }
                         (None, _) => true,
                         (Some(_), None) => true,

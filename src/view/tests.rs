@@ -74,7 +74,10 @@ fn a_member_leads_only_after_rise_reports() {
     let t = feed(&mut v, 0, primary(Some(lineage("x", None))));
     assert_eq!(v.leader(), Some(0));
     assert!(t.contains(&Transition::MemberUp { member: 0 }));
-    assert!(matches!(t.last(), Some(Transition::LeaderElected { member: 0, .. })));
+    assert!(matches!(
+        t.last(),
+        Some(Transition::LeaderElected { member: 0, .. })
+    ));
 }
 
 #[test]
@@ -92,7 +95,10 @@ fn a_hard_failure_demotes_at_once() {
     let before = v.epoch();
     let t = feed(&mut v, 0, hard());
     assert_eq!(v.leader(), None);
-    assert!(t.contains(&Transition::MemberDown { member: 0, hard: true }));
+    assert!(t.contains(&Transition::MemberDown {
+        member: 0,
+        hard: true
+    }));
     assert!(t.contains(&Transition::LeaderLost { member: 0 }));
     assert!(v.epoch() > before);
 }
@@ -147,7 +153,10 @@ fn a_restarted_empty_master_does_not_displace_the_incumbent() {
         feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
         assert_eq!(v.leader(), Some(1));
     }
-    assert!(v.snapshot().split_brain, "two unordered primaries are reported");
+    assert!(
+        v.snapshot().split_brain,
+        "two unordered primaries are reported"
+    );
 }
 
 #[test]

@@ -1,0 +1,256 @@
+//! The admin HTTP listener (hyper): `/metrics`, `/status`, `/health`,
+//! `/ready`, and a status page at `/`.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::Cluster;
+use crate::metrics::Metrics;
+use crate::proxy::Endpoint;
+use crate::view::Snapshot;
+
+/// What the admin pages read.
+pub struct AdminState {
+    pub clusters: Vec<Arc<Cluster>>,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    pub metrics: Arc<Metrics>,
+    /// Set once shutdown starts: `/ready` then answers 503.
+    pub draining: AtomicBool,
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(error = %err, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = cancel.cancelled() => return,
+        };
+        let state = state.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, &req)) }
+            });
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                result = conn => if let Err(err) = result {
+                    tracing::debug!(%peer, error = %err, "admin connection error");
+                },
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/health" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/ready" => ready(state),
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            state.metrics.render(),
+        ),
+        "/status" => respond(
+            StatusCode::OK,
+            "application/json",
+            format!("{:#}\n", status_json(state)),
+        ),
+        "/" => respond(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            status_page(state),
+        ),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+fn ready(state: &AdminState) -> Response<Full<Bytes>> {
+    if state.draining.load(Ordering::Relaxed) {
+        return respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "draining\n".into(),
+        );
+    }
+    let missing: Vec<&str> = state
+        .clusters
+        .iter()
+        .filter(|c| c.status.load().leader.is_none())
+        .map(|c| c.config.name.as_str())
+        .collect();
+    if missing.is_empty() {
+        respond(StatusCode::OK, "text/plain", "ready\n".into())
+    } else {
+        respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("no leader for: {}\n", missing.join(", ")),
+        )
+    }
+}
+
+fn rfc3339(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+fn member_name(cluster: &Cluster, id: Option<usize>) -> Value {
+    id.and_then(|id| cluster.config.members.get(id))
+        .map_or(Value::Null, |m| Value::String(m.name.clone()))
+}
+
+fn cluster_json(cluster: &Cluster, snapshot: &Snapshot, endpoints: &[Arc<Endpoint>]) -> Value {
+    let members: Vec<Value> = cluster
+        .config
+        .members
+        .iter()
+        .enumerate()
+        .map(|(id, m)| {
+            let seen = snapshot.members.get(id);
+            json!({
+                "name": m.name,
+                "address": m.address,
+                "role": seen.map_or("unknown", |s| s.role.as_str()),
+                "health": seen.map_or("unknown", |s| s.health.as_str()),
+                "eligible": snapshot.leader == Some(id) || snapshot.replicas.contains(&id),
+                "leader": snapshot.leader == Some(id),
+                "term": seen.and_then(|s| s.term.as_ref()).map(|t| t.to_string()),
+                "upstream": member_name(cluster, seen.and_then(|s| s.upstream)),
+                "last_probe": seen.and_then(|s| s.last_report).map(rfc3339),
+                "last_error": seen.and_then(|s| s.last_error.clone()),
+                "sessions": cluster.active.get(id).map_or(0, |a| a.load(Ordering::Relaxed)),
+            })
+        })
+        .collect();
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .filter(|e| std::ptr::eq(e.cluster.as_ref(), cluster))
+        .map(|e| {
+            json!({
+                "name": e.config.name,
+                "listen": e.config.listen.to_string(),
+                "route": e.config.route.to_string(),
+                "active": e.active(),
+            })
+        })
+        .collect();
+    json!({
+        "name": cluster.config.name,
+        "protocol": cluster.config.protocol.to_string(),
+        "epoch": snapshot.epoch,
+        "leader": member_name(cluster, snapshot.leader),
+        "replicas": snapshot.replicas.iter().map(|&r| member_name(cluster, Some(r))).collect::<Vec<_>>(),
+        "split_brain": snapshot.split_brain,
+        "members": members,
+        "endpoints": endpoints,
+    })
+}
+
+/// The `/status` document.
+pub fn status_json(state: &AdminState) -> Value {
+    let clusters: Vec<Value> = state
+        .clusters
+        .iter()
+        .map(|c| cluster_json(c, &c.status.load(), &state.endpoints))
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "draining": state.draining.load(Ordering::Relaxed),
+        "clusters": clusters,
+    })
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn status_page(state: &AdminState) -> String {
+    let mut html = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>portal</title>\
+         <meta http-equiv=\"refresh\" content=\"2\">\
+         <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:2em}\
+         td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}.leader{background:#dfd}\
+         .down{background:#fdd}.warn{color:#b00;font-weight:bold}</style></head><body><h1>portal</h1>",
+    );
+    for cluster in &state.clusters {
+        let s = cluster.status.load();
+        let leader = s
+            .leader
+            .map_or("none".to_string(), |l| cluster.member_name(l).to_string());
+        let _ = write!(
+            html,
+            "<h2>{} ({})</h2><p>epoch {} &middot; leader <b>{}</b>{}</p>\
+             <table><tr><th>member</th><th>address</th><th>role</th><th>health</th><th>term</th><th>sessions</th><th>last error</th></tr>",
+            escape(&cluster.config.name),
+            cluster.config.protocol,
+            s.epoch,
+            escape(&leader),
+            if s.split_brain { " <span class=\"warn\">split brain</span>" } else { "" },
+        );
+        for (id, m) in cluster.config.members.iter().enumerate() {
+            let Some(v) = s.members.get(id) else { continue };
+            let class = if s.leader == Some(id) {
+                "leader"
+            } else if v.health == crate::view::Health::Down {
+                "down"
+            } else {
+                ""
+            };
+            let _ = write!(
+                html,
+                "<tr class=\"{class}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&m.name),
+                escape(&m.address),
+                v.role.as_str(),
+                v.health.as_str(),
+                escape(&v.term.as_ref().map(|t| t.to_string()).unwrap_or_default()),
+                cluster.active.get(id).map_or(0, |a| a.load(Ordering::Relaxed)),
+                escape(v.last_error.as_deref().unwrap_or("")),
+            );
+        }
+        html.push_str("</table>");
+    }
+    html.push_str("<p><a href=\"/status\">/status</a> &middot; <a href=\"/metrics\">/metrics</a></p></body></html>\n");
+    html
+}

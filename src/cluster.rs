@@ -1,0 +1,274 @@
+//! One cluster at run time: its probes, the task that feeds their reports to
+//! the view, and what the data path reads (the routing snapshot and the
+//! per-member session counts).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{self, Protocol};
+use crate::metrics::Metrics;
+use crate::probe::{self, KnownAddress, ProbeContext};
+use crate::view::{Outcome, Report, Snapshot, Thresholds, Transition, View};
+
+/// What the rest of the portal sees of a cluster.
+pub struct Cluster {
+    pub config: config::Cluster,
+    /// Changes only when the epoch does: sessions watch it to close on a
+    /// leader change, new connections wait on it while there is no leader.
+    pub routing: watch::Receiver<Arc<Snapshot>>,
+    /// The latest snapshot with every member's last report, for `/status`.
+    pub status: ArcSwap<Snapshot>,
+    /// Sessions open per member, for least-connections.
+    pub active: Vec<AtomicUsize>,
+    reports: mpsc::Sender<Report>,
+}
+
+impl Cluster {
+    /// Starts the probes and the view task on `tasks`; both stop on `cancel`.
+    pub fn start(
+        config: config::Cluster,
+        metrics: Arc<Metrics>,
+        tasks: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Arc<Cluster> {
+        let view = View::new(
+            config.members.len(),
+            Thresholds {
+                rise: config.probe.rise,
+                fall: config.probe.fall,
+            },
+        );
+        let first = Arc::new(view.snapshot());
+        let (routing_tx, routing) = watch::channel(first.clone());
+        let (reports, reports_rx) = mpsc::channel(1024);
+        let (urgent_tx, urgent) = watch::channel(true);
+        let poke = Arc::new(Notify::new());
+
+        let cluster = Arc::new(Cluster {
+            active: config.members.iter().map(|_| AtomicUsize::new(0)).collect(),
+            status: ArcSwap::new(first),
+            routing,
+            reports,
+            config,
+        });
+
+        let name: Arc<str> = Arc::from(cluster.config.name.as_str());
+        let known: Arc<Vec<KnownAddress>> = Arc::new(
+            cluster
+                .config
+                .members
+                .iter()
+                .map(|m| KnownAddress::resolve(&m.address))
+                .collect(),
+        );
+        for (id, member) in cluster.config.members.iter().enumerate() {
+            let ctx = ProbeContext::new(
+                name.clone(),
+                id,
+                &member.name,
+                &member.address,
+                cluster.config.probe.clone(),
+                known.clone(),
+                &metrics,
+            );
+            let reports = cluster.reports.clone();
+            let (urgent, poke, cancel) = (urgent.clone(), poke.clone(), cancel.clone());
+            match cluster.config.protocol {
+                Protocol::Redis => tasks.spawn(probe::run(
+                    probe::redis::RedisProber::new(),
+                    ctx,
+                    reports,
+                    urgent,
+                    poke,
+                    cancel,
+                )),
+            };
+        }
+
+        tasks.spawn(supervise(
+            cluster.clone(),
+            view,
+            reports_rx,
+            routing_tx,
+            urgent_tx,
+            poke,
+            metrics,
+            cancel,
+        ));
+        cluster
+    }
+
+    /// Tells the view that the data path could not reach `member`: a hard
+    /// failure, as if its probe had been refused.
+    pub fn report_connect_failure(&self, member: usize, error: String) {
+        let report = Report {
+            member,
+            at: std::time::SystemTime::now(),
+            outcome: Outcome::Failed { hard: true, error },
+        };
+        if self.reports.try_send(report).is_err() {
+            tracing::debug!(cluster = %self.config.name, "report queue full; dropping a connect-failure report");
+        }
+    }
+
+    pub fn member_name(&self, member: usize) -> &str {
+        self.config
+            .members
+            .get(member)
+            .map_or("?", |m| m.name.as_str())
+    }
+
+    /// Counts a session on `member` until the guard drops.
+    pub fn session_guard(self: &Arc<Self>, member: usize) -> SessionCount {
+        if let Some(count) = self.active.get(member) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        SessionCount {
+            cluster: self.clone(),
+            member,
+        }
+    }
+}
+
+/// Decrements a member's session count on drop.
+pub struct SessionCount {
+    cluster: Arc<Cluster>,
+    member: usize,
+}
+
+impl Drop for SessionCount {
+    fn drop(&mut self) {
+        if let Some(count) = self.cluster.active.get(self.member) {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn supervise(
+    cluster: Arc<Cluster>,
+    mut view: View,
+    mut reports: mpsc::Receiver<Report>,
+    routing: watch::Sender<Arc<Snapshot>>,
+    urgent: watch::Sender<bool>,
+    poke: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let name = cluster.config.name.as_str();
+    let members: Vec<&str> = cluster
+        .config
+        .members
+        .iter()
+        .map(|m| m.name.as_str())
+        .collect();
+    let member = |id: usize| members.get(id).copied().unwrap_or("?");
+    let epoch_gauge = metrics.epoch.with_label_values(&[name]);
+    let split_gauge = metrics.split_brain.with_label_values(&[name]);
+    let leader_changes = metrics.leader_changes.with_label_values(&[name]);
+    loop {
+        let report = tokio::select! {
+            report = reports.recv() => match report {
+                Some(report) => report,
+                None => return,
+            },
+            _ = cancel.cancelled() => return,
+        };
+        let mut poke_all = false;
+        for t in view.apply(report) {
+            match t {
+                Transition::MemberUp { member: m } => {
+                    metrics
+                        .member_up
+                        .with_label_values(&[name, member(m)])
+                        .set(1);
+                    tracing::info!(cluster = name, member = member(m), "member up");
+                }
+                Transition::MemberDown { member: m, hard } => {
+                    metrics
+                        .member_up
+                        .with_label_values(&[name, member(m)])
+                        .set(0);
+                    poke_all |= hard;
+                    tracing::warn!(cluster = name, member = member(m), hard, "member down");
+                }
+                Transition::LeaderElected {
+                    member: m,
+                    term,
+                    previous,
+                } => {
+                    metrics
+                        .member_is_leader
+                        .with_label_values(&[name, member(m)])
+                        .set(1);
+                    leader_changes.inc();
+                    tracing::info!(
+                        cluster = name,
+                        leader = member(m),
+                        previous = previous.map(member),
+                        term = term.map(|t| t.to_string()),
+                        epoch = view.epoch(),
+                        "leader elected"
+                    );
+                }
+                Transition::LeaderLost { member: m } => {
+                    metrics
+                        .member_is_leader
+                        .with_label_values(&[name, member(m)])
+                        .set(0);
+                    if view.leader().is_none() {
+                        leader_changes.inc();
+                    }
+                    poke_all = true;
+                    tracing::warn!(cluster = name, member = member(m), "leader lost");
+                }
+                Transition::SplitBrain { claimants } => {
+                    split_gauge.set(1);
+                    let claimants: Vec<&str> = claimants.into_iter().map(member).collect();
+                    tracing::error!(
+                        cluster = name,
+                        claimants = ?claimants,
+                        "split brain: several members claim primary and their terms cannot order them"
+                    );
+                }
+                Transition::SplitBrainResolved => {
+                    split_gauge.set(0);
+                    tracing::info!(cluster = name, "split brain resolved");
+                }
+                Transition::Fenced { member: m, reason } => {
+                    tracing::warn!(
+                        cluster = name,
+                        member = member(m),
+                        reason = reason.as_str(),
+                        "member claims primary but is fenced"
+                    );
+                }
+            }
+        }
+        let snapshot = Arc::new(view.snapshot());
+        epoch_gauge.set(i64::try_from(snapshot.epoch).unwrap_or(i64::MAX));
+        cluster.status.store(snapshot.clone());
+        let has_leader = snapshot.leader.is_some();
+        routing.send_if_modified(|current| {
+            if current.epoch != snapshot.epoch {
+                *current = snapshot;
+                true
+            } else {
+                false
+            }
+        });
+        urgent.send_if_modified(|u| {
+            let changed = *u == has_leader;
+            *u = !has_leader;
+            changed
+        });
+        if poke_all {
+            poke.notify_waiters();
+        }
+    }
+}

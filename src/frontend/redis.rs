@@ -1,0 +1,77 @@
+//! Redis clients: refusals are RESP error replies, which every client shows
+//! as the answer to its first command.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::Refusal;
+
+/// How long to wait for the client's first command, and then for it to go
+/// away, around an error reply.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// The RESP error line for a refusal.
+pub fn error_line(refusal: &Refusal) -> String {
+    match refusal {
+        Refusal::NoMember {
+            cluster,
+            waited,
+            split_brain,
+        } => {
+            let why = if *split_brain {
+                " (split brain: several members claim primary and their terms cannot order them)"
+            } else {
+                ""
+            };
+            format!(
+                "-TRYAGAIN portal: no leader for cluster \"{cluster}\" after waiting {}ms{why}\r\n",
+                waited.as_millis()
+            )
+        }
+        Refusal::MaxConnections => "-ERR max number of clients reached\r\n".to_string(),
+        Refusal::ShuttingDown => "-ERR portal is shutting down\r\n".to_string(),
+    }
+}
+
+/// Reads the client's first command (briefly), answers the error, closes.
+///
+/// Reading first and draining after keeps the kernel from answering the
+/// client's unread command with a reset that would discard the reply.
+pub async fn refuse<S>(stream: &mut S, refusal: &Refusal)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = [0u8; 1024];
+    let _ = tokio::time::timeout(LINGER, stream.read(&mut buf)).await;
+    let _ = stream.write_all(error_line(refusal).as_bytes()).await;
+    let _ = stream.flush().await;
+    let _ = stream.shutdown().await;
+    let _ = tokio::time::timeout(LINGER, async {
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_single_resp_error_lines() {
+        for refusal in [
+            Refusal::NoMember {
+                cluster: "cache".into(),
+                waited: Duration::from_secs(1),
+                split_brain: true,
+            },
+            Refusal::MaxConnections,
+            Refusal::ShuttingDown,
+        ] {
+            let line = error_line(&refusal);
+            assert!(line.starts_with('-'), "{line}");
+            assert!(line.ends_with("\r\n"));
+            assert_eq!(line.matches("\r\n").count(), 1);
+        }
+    }
+}

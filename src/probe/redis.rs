@@ -1,0 +1,269 @@
+//! Redis probe: one persistent RESP3 connection per member (redis-rs), asking
+//! `INFO replication`.
+//!
+//! The connection's disconnect notification makes a dropped connection a
+//! report at once instead of at the next tick: that is what makes failover
+//! event-driven.
+
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, ProtocolVersion, PushKind};
+use redis::{PushInfo, RedisConnectionInfo};
+use tokio::sync::mpsc;
+
+use super::{classify_io, Failure, ProbeContext, Prober};
+use crate::view::{Observation, Outcome, Role, Term};
+
+/// What `INFO replication` says, in the fields the view needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replication {
+    pub role: Role,
+    pub replid: Option<String>,
+    pub replid2: Option<String>,
+    pub master_host: Option<String>,
+    pub master_port: Option<u16>,
+    pub link_up: bool,
+}
+
+/// `master_replid2` when there is no previous history.
+const NO_REPLID: &str = "0000000000000000000000000000000000000000";
+
+/// Parses the text of `INFO replication`.
+pub fn parse_info_replication(text: &str) -> Result<Replication, String> {
+    let mut role = None;
+    let mut out = Replication {
+        role: Role::Unknown,
+        replid: None,
+        replid2: None,
+        master_host: None,
+        master_port: None,
+        link_up: false,
+    };
+    for line in text.lines() {
+        let Some((key, value)) = line.trim_end_matches('\r').split_once(':') else {
+            continue;
+        };
+        match key {
+            "role" => {
+                role = Some(match value {
+                    "master" => Role::Primary,
+                    "slave" | "replica" => Role::Replica,
+                    _ => Role::Unknown,
+                })
+            }
+            "master_replid" if !value.is_empty() && value != NO_REPLID => {
+                out.replid = Some(value.to_string())
+            }
+            "master_replid2" if !value.is_empty() && value != NO_REPLID => {
+                out.replid2 = Some(value.to_string())
+            }
+            "master_host" => out.master_host = Some(value.to_string()),
+            "master_port" => out.master_port = value.parse().ok(),
+            "master_link_status" => out.link_up = value == "up",
+            _ => {}
+        }
+    }
+    out.role = role.ok_or_else(|| "INFO replication has no role field".to_string())?;
+    Ok(out)
+}
+
+impl Replication {
+    /// The view's observation; `upstream` resolves `master_host:master_port`.
+    pub fn observation(&self, upstream: impl Fn(&str, u16) -> Option<usize>) -> Observation {
+        let term = self.replid.as_ref().map(|id| Term::Lineage {
+            id: id.clone(),
+            previous: self.replid2.clone(),
+        });
+        let upstream = match (&self.master_host, self.master_port) {
+            (Some(host), Some(port)) if self.role == Role::Replica && self.link_up => {
+                upstream(host, port)
+            }
+            _ => None,
+        };
+        Observation {
+            role: self.role,
+            term,
+            upstream,
+        }
+    }
+}
+
+/// The probe's connection and its disconnect signal.
+pub struct RedisProber {
+    conn: Option<(MultiplexedConnection, mpsc::UnboundedReceiver<PushInfo>)>,
+}
+
+impl RedisProber {
+    pub fn new() -> RedisProber {
+        RedisProber { conn: None }
+    }
+
+    async fn connect(
+        ctx: &ProbeContext,
+    ) -> Result<(MultiplexedConnection, mpsc::UnboundedReceiver<PushInfo>), Failure> {
+        let (host, port) = split_host_port(&ctx.address)
+            .ok_or_else(|| Failure::soft(format!("bad address {}", ctx.address)))?;
+        let mut settings = RedisConnectionInfo::default().set_protocol(ProtocolVersion::RESP3);
+        if let Some(user) = &ctx.settings.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(password) = &ctx.settings.password {
+            settings = settings.set_password(password.expose());
+        }
+        let info = ConnectionAddr::Tcp(host.to_string(), port)
+            .into_connection_info()
+            .map_err(|err| Failure::soft(err.to_string()))?
+            .set_redis_settings(settings);
+        let client = redis::Client::open(info).map_err(|err| Failure::soft(err.to_string()))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(ctx.settings.timeout))
+            .set_response_timeout(Some(ctx.settings.timeout))
+            .set_push_sender(tx);
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|err| redis_failure(&err))?;
+        Ok((conn, rx))
+    }
+
+    async fn query(conn: &mut MultiplexedConnection, timeout: Duration) -> Result<String, Failure> {
+        let cmd = redis::cmd("INFO").arg("replication").clone();
+        match tokio::time::timeout(timeout, cmd.query_async::<String>(conn)).await {
+            Ok(Ok(text)) => Ok(text),
+            Ok(Err(err)) => Err(redis_failure(&err)),
+            Err(_) => Err(Failure::soft(format!("no answer within {timeout:?}"))),
+        }
+    }
+}
+
+impl Default for RedisProber {
+    fn default() -> Self {
+        RedisProber::new()
+    }
+}
+
+impl Prober for RedisProber {
+    async fn probe(&mut self, ctx: &ProbeContext) -> (Outcome, Option<Duration>) {
+        let started = Instant::now();
+        if self.conn.is_none() {
+            match Self::connect(ctx).await {
+                Ok(conn) => self.conn = Some(conn),
+                Err(failure) => return (failure.outcome(), None),
+            }
+        }
+        let Some((conn, _)) = self.conn.as_mut() else {
+            return (Failure::soft("no connection").outcome(), None);
+        };
+        let result = Self::query(conn, ctx.settings.timeout).await;
+        match result.and_then(|text| parse_info_replication(&text).map_err(Failure::soft)) {
+            Ok(replication) => {
+                let seen = replication.observation(|host, port| ctx.member_at(host, port));
+                (Outcome::Observed(seen), Some(started.elapsed()))
+            }
+            Err(failure) => {
+                self.conn = None;
+                (failure.outcome(), None)
+            }
+        }
+    }
+
+    async fn disconnected(&mut self) {
+        loop {
+            let Some((_, pushes)) = self.conn.as_mut() else {
+                return std::future::pending().await;
+            };
+            match pushes.recv().await {
+                Some(push) if push.kind != PushKind::Disconnection => continue,
+                _ => {
+                    self.conn = None;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn redis_failure(err: &redis::RedisError) -> Failure {
+    if err.is_connection_refusal() || err.is_connection_dropped() {
+        return Failure::hard(err.to_string());
+    }
+    if let Some(io) =
+        std::error::Error::source(err).and_then(|s| s.downcast_ref::<std::io::Error>())
+    {
+        return classify_io(io);
+    }
+    Failure::soft(err.to_string())
+}
+
+/// Splits `host:port`, with `[v6]:port` accepted.
+pub fn split_host_port(address: &str) -> Option<(&str, u16)> {
+    let (host, port) = address.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Some((host, port.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PRIMARY: &str = "# Replication\r\nrole:master\r\nconnected_slaves:1\r\nslave0:ip=127.0.0.1,port=6380,state=online,offset=42,lag=0\r\nmaster_failover_state:no-failover\r\nmaster_replid:8e4f0d5c3a7b2f1e9d6c5b4a3f2e1d0c9b8a7f6e\r\nmaster_replid2:0000000000000000000000000000000000000000\r\nmaster_repl_offset:42\r\nsecond_repl_offset:-1\r\n";
+    const PROMOTED: &str = "# Replication\r\nrole:master\r\nconnected_slaves:0\r\nmaster_replid:1111111111111111111111111111111111111111\r\nmaster_replid2:8e4f0d5c3a7b2f1e9d6c5b4a3f2e1d0c9b8a7f6e\r\nmaster_repl_offset:42\r\nsecond_repl_offset:43\r\n";
+    const REPLICA: &str = "# Replication\r\nrole:slave\r\nmaster_host:127.0.0.1\r\nmaster_port:6379\r\nmaster_link_status:up\r\nmaster_last_io_seconds_ago:1\r\nmaster_replid:8e4f0d5c3a7b2f1e9d6c5b4a3f2e1d0c9b8a7f6e\r\nmaster_replid2:0000000000000000000000000000000000000000\r\n";
+
+    #[test]
+    fn a_primary_reports_its_lineage() {
+        let r = parse_info_replication(PRIMARY).expect("parse");
+        assert_eq!(r.role, Role::Primary);
+        let seen = r.observation(|_, _| None);
+        assert_eq!(
+            seen.term,
+            Some(Term::Lineage {
+                id: "8e4f0d5c3a7b2f1e9d6c5b4a3f2e1d0c9b8a7f6e".into(),
+                previous: None
+            })
+        );
+    }
+
+    #[test]
+    fn a_promoted_replica_is_provably_newer() {
+        let old = parse_info_replication(PRIMARY)
+            .expect("parse")
+            .observation(|_, _| None);
+        let new = parse_info_replication(PROMOTED)
+            .expect("parse")
+            .observation(|_, _| None);
+        let (Some(old), Some(new)) = (old.term, new.term) else {
+            panic!("terms expected");
+        };
+        assert_eq!(new.compare(&old), Some(std::cmp::Ordering::Greater));
+    }
+
+    #[test]
+    fn a_replica_names_its_upstream_only_when_the_link_is_up() {
+        let r = parse_info_replication(REPLICA).expect("parse");
+        let at = |host: &str, port: u16| (host == "127.0.0.1" && port == 6379).then_some(0);
+        assert_eq!(r.observation(at).upstream, Some(0));
+        let down = REPLICA.replace("master_link_status:up", "master_link_status:down");
+        let r = parse_info_replication(&down).expect("parse");
+        assert_eq!(r.observation(at).upstream, None);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(parse_info_replication("").is_err());
+        assert!(parse_info_replication("role").is_err());
+        assert!(parse_info_replication("\u{0}:\u{ffff}\n::::").is_err());
+        let r = parse_info_replication("role:sentinel\nmaster_port:99999").expect("parse");
+        assert_eq!(r.role, Role::Unknown);
+        assert_eq!(r.master_port, None);
+    }
+
+    #[test]
+    fn host_port_splits() {
+        assert_eq!(split_host_port("127.0.0.1:6379"), Some(("127.0.0.1", 6379)));
+        assert_eq!(split_host_port("[::1]:6379"), Some(("::1", 6379)));
+        assert_eq!(split_host_port("redis"), None);
+    }
+}

@@ -1,0 +1,369 @@
+//! The data path of one endpoint: accept, TLS handshake, route (holding while
+//! there is no eligible member), connect, splice; and close the session when
+//! its member stops being eligible.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use prometheus::{Histogram, IntCounter, IntGauge};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cluster::Cluster;
+use crate::config::{self, OnLeaderChange, Route};
+use crate::frontend::{self, Refusal};
+use crate::metrics::Metrics;
+use crate::router;
+use crate::view::{MemberId, Snapshot};
+
+/// How long a connect to a member may take before the next candidate.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause before retrying a member after a connect failure the view has not
+/// (yet) turned into a new snapshot.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// Splice buffer per direction: one maximal TLS record.
+const SPLICE_BUFFER: usize = 16 * 1024;
+
+/// Counters of one endpoint, resolved once.
+struct EndpointMetrics {
+    accepted: IntCounter,
+    active: IntGauge,
+    bytes_in: IntCounter,
+    bytes_out: IntCounter,
+    hold: Histogram,
+    closed_leader_change: IntCounter,
+    closed_shutdown: IntCounter,
+    all: Arc<Metrics>,
+}
+
+/// One configured endpoint, ready to serve.
+pub struct Endpoint {
+    pub config: config::Endpoint,
+    pub cluster: Arc<Cluster>,
+    acceptor: TlsAcceptor,
+    slots: Arc<Semaphore>,
+    turn: AtomicUsize,
+    metrics: EndpointMetrics,
+}
+
+impl Endpoint {
+    pub fn new(
+        config: config::Endpoint,
+        cluster: Arc<Cluster>,
+        tls: Arc<rustls::ServerConfig>,
+        metrics: Arc<Metrics>,
+    ) -> Endpoint {
+        let name = config.name.as_str();
+        let m = EndpointMetrics {
+            accepted: metrics.connections_accepted.with_label_values(&[name]),
+            active: metrics.connections_active.with_label_values(&[name]),
+            bytes_in: metrics.bytes.with_label_values(&[name, "client_to_server"]),
+            bytes_out: metrics.bytes.with_label_values(&[name, "server_to_client"]),
+            hold: metrics.hold_seconds.with_label_values(&[name]),
+            closed_leader_change: metrics
+                .sessions_closed
+                .with_label_values(&[name, "leader_change"]),
+            closed_shutdown: metrics
+                .sessions_closed
+                .with_label_values(&[name, "shutdown"]),
+            all: metrics,
+        };
+        Endpoint {
+            slots: Arc::new(Semaphore::new(config.max_connections)),
+            acceptor: TlsAcceptor::from(tls),
+            turn: AtomicUsize::new(0),
+            metrics: m,
+            config,
+            cluster,
+        }
+    }
+
+    /// Sessions open now.
+    pub fn active(&self) -> i64 {
+        self.metrics.active.get()
+    }
+
+    fn refused(&self, reason: &str) {
+        self.metrics
+            .all
+            .connections_refused
+            .with_label_values(&[&self.config.name, reason])
+            .inc();
+    }
+}
+
+/// Accepts until `stop_accepting`; each session runs on `sessions` and ends
+/// on its own or at `close_sessions`.
+pub async fn serve(
+    endpoint: Arc<Endpoint>,
+    listener: TcpListener,
+    sessions: TaskTracker,
+    stop_accepting: CancellationToken,
+    close_sessions: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop_accepting.cancelled() => break,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                endpoint.metrics.accepted.inc();
+                let permit = endpoint.slots.clone().try_acquire_owned().ok();
+                sessions.spawn(session(
+                    endpoint.clone(),
+                    tcp,
+                    peer,
+                    permit,
+                    close_sessions.clone(),
+                ));
+            }
+            Err(err) => {
+                // Out of file descriptors or similar: back off, keep serving.
+                tracing::warn!(endpoint = %endpoint.config.name, error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::info!(endpoint = %endpoint.config.name, "stopped accepting");
+}
+
+/// Decrements the active gauge when a session ends, however it ends.
+struct ActiveGuard(IntGauge);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn session(
+    endpoint: Arc<Endpoint>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: Option<OwnedSemaphorePermit>,
+    close: CancellationToken,
+) {
+    endpoint.metrics.active.inc();
+    let _active = ActiveGuard(endpoint.metrics.active.clone());
+    let ep = endpoint.config.name.as_str();
+    let _ = tcp.set_nodelay(true);
+
+    let handshake = tokio::time::timeout(
+        endpoint.config.handshake_timeout,
+        endpoint.acceptor.accept(tcp),
+    );
+    let mut client = tokio::select! {
+        result = handshake => match result {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
+                let reason = crate::tls::handshake_failure_reason(&err);
+                endpoint.metrics.all.tls_handshake_failures.with_label_values(&[ep, reason]).inc();
+                tracing::info!(endpoint = ep, %peer, reason, error = %err, "TLS handshake failed; connection dropped");
+                return;
+            }
+            Err(_) => {
+                endpoint.metrics.all.tls_handshake_failures.with_label_values(&[ep, "timeout"]).inc();
+                tracing::info!(endpoint = ep, %peer, timeout_ms = endpoint.config.handshake_timeout.as_millis() as u64, "TLS handshake timed out; connection dropped");
+                return;
+            }
+        },
+        _ = close.cancelled() => return,
+    };
+
+    let protocol = endpoint.cluster.config.protocol;
+    if permit.is_none() {
+        endpoint.refused(Refusal::MaxConnections.metric_reason());
+        tracing::warn!(endpoint = ep, %peer, limit = endpoint.config.max_connections, "max_connections reached; connection refused");
+        frontend::refuse(protocol, &mut client, &Refusal::MaxConnections).await;
+        return;
+    }
+
+    let routed = tokio::select! {
+        routed = route(&endpoint, peer) => routed,
+        _ = close.cancelled() => Err(Refusal::ShuttingDown),
+    };
+    let (member, mut server, mut routing) = match routed {
+        Ok(routed) => routed,
+        Err(refusal) => {
+            endpoint.refused(refusal.metric_reason());
+            tracing::warn!(endpoint = ep, %peer, reason = refusal.metric_reason(), "no member to route to; connection refused");
+            frontend::refuse(protocol, &mut client, &refusal).await;
+            return;
+        }
+    };
+    let cluster = &endpoint.cluster;
+    let _count = cluster.session_guard(member);
+    let epoch = routing.borrow().epoch;
+    tracing::debug!(endpoint = ep, %peer, member = cluster.member_name(member), epoch, "session routed");
+
+    let mut client = Counted {
+        inner: client,
+        read: endpoint.metrics.bytes_in.clone(),
+        written: endpoint.metrics.bytes_out.clone(),
+    };
+    let route = endpoint.config.route;
+    let close_on_change = endpoint.config.on_leader_change == OnLeaderChange::Close;
+    tokio::select! {
+        result = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, SPLICE_BUFFER, SPLICE_BUFFER) => {
+            if let Err(err) = result {
+                tracing::debug!(endpoint = ep, %peer, error = %err, "session ended with an error");
+            }
+        }
+        _ = no_longer_eligible(&mut routing, route, member), if close_on_change => {
+            endpoint.metrics.closed_leader_change.inc();
+            tracing::info!(
+                endpoint = ep, %peer,
+                member = cluster.member_name(member),
+                epoch = routing.borrow().epoch,
+                "member no longer eligible for this route; session closed"
+            );
+            let _ = tokio::time::timeout(Duration::from_millis(100), client.inner.shutdown()).await;
+        }
+        _ = close.cancelled() => {
+            endpoint.metrics.closed_shutdown.inc();
+            let _ = tokio::time::timeout(Duration::from_millis(100), client.inner.shutdown()).await;
+        }
+    }
+}
+
+type Routed = (MemberId, TcpStream, watch::Receiver<Arc<Snapshot>>);
+
+/// Picks and connects a member, holding up to `hold_timeout` while none is
+/// eligible or reachable.
+async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal> {
+    let cluster = &endpoint.cluster;
+    let config = &endpoint.config;
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::from_std(started + config.hold_timeout);
+    let mut routing = cluster.routing.clone();
+    loop {
+        let snapshot = routing.borrow_and_update().clone();
+        let candidates = router::candidates(&snapshot, config.route);
+        let turn = endpoint.turn.fetch_add(1, Ordering::Relaxed);
+        let choice = router::choose(&candidates, config.balance, turn, |m| {
+            cluster
+                .active
+                .get(m)
+                .map_or(0, |a| a.load(Ordering::Relaxed))
+        });
+        let mut failed = false;
+        if let Some(member) = choice {
+            let address = cluster.config.members[member].address.as_str();
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await {
+                Ok(Ok(server)) => {
+                    let _ = server.set_nodelay(true);
+                    // The view may have moved while we connected.
+                    let current = routing.borrow().clone();
+                    if current.epoch == snapshot.epoch
+                        || router::still_eligible(&current, config.route, member)
+                    {
+                        endpoint
+                            .metrics
+                            .hold
+                            .observe(started.elapsed().as_secs_f64());
+                        return Ok((member, server, routing));
+                    }
+                    continue;
+                }
+                Ok(Err(err)) => {
+                    failed = true;
+                    let hard = crate::probe::classify_io(&err).hard;
+                    tracing::warn!(endpoint = %config.name, %peer, member = cluster.member_name(member), error = %err, hard, "connect to member failed");
+                    if hard {
+                        cluster.report_connect_failure(member, format!("data-path connect: {err}"));
+                    }
+                }
+                Err(_) => {
+                    failed = true;
+                    tracing::warn!(endpoint = %config.name, %peer, member = cluster.member_name(member), "connect to member timed out");
+                }
+            }
+        }
+        tokio::select! {
+            changed = routing.changed() => {
+                if changed.is_err() {
+                    return Err(Refusal::ShuttingDown);
+                }
+            }
+            _ = tokio::time::sleep(RETRY_PAUSE), if failed => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(Refusal::NoMember {
+                    cluster: cluster.config.name.clone(),
+                    waited: started.elapsed(),
+                    split_brain: routing.borrow().split_brain,
+                });
+            }
+        }
+    }
+}
+
+/// Resolves when `member` stops being eligible for `route`.
+async fn no_longer_eligible(
+    routing: &mut watch::Receiver<Arc<Snapshot>>,
+    route: Route,
+    member: MemberId,
+) {
+    loop {
+        if !router::still_eligible(&routing.borrow_and_update(), route, member) {
+            return;
+        }
+        if routing.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// A stream that counts the bytes read from and written to it.
+struct Counted<S> {
+    inner: S,
+    read: IntCounter,
+    written: IntCounter,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        if n > 0 {
+            self.read.inc_by(n as u64);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &polled {
+            self.written.inc_by(*n as u64);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,96 @@
+//! TLS termination settings: rustls with TLS 1.3 and 1.2 only.
+//!
+//! The suites are rustls's (ring) modern defaults, all AEAD with forward
+//! secrecy: TLS 1.3 AES-256-GCM, AES-128-GCM and ChaCha20-Poly1305, and for
+//! TLS 1.2 ECDHE with the same ciphers. The server's order wins. TLS 1.0 and
+//! 1.1 ClientHellos are refused with a `protocol_version` alert. ECDSA, Ed25519
+//! and RSA keys (PKCS#8, PKCS#1 or SEC1 PEM) are accepted.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+
+use crate::config::TlsFiles;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {what}")]
+    File { path: String, what: String },
+    #[error("certificate {cert} and key {key} do not make a server identity: {source}")]
+    Identity {
+        cert: String,
+        key: String,
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+fn file_error(path: &Path, what: impl ToString) -> TlsError {
+    TlsError::File {
+        path: path.display().to_string(),
+        what: what.to_string(),
+    }
+}
+
+/// Reads a PEM certificate chain.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|err| file_error(path, err))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| file_error(path, err))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "no PEM certificate in the file"));
+    }
+    Ok(certs)
+}
+
+/// Builds the server side configuration for one endpoint.
+pub fn server_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = load_certs(&files.cert)?;
+    let key =
+        PrivateKeyDer::from_pem_file(&files.key).map_err(|err| file_error(&files.key, err))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|source| TlsError::Identity {
+            cert: files.cert.display().to_string(),
+            key: files.key.display().to_string(),
+            source,
+        })?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|source| TlsError::Identity {
+            cert: files.cert.display().to_string(),
+            key: files.key.display().to_string(),
+            source,
+        })?;
+    config.ignore_client_order = true;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// A short, stable label for a failed handshake, for metrics.
+pub fn handshake_failure_reason(err: &std::io::Error) -> &'static str {
+    use rustls::Error as E;
+    if err.kind() == std::io::ErrorKind::UnexpectedEof {
+        return "eof";
+    }
+    match err.get_ref().and_then(|inner| inner.downcast_ref::<E>()) {
+        Some(E::InvalidMessage(_)) => "not_tls",
+        Some(E::PeerIncompatible(rustls::PeerIncompatible::SupportedVersionsExtensionRequired))
+        | Some(E::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+        | Some(E::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOfferedOrEnabled)) => {
+            "protocol_version"
+        }
+        Some(E::PeerIncompatible(_)) => "incompatible",
+        Some(E::AlertReceived(_)) => "alert",
+        Some(E::NoCertificatesPresented) | Some(E::InvalidCertificate(_)) => "certificate",
+        _ => match err.kind() {
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => "eof",
+            _ => "other",
+        },
+    }
+}
