@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cluster::Cluster;
 use crate::config::{self, OnLeaderChange, Route};
-use crate::frontend::{self, Refusal};
+use crate::frontend::{self, Opening, Refusal};
 use crate::metrics::Metrics;
 use crate::router;
 use crate::view::{MemberId, Snapshot};
@@ -30,6 +30,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause before retrying a member after a connect failure the view has not
 /// (yet) turned into a new snapshot.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// `legacy_version` of a TLS 1.2 (and 1.3) ClientHello.
+const TLS12_VERSION: u16 = 0x0303;
 /// Splice buffer per direction: one maximal TLS record.
 const SPLICE_BUFFER: usize = 16 * 1024;
 
@@ -156,21 +158,16 @@ async fn session(
     endpoint.metrics.active.inc();
     let _active = ActiveGuard(endpoint.metrics.active.clone());
     let ep = endpoint.config.name.as_str();
-    let _ = tcp.set_nodelay(true);
+    tune(&tcp);
 
     let handshake = tokio::time::timeout(
         endpoint.config.handshake_timeout,
-        endpoint.acceptor.accept(tcp),
+        handshake(&endpoint, tcp, peer),
     );
     let mut client = tokio::select! {
         result = handshake => match result {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(err)) => {
-                let reason = crate::tls::handshake_failure_reason(&err);
-                endpoint.metrics.all.tls_handshake_failures.with_label_values(&[ep, reason]).inc();
-                tracing::info!(endpoint = ep, %peer, reason, error = %err, "TLS handshake failed; connection dropped");
-                return;
-            }
+            Ok(Some(stream)) => stream,
+            Ok(None) => return,
             Err(_) => {
                 endpoint.metrics.all.tls_handshake_failures.with_label_values(&[ep, "timeout"]).inc();
                 tracing::info!(endpoint = ep, %peer, timeout_ms = endpoint.config.handshake_timeout.as_millis() as u64, "TLS handshake timed out; connection dropped");
@@ -236,6 +233,71 @@ async fn session(
     }
 }
 
+/// Idle time before the first keepalive probe on both legs of a session, so
+/// a vanished peer does not pin a session (and a member's count) forever.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// No Nagle delay (requests are small and latency-bound) and TCP keepalive.
+fn tune(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(3);
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive);
+}
+
+/// Sniffs the opening and runs the TLS handshake; `None` when the client was
+/// dropped (and counted, and logged).
+async fn handshake(
+    endpoint: &Endpoint,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let ep = endpoint.config.name.as_str();
+    let protocol = endpoint.cluster.config.protocol;
+    let failed = |reason: &str| {
+        endpoint
+            .metrics
+            .all
+            .tls_handshake_failures
+            .with_label_values(&[ep, reason])
+            .inc();
+    };
+    let hello_version = match frontend::sniff(&tcp).await {
+        Ok(Opening::Tls { hello_version }) => hello_version,
+        Ok(Opening::Plaintext) => {
+            failed("not_tls");
+            tracing::info!(endpoint = ep, %peer, reason = "not_tls", "client did not start TLS; connection dropped");
+            frontend::refuse_plaintext(protocol, &mut tcp).await;
+            return None;
+        }
+        Ok(Opening::Closed) => {
+            failed("eof");
+            tracing::debug!(endpoint = ep, %peer, "client closed before the handshake");
+            return None;
+        }
+        Err(err) => {
+            failed("eof");
+            tracing::debug!(endpoint = ep, %peer, error = %err, "client connection failed before the handshake");
+            return None;
+        }
+    };
+    match endpoint.acceptor.accept(tcp).await {
+        Ok(stream) => Some(stream),
+        Err(err) => {
+            let reason = match hello_version {
+                Some(version) if version < TLS12_VERSION => "protocol_version",
+                _ => crate::tls::handshake_failure_reason(&err),
+            };
+            failed(reason);
+            tracing::info!(endpoint = ep, %peer, reason, error = %err, "TLS handshake failed; connection dropped");
+            None
+        }
+    }
+}
+
 type Routed = (MemberId, TcpStream, watch::Receiver<Arc<Snapshot>>);
 
 /// Picks and connects a member, holding up to `hold_timeout` while none is
@@ -261,7 +323,7 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
             let address = cluster.config.members[member].address.as_str();
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await {
                 Ok(Ok(server)) => {
-                    let _ = server.set_nodelay(true);
+                    tune(&server);
                     // The view may have moved while we connected.
                     let current = routing.borrow().clone();
                     if current.epoch == snapshot.epoch

@@ -53,6 +53,19 @@ where
     .await;
 }
 
+/// A plaintext client on a TLS endpoint: tell it so in RESP, then close.
+pub async fn refuse_plaintext<S>(stream: &mut S)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = [0u8; 1024];
+    let _ = tokio::time::timeout(LINGER, stream.read(&mut buf)).await;
+    let _ = stream
+        .write_all(b"-ERR portal: this endpoint requires TLS (redis-cli --tls --cacert CA)\r\n")
+        .await;
+    let _ = stream.shutdown().await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
