@@ -156,6 +156,7 @@ fn cluster_json(cluster: &Cluster, snapshot: &Snapshot, endpoints: &[Arc<Endpoin
                 "upstream": member_name(cluster, seen.and_then(|s| s.upstream)),
                 "last_probe": seen.and_then(|s| s.last_report).map(rfc3339),
                 "last_error": seen.and_then(|s| s.last_error.clone()),
+                "fenced": seen.and_then(|s| s.fenced).map(|f| f.as_str()),
                 "sessions": cluster.active.get(id).map_or(0, |a| a.load(Ordering::Relaxed)),
             })
         })

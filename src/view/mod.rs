@@ -170,6 +170,8 @@ pub struct MemberView {
     pub upstream: Option<MemberId>,
     pub last_report: Option<SystemTime>,
     pub last_error: Option<String>,
+    /// Why the member's claim to be primary is ignored, if it is.
+    pub fenced: Option<FenceReason>,
 }
 
 /// The published state of a cluster.
@@ -180,7 +182,8 @@ pub struct Snapshot {
     pub leader: Option<MemberId>,
     /// Eligible members in the replica role, in member order.
     pub replicas: Vec<MemberId>,
-    /// More than one member claims primary and terms cannot order them.
+    /// Several members claim primary, terms cannot order them and no
+    /// incumbent settles it: there is no leader because of the ambiguity.
     pub split_brain: bool,
     pub members: Vec<MemberView>,
 }
@@ -557,7 +560,8 @@ impl View {
             for id in &rivals {
                 fenced_now.push((*id, FenceReason::Incumbent));
             }
-            (Some(inc), !rivals.is_empty())
+            // The incumbent settles it: rivals are fenced, not a split brain.
+            (Some(inc), false)
         } else {
             let all: Vec<&Claimant> = claimants.iter().collect();
             match self.newest(&all) {
@@ -566,12 +570,15 @@ impl View {
             }
         };
 
-        for (id, reason) in fenced_now {
-            let state = &mut self.members[id];
-            if state.fenced != Some(reason) {
-                state.fenced = Some(reason);
-                out.push(Transition::Fenced { member: id, reason });
+        // `fenced` is exactly this decision's set; each new reason is reported once.
+        for (id, state) in self.members.iter_mut().enumerate() {
+            let now = fenced_now.iter().find(|(f, _)| *f == id).map(|(_, r)| *r);
+            if let Some(reason) = now {
+                if state.fenced != now {
+                    out.push(Transition::Fenced { member: id, reason });
+                }
             }
+            state.fenced = now;
         }
 
         if split != self.split_brain {
@@ -665,6 +672,7 @@ impl View {
                     upstream: m.seen.as_ref().and_then(|s| s.upstream),
                     last_report: m.last_report,
                     last_error: m.last_error.clone(),
+                    fenced: m.fenced,
                 })
                 .collect(),
         }
