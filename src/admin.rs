@@ -157,6 +157,9 @@ fn cluster_json(cluster: &Cluster, snapshot: &Snapshot, endpoints: &[Arc<Endpoin
                 "last_probe": seen.and_then(|s| s.last_report).map(rfc3339),
                 "last_error": seen.and_then(|s| s.last_error.clone()),
                 "fenced": seen.and_then(|s| s.fenced).map(|f| f.as_str()),
+                "position": seen.and_then(|s| s.position),
+                "lag_bytes": seen.and_then(|s| s.lag_bytes),
+                "replay_delay_ms": seen.and_then(|s| s.delay).map(|d| d.as_millis() as u64),
                 "sessions": cluster.active.get(id).map_or(0, |a| a.load(Ordering::Relaxed)),
             })
         })

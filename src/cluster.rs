@@ -10,10 +10,15 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend::Origination;
 use crate::config::{self, Protocol};
+use crate::frontend::postgres::CancelKeys;
 use crate::metrics::Metrics;
 use crate::probe::{self, KnownAddress, ProbeContext};
 use crate::view::{Outcome, Report, Snapshot, Thresholds, Transition, View};
+
+/// Live PostgreSQL sessions whose cancel keys are remembered, per cluster.
+const CANCEL_KEYS_CAPACITY: usize = 100_000;
 
 /// What the rest of the portal sees of a cluster.
 pub struct Cluster {
@@ -25,6 +30,10 @@ pub struct Cluster {
     pub status: ArcSwap<Snapshot>,
     /// Sessions open per member, for least-connections.
     pub active: Vec<AtomicUsize>,
+    /// PostgreSQL cancel keys of live sessions, and who issued them.
+    pub cancel_keys: CancelKeys,
+    /// TLS to the members, when configured.
+    pub origination: Option<Origination>,
     reports: mpsc::Sender<Report>,
 }
 
@@ -32,6 +41,7 @@ impl Cluster {
     /// Starts the probes and the view task on `tasks`; both stop on `cancel`.
     pub fn start(
         config: config::Cluster,
+        origination: Option<Origination>,
         metrics: Arc<Metrics>,
         tasks: &TaskTracker,
         cancel: CancellationToken,
@@ -51,6 +61,8 @@ impl Cluster {
 
         let cluster = Arc::new(Cluster {
             active: config.members.iter().map(|_| AtomicUsize::new(0)).collect(),
+            cancel_keys: CancelKeys::new(CANCEL_KEYS_CAPACITY),
+            origination,
             status: ArcSwap::new(first),
             routing,
             reports,
@@ -81,6 +93,14 @@ impl Cluster {
             match cluster.config.protocol {
                 Protocol::Redis => tasks.spawn(probe::run(
                     probe::redis::RedisProber::new(),
+                    ctx,
+                    reports,
+                    urgent,
+                    poke,
+                    cancel,
+                )),
+                Protocol::Postgres => tasks.spawn(probe::run(
+                    probe::postgres::PostgresProber::new(cluster.origination.clone()),
                     ctx,
                     reports,
                     urgent,

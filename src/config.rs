@@ -59,12 +59,14 @@ pub struct ShutdownSettings {
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Redis,
+    Postgres,
 }
 
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Protocol::Redis => f.write_str("redis"),
+            Protocol::Postgres => f.write_str("postgres"),
         }
     }
 }
@@ -74,6 +76,8 @@ pub struct Cluster {
     pub name: String,
     pub protocol: Protocol,
     pub probe: ProbeSettings,
+    /// Originate TLS to the members, verifying them with this CA.
+    pub backend_tls: Option<BackendTls>,
     pub members: Vec<Member>,
     pub endpoints: Vec<Endpoint>,
 }
@@ -88,6 +92,34 @@ pub struct ProbeSettings {
     pub fall: u32,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// PostgreSQL: the database the probe connects to.
+    pub dbname: String,
+}
+
+/// TLS from the portal to the members.
+#[derive(Debug, Clone)]
+pub struct BackendTls {
+    /// PEM CA bundle the members' certificates must chain to.
+    pub ca: PathBuf,
+    /// Name to verify instead of each member's host.
+    pub server_name: Option<String>,
+}
+
+/// How far behind the leader a replica may be and still take reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MaxLag {
+    pub bytes: Option<u64>,
+    pub duration: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaFallback {
+    /// Send reads to the leader when no replica qualifies.
+    #[default]
+    Leader,
+    /// Hold, then refuse, when no replica qualifies.
+    Refuse,
 }
 
 /// A credential. Its `Debug` output never shows the value.
@@ -158,6 +190,10 @@ pub struct Endpoint {
     pub handshake_timeout: Duration,
     pub max_connections: usize,
     pub on_leader_change: OnLeaderChange,
+    /// PostgreSQL: accept clients that do not ask for TLS.
+    pub allow_plaintext: bool,
+    pub max_lag: MaxLag,
+    pub replica_fallback: ReplicaFallback,
 }
 
 /// Certificate chain and private key files, PEM.
@@ -299,6 +335,7 @@ struct RawCluster {
     protocol: Protocol,
     #[serde(default)]
     probe: RawProbe,
+    backend_tls: Option<RawBackendTls>,
     members: Spanned<Vec<RawMember>>,
     endpoints: Vec<RawEndpoint>,
 }
@@ -319,6 +356,27 @@ struct RawProbe {
     username: Option<String>,
     password_file: Option<Spanned<String>>,
     password_env: Option<Spanned<String>>,
+    #[serde(default = "default_dbname")]
+    dbname: String,
+}
+
+fn default_dbname() -> String {
+    "postgres".to_string()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackendTls {
+    ca: Spanned<String>,
+    server_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMaxLag {
+    bytes: Option<u64>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    duration: Option<Duration>,
 }
 
 impl Default for RawProbe {
@@ -332,6 +390,7 @@ impl Default for RawProbe {
             username: None,
             password_file: None,
             password_env: None,
+            dbname: default_dbname(),
         }
     }
 }
@@ -373,6 +432,15 @@ struct RawEndpoint {
     max_connections: Spanned<usize>,
     #[serde(default)]
     on_leader_change: OnLeaderChange,
+    #[serde(default = "default_false")]
+    allow_plaintext: Spanned<bool>,
+    max_lag: Option<Spanned<RawMaxLag>>,
+    #[serde(default)]
+    replica_fallback: ReplicaFallback,
+}
+
+fn default_false() -> Spanned<bool> {
+    unspanned(false)
 }
 
 fn default_hold() -> Duration {
@@ -423,6 +491,12 @@ impl<'de> Deserialize<'de> for RawTls {
         }
         deserializer.deserialize_any(TlsVisitor)
     }
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    de_duration(deserializer).map(Some)
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
@@ -587,6 +661,34 @@ impl Validator<'_> {
                     ));
                 }
                 let tls = self.tls(&eat, &re.tls, raw.certs_dir.as_ref())?;
+                if re.allow_plaintext.value && rc.protocol != Protocol::Postgres {
+                    return Err(self.error(
+                        &re.allow_plaintext,
+                        format!("{eat}.allow_plaintext"),
+                        "only PostgreSQL endpoints can accept plaintext clients",
+                    ));
+                }
+                let max_lag = match &re.max_lag {
+                    None => MaxLag::default(),
+                    Some(lag) if re.route == Route::Leader => {
+                        return Err(self.error(
+                            lag,
+                            format!("{eat}.max_lag"),
+                            "max_lag applies to `replicas` and `any` routes, not `leader`",
+                        ))
+                    }
+                    Some(lag) if lag.value.bytes.is_none() && lag.value.duration.is_none() => {
+                        return Err(self.error(
+                            lag,
+                            format!("{eat}.max_lag"),
+                            "set `bytes`, `duration` or both",
+                        ))
+                    }
+                    Some(lag) => MaxLag {
+                        bytes: lag.value.bytes,
+                        duration: lag.value.duration,
+                    },
+                };
                 endpoints.push(Endpoint {
                     name: re.name.value,
                     listen,
@@ -597,13 +699,48 @@ impl Validator<'_> {
                     handshake_timeout: re.handshake_timeout,
                     max_connections: re.max_connections.value,
                     on_leader_change: re.on_leader_change,
+                    allow_plaintext: re.allow_plaintext.value,
+                    max_lag,
+                    replica_fallback: re.replica_fallback,
                 });
             }
 
+            let backend_tls = match &rc.backend_tls {
+                None => None,
+                Some(raw) => {
+                    let ca = self.resolve(&raw.ca.value);
+                    if let Err(err) = std::fs::metadata(&ca) {
+                        return Err(self.error(
+                            &raw.ca,
+                            format!("{at}.backend_tls.ca"),
+                            format!("{}: {err}", ca.display()),
+                        ));
+                    }
+                    if rc.protocol != Protocol::Postgres {
+                        return Err(self.error(
+                            &raw.ca,
+                            format!("{at}.backend_tls"),
+                            "TLS to the members is supported for PostgreSQL clusters",
+                        ));
+                    }
+                    Some(BackendTls {
+                        ca,
+                        server_name: raw.server_name.clone(),
+                    })
+                }
+            };
+            if rc.protocol == Protocol::Postgres && probe.username.is_none() {
+                return Err(self.error(
+                    &rc.name,
+                    format!("{at}.probe.username"),
+                    "PostgreSQL probes need a username",
+                ));
+            }
             clusters.push(Cluster {
                 name: rc.name.value,
                 protocol: rc.protocol,
                 probe,
+                backend_tls,
                 members,
                 endpoints,
             });
@@ -666,6 +803,7 @@ impl Validator<'_> {
             fall: raw.fall.value,
             username: raw.username,
             password,
+            dbname: raw.dbname,
         })
     }
 

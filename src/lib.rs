@@ -9,6 +9,7 @@
 //! operator's side, [`server`] the wiring and shutdown, [`cli`] the commands.
 
 pub mod admin;
+pub mod backend;
 pub mod certs;
 pub mod cli;
 pub mod cluster;
@@ -19,5 +20,6 @@ pub mod probe;
 pub mod proxy;
 pub mod router;
 pub mod server;
+pub mod stream;
 pub mod tls;
 pub mod view;

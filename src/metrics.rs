@@ -12,6 +12,8 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     pub bytes: IntCounterVec,
     pub tls_handshake_failures: IntCounterVec,
+    pub protocol_errors: IntCounterVec,
+    pub cancel_requests: IntCounterVec,
     pub sessions_closed: IntCounterVec,
     pub hold_seconds: HistogramVec,
     pub probe_duration: HistogramVec,
@@ -94,6 +96,18 @@ impl Metrics {
                 "portal_tls_handshake_failures_total",
                 "TLS handshakes that failed, by reason.",
                 &["endpoint", "reason"],
+            ),
+            protocol_errors: counter(
+                &r,
+                "portal_protocol_errors_total",
+                "Clients dropped for a protocol violation before routing, by reason.",
+                &["endpoint", "reason"],
+            ),
+            cancel_requests: counter(
+                &r,
+                "portal_cancel_requests_total",
+                "PostgreSQL cancel requests, by outcome (forwarded, unknown_key, failed).",
+                &["endpoint", "outcome"],
             ),
             sessions_closed: counter(
                 &r,

@@ -11,18 +11,22 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounter, IntGauge};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend;
 use crate::cluster::Cluster;
+use crate::config::Protocol;
 use crate::config::{self, OnLeaderChange, Route};
-use crate::frontend::{self, Opening, Refusal};
+use crate::frontend::postgres::{CancelKey, KeyWatcher};
+use crate::frontend::{self, Accepted, Frontend, Refusal};
 use crate::metrics::Metrics;
 use crate::router;
+use crate::stream::Stream;
 use crate::view::{MemberId, Snapshot};
 
 /// How long a connect to a member may take before the next candidate.
@@ -30,8 +34,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause before retrying a member after a connect failure the view has not
 /// (yet) turned into a new snapshot.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
-/// `legacy_version` of a TLS 1.2 (and 1.3) ClientHello.
-const TLS12_VERSION: u16 = 0x0303;
 /// Splice buffer per direction: one maximal TLS record.
 const SPLICE_BUFFER: usize = 16 * 1024;
 
@@ -158,26 +160,40 @@ async fn session(
     endpoint.metrics.active.inc();
     let _active = ActiveGuard(endpoint.metrics.active.clone());
     let ep = endpoint.config.name.as_str();
+    let protocol = endpoint.cluster.config.protocol;
     tune(&tcp);
 
-    let handshake = tokio::time::timeout(
+    let frontend = Frontend {
+        endpoint: ep,
+        protocol,
+        acceptor: &endpoint.acceptor,
+        allow_plaintext: endpoint.config.allow_plaintext,
+        metrics: &endpoint.metrics.all,
+    };
+    let opening = tokio::time::timeout(
         endpoint.config.handshake_timeout,
-        handshake(&endpoint, tcp, peer),
+        frontend.accept(tcp, peer),
     );
-    let mut client = tokio::select! {
-        result = handshake => match result {
-            Ok(Some(stream)) => stream,
-            Ok(None) => return,
+    let accepted = tokio::select! {
+        result = opening => match result {
+            Ok(accepted) => accepted,
             Err(_) => {
                 endpoint.metrics.all.tls_handshake_failures.with_label_values(&[ep, "timeout"]).inc();
-                tracing::info!(endpoint = ep, %peer, timeout_ms = endpoint.config.handshake_timeout.as_millis() as u64, "TLS handshake timed out; connection dropped");
+                tracing::info!(endpoint = ep, %peer, timeout_ms = endpoint.config.handshake_timeout.as_millis() as u64, "handshake timed out; connection dropped");
                 return;
             }
         },
         _ = close.cancelled() => return,
     };
+    let (mut client, preface) = match accepted {
+        Accepted::Session { client, preface } => (client, preface),
+        Accepted::Cancel(key) => {
+            forward_cancel(&endpoint, key, peer).await;
+            return;
+        }
+        Accepted::Dropped => return,
+    };
 
-    let protocol = endpoint.cluster.config.protocol;
     if permit.is_none() {
         endpoint.refused(Refusal::MaxConnections.metric_reason());
         tracing::warn!(endpoint = ep, %peer, limit = endpoint.config.max_connections, "max_connections reached; connection refused");
@@ -201,12 +217,30 @@ async fn session(
     let cluster = &endpoint.cluster;
     let _count = cluster.session_guard(member);
     let epoch = routing.borrow().epoch;
-    tracing::debug!(endpoint = ep, %peer, member = cluster.member_name(member), epoch, "session routed");
+    if protocol == Protocol::Postgres {
+        let (user, database) = frontend::postgres::startup_identity(&preface);
+        tracing::debug!(endpoint = ep, %peer, member = cluster.member_name(member), epoch, user, database, "session routed");
+    } else {
+        tracing::debug!(endpoint = ep, %peer, member = cluster.member_name(member), epoch, "session routed");
+    }
+    if !preface.is_empty() {
+        if let Err(err) = server.write_all(&preface).await {
+            tracing::warn!(endpoint = ep, %peer, member = cluster.member_name(member), error = %err, "member closed before the session started");
+            return;
+        }
+    }
 
     let mut client = Counted {
         inner: client,
         read: endpoint.metrics.bytes_in.clone(),
         written: endpoint.metrics.bytes_out.clone(),
+    };
+    let mut server = KeyWatched {
+        inner: server,
+        watcher: (protocol == Protocol::Postgres).then(KeyWatcher::new),
+        cluster: cluster.clone(),
+        member,
+        key: None,
     };
     let route = endpoint.config.route;
     let close_on_change = endpoint.config.on_leader_change == OnLeaderChange::Close;
@@ -224,11 +258,62 @@ async fn session(
                 epoch = routing.borrow().epoch,
                 "member no longer eligible for this route; session closed"
             );
+            if protocol == Protocol::Postgres {
+                // Tell the client why, as the server does on a forced disconnect.
+                let notice = frontend::postgres::error_response("57P01", "portal: the member this session used is no longer eligible (leader change); reconnect");
+                let _ = tokio::time::timeout(Duration::from_millis(100), client.inner.write_all(&notice)).await;
+            }
             let _ = tokio::time::timeout(Duration::from_millis(100), client.inner.shutdown()).await;
         }
         _ = close.cancelled() => {
             endpoint.metrics.closed_shutdown.inc();
             let _ = tokio::time::timeout(Duration::from_millis(100), client.inner.shutdown()).await;
+        }
+    }
+}
+
+/// Forwards a PostgreSQL CancelRequest to the member that issued the key.
+/// Unknown keys are dropped quietly, as the server itself does.
+async fn forward_cancel(endpoint: &Endpoint, key: CancelKey, peer: SocketAddr) {
+    let ep = endpoint.config.name.as_str();
+    let cluster = &endpoint.cluster;
+    let outcome = |what: &str| {
+        endpoint
+            .metrics
+            .all
+            .cancel_requests
+            .with_label_values(&[ep, what])
+            .inc();
+    };
+    let Some(member) = cluster.cancel_keys.member(&key) else {
+        outcome("unknown_key");
+        tracing::debug!(endpoint = ep, %peer, pid = key.pid, "cancel request with an unknown key; ignored");
+        return;
+    };
+    let address = cluster.config.members[member].address.as_str();
+    let forwarded = async {
+        let mut server = backend::connect(
+            cluster.config.protocol,
+            address,
+            cluster.origination.as_ref(),
+            CONNECT_TIMEOUT,
+        )
+        .await?;
+        server.write_all(&key.request()).await?;
+        server.flush().await?;
+        // The server answers nothing and closes; wait for that, briefly.
+        let mut sink = [0u8; 64];
+        let _ = tokio::time::timeout(Duration::from_secs(1), server.read(&mut sink)).await;
+        Ok::<_, std::io::Error>(())
+    };
+    match forwarded.await {
+        Ok(()) => {
+            outcome("forwarded");
+            tracing::info!(endpoint = ep, %peer, member = cluster.member_name(member), pid = key.pid, "cancel request forwarded");
+        }
+        Err(err) => {
+            outcome("failed");
+            tracing::warn!(endpoint = ep, %peer, member = cluster.member_name(member), error = %err, "cancel request could not be forwarded");
         }
     }
 }
@@ -239,7 +324,7 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// No Nagle delay (requests are small and latency-bound) and TCP keepalive.
-fn tune(tcp: &TcpStream) {
+pub fn tune(tcp: &TcpStream) {
     let _ = tcp.set_nodelay(true);
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
@@ -248,57 +333,7 @@ fn tune(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive);
 }
 
-/// Sniffs the opening and runs the TLS handshake; `None` when the client was
-/// dropped (and counted, and logged).
-async fn handshake(
-    endpoint: &Endpoint,
-    mut tcp: TcpStream,
-    peer: SocketAddr,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    let ep = endpoint.config.name.as_str();
-    let protocol = endpoint.cluster.config.protocol;
-    let failed = |reason: &str| {
-        endpoint
-            .metrics
-            .all
-            .tls_handshake_failures
-            .with_label_values(&[ep, reason])
-            .inc();
-    };
-    let hello_version = match frontend::sniff(&tcp).await {
-        Ok(Opening::Tls { hello_version }) => hello_version,
-        Ok(Opening::Plaintext) => {
-            failed("not_tls");
-            tracing::info!(endpoint = ep, %peer, reason = "not_tls", "client did not start TLS; connection dropped");
-            frontend::refuse_plaintext(protocol, &mut tcp).await;
-            return None;
-        }
-        Ok(Opening::Closed) => {
-            failed("eof");
-            tracing::debug!(endpoint = ep, %peer, "client closed before the handshake");
-            return None;
-        }
-        Err(err) => {
-            failed("eof");
-            tracing::debug!(endpoint = ep, %peer, error = %err, "client connection failed before the handshake");
-            return None;
-        }
-    };
-    match endpoint.acceptor.accept(tcp).await {
-        Ok(stream) => Some(stream),
-        Err(err) => {
-            let reason = match hello_version {
-                Some(version) if version < TLS12_VERSION => "protocol_version",
-                _ => crate::tls::handshake_failure_reason(&err),
-            };
-            failed(reason);
-            tracing::info!(endpoint = ep, %peer, reason, error = %err, "TLS handshake failed; connection dropped");
-            None
-        }
-    }
-}
-
-type Routed = (MemberId, TcpStream, watch::Receiver<Arc<Snapshot>>);
+type Routed = (MemberId, Stream, watch::Receiver<Arc<Snapshot>>);
 
 /// Picks and connects a member, holding up to `hold_timeout` while none is
 /// eligible or reachable.
@@ -310,7 +345,11 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
     let mut routing = cluster.routing.clone();
     loop {
         let snapshot = routing.borrow_and_update().clone();
-        let candidates = router::candidates(&snapshot, config.route);
+        let status = cluster.status.load();
+        let candidates =
+            router::candidates(&snapshot, config.route, config.replica_fallback, |m| {
+                router::within_lag(status.members.get(m), config.max_lag)
+            });
         let turn = endpoint.turn.fetch_add(1, Ordering::Relaxed);
         let choice = router::choose(&candidates, config.balance, turn, |m| {
             cluster
@@ -321,9 +360,15 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
         let mut failed = false;
         if let Some(member) = choice {
             let address = cluster.config.members[member].address.as_str();
-            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await {
-                Ok(Ok(server)) => {
-                    tune(&server);
+            match backend::connect(
+                cluster.config.protocol,
+                address,
+                cluster.origination.as_ref(),
+                CONNECT_TIMEOUT,
+            )
+            .await
+            {
+                Ok(server) => {
                     // The view may have moved while we connected.
                     let current = routing.borrow().clone();
                     if current.epoch == snapshot.epoch
@@ -337,17 +382,17 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
                     }
                     continue;
                 }
-                Ok(Err(err)) => {
+                Err(err) if err.kind() == std::io::ErrorKind::TimedOut => {
+                    failed = true;
+                    tracing::warn!(endpoint = %config.name, %peer, member = cluster.member_name(member), error = %err, "connect to member timed out");
+                }
+                Err(err) => {
                     failed = true;
                     let hard = crate::probe::classify_io(&err).hard;
                     tracing::warn!(endpoint = %config.name, %peer, member = cluster.member_name(member), error = %err, hard, "connect to member failed");
                     if hard {
                         cluster.report_connect_failure(member, format!("data-path connect: {err}"));
                     }
-                }
-                Err(_) => {
-                    failed = true;
-                    tracing::warn!(endpoint = %config.name, %peer, member = cluster.member_name(member), "connect to member timed out");
                 }
             }
         }
@@ -427,5 +472,66 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The member's side of a PostgreSQL session: records the session's cancel
+/// key when `BackendKeyData` passes, and forgets it when the session ends.
+struct KeyWatched {
+    inner: Stream,
+    watcher: Option<KeyWatcher>,
+    cluster: Arc<Cluster>,
+    member: MemberId,
+    key: Option<CancelKey>,
+}
+
+impl AsyncRead for KeyWatched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let this = &mut *self;
+        if let Some(watcher) = this.watcher.as_mut() {
+            if let Some(key) = watcher.feed(&buf.filled()[before..]) {
+                if this.cluster.cancel_keys.insert(key.clone(), this.member) {
+                    this.key = Some(key);
+                } else {
+                    tracing::warn!(cluster = %this.cluster.config.name, "cancel key table full; this session cannot be cancelled through the portal");
+                }
+            }
+            if watcher.done() {
+                this.watcher = None;
+            }
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for KeyWatched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl Drop for KeyWatched {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.cluster.cancel_keys.remove(&key);
+        }
     }
 }

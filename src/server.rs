@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
+use crate::backend::Origination;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -48,12 +49,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("admin: cannot listen on {}", config.admin.listen))?;
 
+    let mut originations = Vec::new();
+    for cluster in &config.clusters {
+        let origination = match &cluster.backend_tls {
+            Some(tls) => Some(
+                Origination::new(tls)
+                    .with_context(|| format!("cluster {}: backend_tls", cluster.name))?,
+            ),
+            None => None,
+        };
+        originations.push(origination);
+    }
     let clusters: Vec<Arc<Cluster>> = config
         .clusters
         .iter()
-        .map(|c| {
+        .zip(originations)
+        .map(|(c, origination)| {
             Cluster::start(
                 c.clone(),
+                origination,
                 metrics.clone(),
                 &background,
                 stop_background.clone(),

@@ -72,6 +72,22 @@ pub fn server_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<Arc<ServerConfi
     Ok(Arc::new(config))
 }
 
+/// A client configuration trusting only the CAs in `ca` (PEM), for TLS the
+/// portal originates to members.
+pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(ca)? {
+        roots.add(cert).map_err(|err| file_error(ca, err))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|err| file_error(ca, err))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// A short, stable label for a failed handshake, for metrics.
 pub fn handshake_failure_reason(err: &std::io::Error) -> &'static str {
     use rustls::Error as E;

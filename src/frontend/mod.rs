@@ -1,14 +1,21 @@
-//! Everything before bytes are forwarded: the TLS handshake and each
-//! protocol's own way of refusing a client it cannot serve.
+//! Everything before bytes are forwarded: sniffing the opening, the TLS
+//! handshake, each protocol's own negotiation, and each protocol's way of
+//! refusing a client it cannot serve.
 
+pub mod postgres;
 pub mod redis;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
 
 use crate::config::Protocol;
+use crate::metrics::Metrics;
+use crate::stream::Stream;
+use postgres::{CancelKey, Opening as PgOpening, ReadError};
 
 /// Why the portal turns a client away after its handshake.
 #[derive(Debug, Clone)]
@@ -31,6 +38,28 @@ impl Refusal {
             Refusal::ShuttingDown => "shutdown",
         }
     }
+
+    pub fn message(&self) -> String {
+        match self {
+            Refusal::NoMember {
+                cluster,
+                waited,
+                split_brain,
+            } => {
+                let why = if *split_brain {
+                    " (split brain: several members claim primary and their terms cannot order them)"
+                } else {
+                    ""
+                };
+                format!(
+                    "portal: no leader for cluster \"{cluster}\" after waiting {}ms{why}",
+                    waited.as_millis()
+                )
+            }
+            Refusal::MaxConnections => "portal: too many connections to this endpoint".to_string(),
+            Refusal::ShuttingDown => "portal: shutting down".to_string(),
+        }
+    }
 }
 
 /// Answers `refusal` in the client's protocol, then closes.
@@ -40,6 +69,22 @@ where
 {
     match protocol {
         Protocol::Redis => redis::refuse(stream, refusal).await,
+        Protocol::Postgres => {
+            let sqlstate = match refusal {
+                Refusal::NoMember { .. } => "57P03", // cannot_connect_now
+                Refusal::MaxConnections => "53300",  // too_many_connections
+                Refusal::ShuttingDown => "57P01",    // admin_shutdown
+            };
+            postgres::send_error(stream, sqlstate, &refusal.message()).await
+        }
+    }
+}
+
+/// The ALPN protocols an endpoint of `protocol` offers.
+pub fn alpn(protocol: Protocol) -> &'static [&'static [u8]] {
+    match protocol {
+        Protocol::Redis => &[],
+        Protocol::Postgres => &[postgres::ALPN],
     }
 }
 
@@ -60,6 +105,8 @@ pub enum Opening {
 const TLS_HANDSHAKE: u8 = 0x16;
 /// Handshake message type of a ClientHello.
 const CLIENT_HELLO: u8 = 0x01;
+/// `legacy_version` of a TLS 1.2 (and 1.3) ClientHello.
+const TLS12_VERSION: u16 = 0x0303;
 
 /// Classifies the first bytes, as far as they have arrived.
 pub fn classify_opening(first: &[u8]) -> Opening {
@@ -82,20 +129,232 @@ pub async fn sniff(tcp: &TcpStream) -> std::io::Result<Opening> {
     Ok(classify_opening(&first[..n]))
 }
 
-/// Answers a client that spoke plaintext to a TLS endpoint, in its protocol.
-pub async fn refuse_plaintext<S>(protocol: Protocol, stream: &mut S)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    match protocol {
-        Protocol::Redis => redis::refuse_plaintext(stream).await,
-    }
+/// What the frontend made of a new connection.
+pub enum Accepted {
+    /// A client to route; `preface` is what the member must receive first
+    /// (PostgreSQL: the StartupMessage the portal read).
+    Session { client: Stream, preface: Vec<u8> },
+    /// A PostgreSQL CancelRequest to forward.
+    Cancel(CancelKey),
+    /// Dropped, counted and logged already.
+    Dropped,
 }
 
-/// The ALPN protocols an endpoint of `protocol` offers.
-pub fn alpn(protocol: Protocol) -> &'static [&'static [u8]] {
-    match protocol {
-        Protocol::Redis => &[],
+/// One endpoint's frontend settings.
+pub struct Frontend<'a> {
+    pub endpoint: &'a str,
+    pub protocol: Protocol,
+    pub acceptor: &'a TlsAcceptor,
+    pub allow_plaintext: bool,
+    pub metrics: &'a Metrics,
+}
+
+impl Frontend<'_> {
+    fn handshake_failed(&self, reason: &str) {
+        self.metrics
+            .tls_handshake_failures
+            .with_label_values(&[self.endpoint, reason])
+            .inc();
+    }
+
+    fn protocol_error(&self, reason: &str) {
+        self.metrics
+            .protocol_errors
+            .with_label_values(&[self.endpoint, reason])
+            .inc();
+    }
+
+    /// Runs the opening of a new connection up to the point where it can be
+    /// routed. The caller bounds it with the handshake timeout.
+    pub async fn accept(&self, tcp: TcpStream, peer: SocketAddr) -> Accepted {
+        let opening = match sniff(&tcp).await {
+            Ok(opening) => opening,
+            Err(err) => {
+                self.handshake_failed("eof");
+                tracing::debug!(endpoint = self.endpoint, %peer, error = %err, "client connection failed before the handshake");
+                return Accepted::Dropped;
+            }
+        };
+        if opening == Opening::Closed {
+            self.handshake_failed("eof");
+            tracing::debug!(endpoint = self.endpoint, %peer, "client closed before the handshake");
+            return Accepted::Dropped;
+        }
+        match self.protocol {
+            Protocol::Redis => self.accept_redis(tcp, peer, opening).await,
+            Protocol::Postgres => self.accept_postgres(tcp, peer, opening).await,
+        }
+    }
+
+    async fn tls(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        hello_version: Option<u16>,
+    ) -> Option<Stream> {
+        match self.acceptor.accept(tcp).await {
+            Ok(stream) => Some(Stream::Accepted(Box::new(stream))),
+            Err(err) => {
+                let reason = match hello_version {
+                    Some(version) if version < TLS12_VERSION => "protocol_version",
+                    _ => crate::tls::handshake_failure_reason(&err),
+                };
+                self.handshake_failed(reason);
+                tracing::info!(endpoint = self.endpoint, %peer, reason, error = %err, "TLS handshake failed; connection dropped");
+                None
+            }
+        }
+    }
+
+    async fn accept_redis(
+        &self,
+        mut tcp: TcpStream,
+        peer: SocketAddr,
+        opening: Opening,
+    ) -> Accepted {
+        match opening {
+            Opening::Tls { hello_version } => match self.tls(tcp, peer, hello_version).await {
+                Some(client) => Accepted::Session {
+                    client,
+                    preface: Vec::new(),
+                },
+                None => Accepted::Dropped,
+            },
+            _ => {
+                self.handshake_failed("not_tls");
+                tracing::info!(endpoint = self.endpoint, %peer, reason = "not_tls", "client did not start TLS; connection dropped");
+                redis::refuse_plaintext(&mut tcp).await;
+                Accepted::Dropped
+            }
+        }
+    }
+
+    async fn accept_postgres(
+        &self,
+        mut tcp: TcpStream,
+        peer: SocketAddr,
+        opening: Opening,
+    ) -> Accepted {
+        // Direct TLS (PostgreSQL 17 `sslnegotiation=direct`): only with ALPN.
+        if let Opening::Tls { hello_version } = opening {
+            let Some(mut client) = self.tls(tcp, peer, hello_version).await else {
+                return Accepted::Dropped;
+            };
+            if client.alpn() != Some(postgres::ALPN) {
+                self.protocol_error("direct_tls_without_alpn");
+                tracing::info!(endpoint = self.endpoint, %peer, "direct TLS without ALPN \"postgresql\"; connection dropped");
+                postgres::send_error(
+                    &mut client,
+                    "08P01",
+                    "portal: direct TLS connections must use ALPN \"postgresql\"",
+                )
+                .await;
+                return Accepted::Dropped;
+            }
+            return self.after_tls(client, peer).await;
+        }
+        let mut gss_answered = false;
+        loop {
+            match postgres::read_opening(&mut tcp).await {
+                Ok(PgOpening::SslRequest) => {
+                    if tcp.write_all(b"S").await.is_err() {
+                        return Accepted::Dropped;
+                    }
+                    let hello_version = match sniff(&tcp).await {
+                        Ok(Opening::Tls { hello_version }) => hello_version,
+                        _ => None,
+                    };
+                    let Some(client) = self.tls(tcp, peer, hello_version).await else {
+                        return Accepted::Dropped;
+                    };
+                    return self.after_tls(client, peer).await;
+                }
+                Ok(PgOpening::GssEncRequest) if !gss_answered => {
+                    gss_answered = true;
+                    if tcp.write_all(b"N").await.is_err() {
+                        return Accepted::Dropped;
+                    }
+                }
+                Ok(PgOpening::GssEncRequest) => {
+                    return self
+                        .reject(
+                            &mut tcp,
+                            peer,
+                            postgres::OpeningError::Unexpected("a second GSSENCRequest"),
+                        )
+                        .await;
+                }
+                Ok(PgOpening::Cancel(key)) => return Accepted::Cancel(key),
+                Ok(PgOpening::Startup(message)) if self.allow_plaintext => {
+                    return Accepted::Session {
+                        client: Stream::Plain(tcp),
+                        preface: message,
+                    };
+                }
+                Ok(PgOpening::Startup(_)) => {
+                    self.handshake_failed("not_tls");
+                    tracing::info!(endpoint = self.endpoint, %peer, reason = "not_tls", "plaintext PostgreSQL client on a TLS-only endpoint; refused");
+                    postgres::send_error(
+                        &mut tcp,
+                        "28000",
+                        "portal: this endpoint requires TLS; connect with sslmode=require, verify-ca or verify-full",
+                    )
+                    .await;
+                    return Accepted::Dropped;
+                }
+                Err(ReadError::Protocol(err)) => return self.reject(&mut tcp, peer, err).await,
+                Err(ReadError::Io(err)) => {
+                    self.protocol_error("truncated");
+                    tracing::info!(endpoint = self.endpoint, %peer, error = %err, "client closed mid-opening; connection dropped");
+                    return Accepted::Dropped;
+                }
+            }
+        }
+    }
+
+    /// Inside TLS, a PostgreSQL client sends its StartupMessage or a CancelRequest.
+    async fn after_tls(&self, mut client: Stream, peer: SocketAddr) -> Accepted {
+        match postgres::read_opening(&mut client).await {
+            Ok(PgOpening::Startup(message)) => Accepted::Session {
+                client,
+                preface: message,
+            },
+            Ok(PgOpening::Cancel(key)) => Accepted::Cancel(key),
+            Ok(PgOpening::SslRequest) | Ok(PgOpening::GssEncRequest) => {
+                self.reject(
+                    &mut client,
+                    peer,
+                    postgres::OpeningError::Unexpected("an encryption request inside TLS"),
+                )
+                .await
+            }
+            Err(ReadError::Protocol(err)) => self.reject(&mut client, peer, err).await,
+            Err(ReadError::Io(err)) => {
+                self.protocol_error("truncated");
+                tracing::info!(endpoint = self.endpoint, %peer, error = %err, "client closed mid-opening; connection dropped");
+                Accepted::Dropped
+            }
+        }
+    }
+
+    async fn reject<S>(
+        &self,
+        stream: &mut S,
+        peer: SocketAddr,
+        err: postgres::OpeningError,
+    ) -> Accepted
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        self.protocol_error(err.reason());
+        tracing::info!(endpoint = self.endpoint, %peer, reason = err.reason(), error = %err, "protocol violation in the opening; connection dropped");
+        postgres::send_error(
+            stream,
+            "08P01",
+            &format!("portal: invalid opening message: {err}"),
+        )
+        .await;
+        Accepted::Dropped
     }
 }
 

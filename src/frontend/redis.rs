@@ -14,23 +14,9 @@ const LINGER: Duration = Duration::from_millis(500);
 /// The RESP error line for a refusal.
 pub fn error_line(refusal: &Refusal) -> String {
     match refusal {
-        Refusal::NoMember {
-            cluster,
-            waited,
-            split_brain,
-        } => {
-            let why = if *split_brain {
-                " (split brain: several members claim primary and their terms cannot order them)"
-            } else {
-                ""
-            };
-            format!(
-                "-TRYAGAIN portal: no leader for cluster \"{cluster}\" after waiting {}ms{why}\r\n",
-                waited.as_millis()
-            )
-        }
+        Refusal::NoMember { .. } => format!("-TRYAGAIN {}\r\n", refusal.message()),
         Refusal::MaxConnections => "-ERR max number of clients reached\r\n".to_string(),
-        Refusal::ShuttingDown => "-ERR portal is shutting down\r\n".to_string(),
+        Refusal::ShuttingDown => format!("-ERR {}\r\n", refusal.message()),
     }
 }
 

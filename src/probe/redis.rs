@@ -24,6 +24,7 @@ pub struct Replication {
     pub master_host: Option<String>,
     pub master_port: Option<u16>,
     pub link_up: bool,
+    pub offset: Option<u64>,
 }
 
 /// `master_replid2` when there is no previous history.
@@ -39,6 +40,7 @@ pub fn parse_info_replication(text: &str) -> Result<Replication, String> {
         master_host: None,
         master_port: None,
         link_up: false,
+        offset: None,
     };
     for line in text.lines() {
         let Some((key, value)) = line.trim_end_matches('\r').split_once(':') else {
@@ -61,6 +63,7 @@ pub fn parse_info_replication(text: &str) -> Result<Replication, String> {
             "master_host" => out.master_host = Some(value.to_string()),
             "master_port" => out.master_port = value.parse().ok(),
             "master_link_status" => out.link_up = value == "up",
+            "master_repl_offset" => out.offset = value.parse().ok(),
             _ => {}
         }
     }
@@ -85,6 +88,8 @@ impl Replication {
             role: self.role,
             term,
             upstream,
+            position: self.offset,
+            delay: None,
         }
     }
 }

@@ -122,6 +122,11 @@ pub struct Observation {
     pub term: Option<Term>,
     /// The member this one replicates from, when it says so and its link is up.
     pub upstream: Option<MemberId>,
+    /// Replication position (PostgreSQL: WAL LSN written or replayed; Redis:
+    /// replication offset). A replica's lag is the leader's minus its own.
+    pub position: Option<u64>,
+    /// How long a replica's replay trails what it received (PostgreSQL).
+    pub delay: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,6 +177,10 @@ pub struct MemberView {
     pub last_error: Option<String>,
     /// Why the member's claim to be primary is ignored, if it is.
     pub fenced: Option<FenceReason>,
+    pub position: Option<u64>,
+    /// Bytes behind the leader, from the last reports of both.
+    pub lag_bytes: Option<u64>,
+    pub delay: Option<std::time::Duration>,
 }
 
 /// The published state of a cluster.
@@ -657,6 +666,10 @@ impl View {
     }
 
     pub fn snapshot(&self) -> Snapshot {
+        let leader_position = self
+            .leader
+            .and_then(|l| self.members[l].seen.as_ref())
+            .and_then(|s| s.position);
         Snapshot {
             epoch: self.epoch,
             leader: self.leader,
@@ -673,6 +686,14 @@ impl View {
                     last_report: m.last_report,
                     last_error: m.last_error.clone(),
                     fenced: m.fenced,
+                    position: m.seen.as_ref().and_then(|s| s.position),
+                    lag_bytes: match (leader_position, m.seen.as_ref()) {
+                        (Some(lead), Some(seen)) if seen.role == Role::Replica => {
+                            seen.position.map(|p| lead.saturating_sub(p))
+                        }
+                        _ => None,
+                    },
+                    delay: m.seen.as_ref().and_then(|s| s.delay),
                 })
                 .collect(),
         }

@@ -22,6 +22,8 @@ fn primary(term: Option<Term>) -> Outcome {
         role: Role::Primary,
         term,
         upstream: None,
+        position: None,
+        delay: None,
     })
 }
 
@@ -30,6 +32,8 @@ fn replica(of: Option<MemberId>) -> Outcome {
         role: Role::Replica,
         term: None,
         upstream: of,
+        position: None,
+        delay: None,
     })
 }
 
@@ -430,4 +434,35 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn replica_lag_is_the_leaders_position_minus_its_own() {
+    let mut v = View::new(2, Thresholds { rise: 1, fall: 1 });
+    feed(
+        &mut v,
+        0,
+        Outcome::Observed(Observation {
+            role: Role::Primary,
+            term: Some(Term::Number(1)),
+            upstream: None,
+            position: Some(1000),
+            delay: None,
+        }),
+    );
+    feed(
+        &mut v,
+        1,
+        Outcome::Observed(Observation {
+            role: Role::Replica,
+            term: Some(Term::Number(1)),
+            upstream: Some(0),
+            position: Some(400),
+            delay: Some(Duration::from_millis(300)),
+        }),
+    );
+    let s = v.snapshot();
+    assert_eq!(s.members[1].lag_bytes, Some(600));
+    assert_eq!(s.members[1].delay, Some(Duration::from_millis(300)));
+    assert_eq!(s.members[0].lag_bytes, None);
 }
