@@ -2,20 +2,22 @@
 //!
 //! A writer task sends `SET <key> <counter>` through the proxy over TLS in a
 //! tight loop, reconnecting after any error with a small backoff. Once it has
-//! written steadily for `--warmup-ms`, the main task SIGKILLs the primary
-//! (T0) and at once sends `REPLICAOF NO ONE` to the replica over plaintext
-//! (promotion acknowledged at Tp). T1 is the acknowledgement time of the first
-//! SET, sent through the proxy, that is proven to have landed on the new
-//! primary: after the +OK the writer asks `INFO server` on the same
-//! connection (a proxy never moves a live session to another member), and the
-//! reported `tcp_port` must be the replica's. At the end the key is read back
-//! directly from the new primary as a second check.
+//! written steadily for `--warmup-ms`, the main task SIGKILLs the primary,
+//! T0 being the instant it is seen dead in /proc, and at once sends
+//! `REPLICAOF NO ONE` to the replica over plaintext (acknowledged at Tp).
+//! T1 is the acknowledgement time of the first SET, sent through the proxy,
+//! that is proven to have landed on the new primary: after the +OK the
+//! writer asks `INFO server` on the same connection (a proxy never moves a
+//! live session to another member), and the reported `tcp_port` must be the
+//! replica's. At the end the key is read back directly from the new primary
+//! as a second check.
 //!
 //! Prints one JSON line: window_ms = T1 - T0, endpoint_lag_ms = T1 - Tp.
 //! Exits non-zero if no write reaches the new primary within `--timeout-s`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -195,11 +197,12 @@ fn tls_connector(ca: &std::path::Path) -> Result<TlsConnector> {
 
 /// Shared between the writer and the coordinator.
 struct Shared {
-    t0: OnceLock<Instant>,
+    /// When the kill was ordered; acknowledgements before it are pre-failover.
+    kill_ordered: OnceLock<Instant>,
     writes_acked: AtomicU64,
     connects: AtomicU64,
-    connects_after_t0: AtomicU64,
-    errors_after_t0: AtomicU64,
+    connects_after_kill: AtomicU64,
+    errors_after_kill: AtomicU64,
 }
 
 /// The first write proven to have landed on the new primary.
@@ -216,7 +219,7 @@ struct Writer {
 }
 
 impl Writer {
-    /// Loops until a post-T0 write is confirmed on the replica's port.
+    /// Loops until a write acknowledged after the kill is confirmed on the replica's port.
     async fn run(self) -> Landed {
         let backoff = Duration::from_millis(self.args.backoff_ms);
         let mut counter = 0u64;
@@ -224,8 +227,10 @@ impl Writer {
             match self.session(&mut counter).await {
                 Ok(landed) => return landed,
                 Err(_) => {
-                    if self.shared.t0.get().is_some() {
-                        self.shared.errors_after_t0.fetch_add(1, Ordering::Relaxed);
+                    if self.shared.kill_ordered.get().is_some() {
+                        self.shared
+                            .errors_after_kill
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                     tokio::time::sleep(backoff).await;
                 }
@@ -237,9 +242,9 @@ impl Writer {
     async fn session(&self, counter: &mut u64) -> Result<Landed> {
         let op = Duration::from_millis(self.args.op_timeout_ms);
         self.shared.connects.fetch_add(1, Ordering::Relaxed);
-        if self.shared.t0.get().is_some() {
+        if self.shared.kill_ordered.get().is_some() {
             self.shared
-                .connects_after_t0
+                .connects_after_kill
                 .fetch_add(1, Ordering::Relaxed);
         }
         let tcp = tokio::time::timeout(op, TcpStream::connect(self.args.proxy))
@@ -264,10 +269,10 @@ impl Writer {
             expect_ok(reply)?;
             let acked_at = Instant::now();
             self.shared.writes_acked.fetch_add(1, Ordering::Relaxed);
-            let Some(t0) = self.shared.t0.get() else {
+            let Some(ordered) = self.shared.kill_ordered.get() else {
                 continue;
             };
-            if acked_at <= *t0 {
+            if acked_at <= *ordered {
                 continue;
             }
             let port = match backend_port {
@@ -291,6 +296,31 @@ impl Writer {
     }
 }
 
+/// Polls /proc until `pid` has exited (gone, or a zombie awaiting its parent).
+async fn wait_dead(pid: u32, limit: Duration) -> Result<Instant> {
+    let path = format!("/proc/{pid}/stat");
+    let deadline = Instant::now() + limit;
+    loop {
+        let now = Instant::now();
+        match std::fs::read_to_string(&path) {
+            Err(_) => return Ok(now),
+            Ok(stat) => {
+                // The state letter follows the parenthesised command name.
+                let state = stat
+                    .rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.chars().next());
+                if matches!(state, Some('Z' | 'X')) {
+                    return Ok(now);
+                }
+            }
+        }
+        if now > deadline {
+            bail!("pid {pid} still alive {limit:?} after SIGKILL");
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
 async fn plain_connect(addr: SocketAddr) -> Result<BufStream<TcpStream>> {
     let tcp = TcpStream::connect(addr)
         .await
@@ -310,11 +340,11 @@ async fn main() -> Result<()> {
     let server_name =
         ServerName::try_from(args.sni.clone()).context("--sni is not a valid server name")?;
     let shared = Arc::new(Shared {
-        t0: OnceLock::new(),
+        kill_ordered: OnceLock::new(),
         writes_acked: AtomicU64::new(0),
         connects: AtomicU64::new(0),
-        connects_after_t0: AtomicU64::new(0),
-        errors_after_t0: AtomicU64::new(0),
+        connects_after_kill: AtomicU64::new(0),
+        errors_after_kill: AtomicU64::new(0),
     });
 
     // Open the promotion connection before T0 so that promoting costs one round trip.
@@ -323,6 +353,16 @@ async fn main() -> Result<()> {
         Reply::Simple(s) if s == "PONG" => {}
         other => bail!("replica PING: {other}"),
     }
+
+    // A shell blocked on `read`, whose builtin kill runs as soon as we write a line.
+    let mut killer = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("read _ && kill -9 {}", args.primary_pid))
+        .stdin(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning the killer shell")?;
+    let mut killer_go = killer.stdin.take().context("killer shell stdin")?;
 
     let (tx, rx) = oneshot::channel();
     let writer = Writer {
@@ -352,23 +392,29 @@ async fn main() -> Result<()> {
     let writes_before = shared.writes_acked.load(Ordering::Relaxed);
     let connects_before = shared.connects.load(Ordering::Relaxed);
 
-    // T0 is taken when kill(1) has returned, i.e. the signal has been sent;
-    // the cost of spawning kill is reported separately and is not in the window.
-    let kill_start = Instant::now();
-    let status = tokio::process::Command::new("kill")
-        .args(["-KILL", &args.primary_pid.to_string()])
-        .status()
+    // The kill is ordered by waking an already-running shell, whose builtin
+    // kill(2) follows without a process spawn. T0 is the instant the primary
+    // is then seen dead in /proc (kill_ms after the order); the promotion is
+    // sent right after, as an operator would.
+    let ordered = Instant::now();
+    let _ = shared.kill_ordered.set(ordered);
+    killer_go
+        .write_all(b"go\n")
         .await
-        .context("running kill")?;
-    let t0 = Instant::now();
-    if !status.success() {
-        writer_task.abort();
-        bail!("kill -KILL {} failed: {status}", args.primary_pid);
-    }
-    let _ = shared.t0.set(t0);
+        .context("signalling the killer shell")?;
+    killer_go.flush().await?;
+    let t0 = wait_dead(args.primary_pid, Duration::from_secs(2)).await?;
     expect_ok(command(&mut replica, &[b"REPLICAOF", b"NO", b"ONE"]).await?)
         .context("REPLICAOF NO ONE")?;
     let promoted = Instant::now();
+    let status = killer
+        .wait()
+        .await
+        .context("waiting for the killer shell")?;
+    if !status.success() {
+        writer_task.abort();
+        bail!("kill -9 {} failed: {status}", args.primary_pid);
+    }
 
     let landed = match tokio::time::timeout(Duration::from_secs(args.timeout_s), rx).await {
         Ok(Ok(landed)) => landed,
@@ -393,14 +439,14 @@ async fn main() -> Result<()> {
     let line = serde_json::json!({
         "label": args.label,
         "proxy": args.proxy.to_string(),
-        "window_ms": ms(landed.acked_at - t0),
+        "window_ms": ms(landed.acked_at.saturating_duration_since(t0)),
         "endpoint_lag_ms": ms(landed.acked_at.saturating_duration_since(promoted)),
         "promote_ms": ms(promoted - t0),
-        "kill_cmd_ms": ms(t0 - kill_start),
+        "kill_ms": ms(t0 - ordered),
         "writes_before_kill": writes_before,
         "connects_before_kill": connects_before,
-        "connects_after_kill": shared.connects_after_t0.load(Ordering::Relaxed),
-        "errors_after_kill": shared.errors_after_t0.load(Ordering::Relaxed),
+        "connects_after_kill": shared.connects_after_kill.load(Ordering::Relaxed),
+        "errors_after_kill": shared.errors_after_kill.load(Ordering::Relaxed),
         "landed_counter": landed.counter,
         "new_primary_value": stored,
         "verified": verified,

@@ -29,6 +29,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+pub mod pg;
+
 /// The portal binary under test.
 pub const PORTAL: &str = env!("CARGO_BIN_EXE_portal");
 
