@@ -64,9 +64,12 @@ pub fn init(dir: &Path, hosts: &[String], days: u32, force: bool) -> Result<Writ
     let now = OffsetDateTime::now_utc();
     let not_before = now - Duration::hours(1);
 
+    let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     let mut ca_name = DistinguishedName::new();
-    ca_name.push(DnType::CommonName, "portal CA");
+    // A distinct name per CA: clients that index trust stores by subject
+    // (OpenSSL's hashed directories, say) must not confuse two of them.
+    ca_name.push(DnType::CommonName, format!("portal CA {}", ca_tag(&ca_key)));
     ca_name.push(DnType::OrganizationName, "portal");
     ca_params.distinguished_name = ca_name;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -77,7 +80,6 @@ pub fn init(dir: &Path, hosts: &[String], days: u32, force: bool) -> Result<Writ
     ];
     ca_params.not_before = not_before;
     ca_params.not_after = now + Duration::days(i64::from(days) + 365);
-    let ca_key = KeyPair::generate()?;
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let ca = Issuer::new(ca_params, &ca_key);
 
@@ -90,6 +92,7 @@ pub fn init(dir: &Path, hosts: &[String], days: u32, force: bool) -> Result<Writ
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.not_before = not_before;
     params.not_after = now + Duration::days(i64::from(days));
+    params.use_authority_key_identifier_extension = true;
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &ca)?;
 
@@ -98,6 +101,17 @@ pub fn init(dir: &Path, hosts: &[String], days: u32, force: bool) -> Result<Writ
     write(&paths[2], cert.pem().as_bytes(), 0o644)?;
     write(&paths[3], key.serialize_pem().as_bytes(), 0o600)?;
     Ok(Written { files: paths })
+}
+
+/// Eight hex digits taken from the CA's freshly generated public key.
+fn ca_tag(key: &KeyPair) -> String {
+    let raw = key.public_key_raw();
+    // Skip the SEC1 point-format byte; the rest is uniformly random.
+    raw.iter()
+        .skip(1)
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertsError> {

@@ -263,9 +263,14 @@ fn parse_raw(file: &Path, text: &str) -> Result<RawConfig, ConfigError> {
 fn bare_message(text: &str) -> String {
     let first = text.lines().next().unwrap_or(text);
     let first = first.strip_prefix("error: ").unwrap_or(first);
-    match first.find(": ") {
-        Some(at) if first.starts_with("line ") => first[at + 2..].to_string(),
-        _ => first.to_string(),
+    let message = match first.find(": ") {
+        Some(at) if first.starts_with("line ") => &first[at + 2..],
+        _ => first,
+    };
+    // Some messages also end with " at line N, column M".
+    match message.rfind(" at line ") {
+        Some(at) if message[at..].contains(", column ") => message[..at].to_string(),
+        _ => message.to_string(),
     }
 }
 

@@ -151,7 +151,7 @@ impl Metrics {
             member_up: gauge(
                 &r,
                 "portal_member_up",
-                "1 while the member is eligible.",
+                "1 while the member is healthy (probes pass, after rise/fall); eligibility also needs the view's fencing.",
                 &["cluster", "member"],
             ),
             member_is_leader: gauge(

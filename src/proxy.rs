@@ -343,6 +343,7 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started + config.hold_timeout);
     let mut routing = cluster.routing.clone();
+    let mut last_error: Option<String>;
     loop {
         let snapshot = routing.borrow_and_update().clone();
         let status = cluster.status.load();
@@ -358,6 +359,7 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
                 .map_or(0, |a| a.load(Ordering::Relaxed))
         });
         let mut failed = false;
+        last_error = None;
         if let Some(member) = choice {
             let address = cluster.config.members[member].address.as_str();
             match backend::connect(
@@ -384,10 +386,12 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
                 }
                 Err(err) if err.kind() == std::io::ErrorKind::TimedOut => {
                     failed = true;
+                    last_error = Some(err.to_string());
                     tracing::warn!(endpoint = %config.name, %peer, member = cluster.member_name(member), error = %err, "connect to member timed out");
                 }
                 Err(err) => {
                     failed = true;
+                    last_error = Some(err.to_string());
                     let hard = crate::probe::classify_io(&err).hard;
                     tracing::warn!(endpoint = %config.name, %peer, member = cluster.member_name(member), error = %err, hard, "connect to member failed");
                     if hard {
@@ -408,6 +412,7 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
                     cluster: cluster.config.name.clone(),
                     waited: started.elapsed(),
                     split_brain: routing.borrow().split_brain,
+                    connect_error: last_error,
                 });
             }
         }

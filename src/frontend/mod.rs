@@ -25,6 +25,8 @@ pub enum Refusal {
         cluster: String,
         waited: Duration,
         split_brain: bool,
+        /// Set when a member was chosen but connecting to it kept failing.
+        connect_error: Option<String>,
     },
     MaxConnections,
     ShuttingDown,
@@ -33,6 +35,10 @@ pub enum Refusal {
 impl Refusal {
     pub fn metric_reason(&self) -> &'static str {
         match self {
+            Refusal::NoMember {
+                connect_error: Some(_),
+                ..
+            } => "connect_failed",
             Refusal::NoMember { .. } => "no_leader",
             Refusal::MaxConnections => "max_connections",
             Refusal::ShuttingDown => "shutdown",
@@ -45,7 +51,14 @@ impl Refusal {
                 cluster,
                 waited,
                 split_brain,
+                connect_error,
             } => {
+                if let Some(error) = connect_error {
+                    return format!(
+                        "portal: could not connect to a member of cluster \"{cluster}\" within {}ms: {error}",
+                        waited.as_millis()
+                    );
+                }
                 let why = if *split_brain {
                     " (split brain: several members claim primary and their terms cannot order them)"
                 } else {

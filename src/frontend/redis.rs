@@ -13,10 +13,16 @@ const LINGER: Duration = Duration::from_millis(500);
 
 /// The RESP error line for a refusal.
 pub fn error_line(refusal: &Refusal) -> String {
+    // A RESP error is one line: no CR or LF may come from an error text.
+    let message: String = refusal
+        .message()
+        .chars()
+        .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
+        .collect();
     match refusal {
-        Refusal::NoMember { .. } => format!("-TRYAGAIN {}\r\n", refusal.message()),
+        Refusal::NoMember { .. } => format!("-TRYAGAIN {message}\r\n"),
         Refusal::MaxConnections => "-ERR max number of clients reached\r\n".to_string(),
-        Refusal::ShuttingDown => format!("-ERR {}\r\n", refusal.message()),
+        Refusal::ShuttingDown => format!("-ERR {message}\r\n"),
     }
 }
 
@@ -63,6 +69,13 @@ mod tests {
                 cluster: "cache".into(),
                 waited: Duration::from_secs(1),
                 split_brain: true,
+                connect_error: None,
+            },
+            Refusal::NoMember {
+                cluster: "cache".into(),
+                waited: Duration::from_secs(1),
+                split_brain: false,
+                connect_error: Some("refused\r\n-injected".into()),
             },
             Refusal::MaxConnections,
             Refusal::ShuttingDown,
