@@ -10,6 +10,10 @@
 # HEALTHCHECK below looks.
 
 FROM rust:1-bookworm AS build
+# etcd-client compiles etcd's protobuf definitions at build time.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends protobuf-compiler \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src

@@ -15,15 +15,16 @@ cd "$REPO"
 
 # Debian packages the integration tests start or call. They are installed only
 # when missing (apt-get update runs only then).
-#
-# >>> Later issues add their servers here, for example:
-# >>>   etcd-server etcd-client
-# >>>   patroni
 TEST_PACKAGES=(
+    protobuf-compiler # protoc, which etcd-client's build script needs
     redis-server # redis-server, started by the Redis tests
     redis-tools  # redis-cli, the stock client the tests drive
     openssl      # the openssl command some TLS tests use as a client
     postgresql   # initdb, pg_ctl, pg_basebackup, psql for the PostgreSQL tests
+    etcd-server  # etcd, the three-member Raft clusters of the etcd and Patroni tests
+    etcd-client  # etcdctl, the stock client of the etcd tests
+    patroni      # Patroni and patronictl, for the end-to-end test
+    redis-sentinel # redis-sentinel, for the Sentinel source tests
 )
 
 STARTED=$(date +%s)
