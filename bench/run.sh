@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Benchmark: direct Redis vs HAProxy (TLS) vs portal (TLS) on one machine.
 #
-#   bash bench/run.sh
+#   bash bench/run.sh            Redis, then PostgreSQL (bench/postgres.sh)
+#   bash bench/run.sh redis      Redis only
+#   bash bench/run.sh postgres   PostgreSQL only (same as bash bench/postgres.sh)
 #
 # Prints the setup and one results table on stdout and writes both to
-# bench/out/results.md (raw outputs in bench/out/raw/). Progress goes to
-# stderr. See bench/README.md for the methodology.
+# bench/out/results.md (raw outputs in bench/out/raw/); the PostgreSQL part
+# writes bench/out/postgres.md. Progress goes to stderr. See bench/README.md
+# for the methodology.
 #
 # Knobs (environment):
 #   N=100000        requests per GET and per SET run (redis-benchmark -n)
@@ -26,6 +29,15 @@ set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH=$ROOT/bench
+WHAT=${1:-all}
+case $WHAT in
+  all | redis) ;;
+  postgres) exec bash "$BENCH/postgres.sh" ;;
+  *)
+    echo "usage: bash bench/run.sh [all|redis|postgres]" >&2
+    exit 2
+    ;;
+esac
 OUT=${OUT:-$BENCH/out}
 N=${N:-100000}
 CLIENTS=${CLIENTS:-50}
@@ -47,85 +59,12 @@ PROBE_INTERVAL=1s
 FAST_INTERVAL=20ms
 PROBE_TIMEOUT=500ms
 
-log() { printf '# %s %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "FATAL: $*"; exit 1; }
 has() { [[ " $PROXIES " == *" $1 "* ]]; }
 section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
-# ---------------------------------------------------------------- cleanup
-TMP=$(mktemp -d /tmp/portal-bench.XXXXXX)
-PIDS=()   # every background process this script started
-
-stop_pid() { # pid: TERM, wait up to 5 s, then KILL; always reaps
-  local pid=$1 i state
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 50; i++)); do
-    state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || true)
-    [[ -z $state || $state == Z ]] && break
-    sleep 0.1
-  done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  local keep=() p
-  for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
-  PIDS=("${keep[@]}")
-}
-
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM ERR
-  local p
-  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  # Keep the proxies' own logs for a post-mortem.
-  [[ -d $OUT/raw ]] && cp "$TMP"/haproxy-*.log "$TMP"/portal-*.log "$OUT/raw/" 2>/dev/null || true
-  rm -rf "$TMP"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-trap 'log "error at line $LINENO: $BASH_COMMAND"' ERR
-
-# ---------------------------------------------------------------- helpers
-USED_PORTS=" "
-pick_port() { # VAR: a free loopback port below the ephemeral range, never handed out twice
-  local p
-  for _ in $(seq 200); do
-    p=$((20000 + RANDOM % 12000))
-    [[ $USED_PORTS == *" $p "* ]] && continue
-    [[ -z $(ss -Htan "( sport = :$p or dport = :$p )") ]] || continue
-    USED_PORTS+="$p "
-    printf -v "$1" '%s' "$p"
-    return 0
-  done
-  die "no free port found"
-}
-
-wait_until() { # seconds description command...: poll every 50 ms
-  local secs=$1 what=$2 deadline
-  shift 2
-  deadline=$((SECONDS + secs))
-  until "$@" >/dev/null 2>&1; do
-    ((SECONDS < deadline)) || die "timed out after ${secs}s waiting for $what"
-    sleep 0.05
-  done
-}
-
-cpu_ticks() { # utime+stime of pid and its direct children, in clock ticks
-  local total=0 p f
-  for p in "$1" $(pgrep -P "$1" || true); do
-    f=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null) || continue
-    # after "pid (comm) ": field 1 = state, 12 = utime, 13 = stime
-    total=$((total + $(awk '{print $12 + $13}' <<<"$f")))
-  done
-  echo "$total"
-}
-
-median() { sort -g | awk '{a[NR]=$1} END {if (NR == 0) print "nan"; else if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
-minmax() { sort -g | awk 'function f(v) {return v >= 1000 ? sprintf("%.0f", v) : sprintf("%.3g", v)} NR==1{lo=$1} {hi=$1} END {if (NR) printf "%s–%s", f(lo), f(hi); else printf "n/a"}'; }
+# log, die, TMP, PIDS, cleanup traps, pick_port, wait_until, cpu_ticks, median, ...
+# shellcheck source=bench/lib.sh
+source "$BENCH/lib.sh"
 
 # Redis pair: primary + replica, no persistence. Sets PRIMARY_PORT REPLICA_PORT PRIMARY_PID REPLICA_PID.
 start_redis_pair() {
@@ -246,7 +185,7 @@ if has portal; then [[ -x $PORTAL_BIN ]] || die "$PORTAL_BIN missing"; fi
 
 # ---------------------------------------------------------------- certs
 mkdir -p "$TMP/certs" "$OUT/raw"
-rm -f "$OUT"/raw/*
+find "$OUT/raw" -maxdepth 1 -type f ! -name 'pg-*' -delete # pg-*: bench/postgres.sh's
 if has portal; then
   "$PORTAL_BIN" certs init --dir "$TMP/certs" --host localhost --host 127.0.0.1 >"$TMP/certs.log" 2>&1 \
     || { cat "$TMP/certs.log" >&2; die "portal certs init failed"; }
@@ -296,8 +235,6 @@ printf '%s\n\n' "$SETUP"
 # CPU used by processes outside this script's tree while it measures, as a
 # share of all CPU time: busy jiffies from /proc/stat minus our own tree's
 # (this shell's utime+stime plus that of every child it has reaped).
-machine_ticks() { awk '/^cpu / {busy = $2 + $3 + $4 + $7 + $8 + $9; total = busy + $5 + $6; print busy, total}' /proc/stat; }
-own_ticks() { sed 's/^.*) //' "/proc/$$/stat" | awk '{print $12 + $13 + $14 + $15}'; }
 read -r BUSY0 TOTAL0 <<<"$(machine_ticks)"
 OWN0=$(own_ticks)
 
@@ -428,8 +365,6 @@ cpu_per_100k() { # target tag requests-per-round
   [[ -n ${R[$1.$2.ticks]:-} ]] || { echo "—"; return; }
   printf '%s' "${R[$1.$2.ticks]}" | awk -v hz="$CLK_TCK" -v n="$3" '{t+=$1; k++} END {printf "%.2f", t / hz / (n * k) * 100000}'
 }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a+0 > 0 && b+0 > 0) {r = a / b; if (r >= 0.1) printf "%.2f", r; else printf "%.4f (1/%.0f)", r, 1 / r} else printf "—"}'; }
-fmt() { awk -v v="$1" 'BEGIN {if (v == "—" || v == "nan") print "—"; else if (v+0 >= 1000) printf "%.0f", v; else printf "%.3g", v}'; }
 
 rows=()
 row() { # label direct haproxy portal better
@@ -493,3 +428,8 @@ SAMPLES=$(
 printf '%s\n' "$TABLE"
 printf '# portal benchmark\n\n%s\n\n%s\n%s\n\n%s\n' "$SETUP" "$TLS_NOTE" "$TABLE" "$SAMPLES" >"$OUT/results.md"
 log "wrote $OUT/results.md"
+
+if [[ $WHAT == all ]]; then
+  echo
+  bash "$BENCH/postgres.sh"
+fi
