@@ -1,19 +1,41 @@
 #!/usr/bin/env bash
-# The portal demo: two portals in front of a real Redis primary and replica,
-# a failover, and the old primary coming back empty.
+# The portal demo: two portals in front of real database servers, a failover,
+# and the old primary coming back.
 #
-#   bash tests/demo.sh
+#   bash tests/demo.sh            # both parts: Redis, then PostgreSQL
+#   bash tests/demo.sh redis      # a Redis primary and replica only
+#   bash tests/demo.sh postgres   # a PostgreSQL primary and streaming standby only
 #
-# Installs redis-server, redis-tools, curl and python3 when missing, builds the
-# release binary, then runs everything on loopback ports handed out by the OS,
-# in a temporary directory that is removed at the end (about 20-40 s after the
-# build). Every step prints the command it runs and that command's real output.
+# Installs what is missing (redis-server, redis-tools, postgresql, curl,
+# python3) with apt-get, builds the release binary, then runs everything on
+# loopback ports handed out by the OS, in a temporary directory that is
+# removed at the end, also when a step fails or the demo is interrupted.
+# Every step prints the command it runs and that command's real output; every
+# client command runs under `timeout`.
 set -euo pipefail
+
+MODE=${1:-all}
+case $MODE in
+redis | postgres | all) ;;
+-h | --help)
+    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    exit 0
+    ;;
+*)
+    echo "usage: bash tests/demo.sh [redis|postgres|all]   (default: all)" >&2
+    exit 2
+    ;;
+esac
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 
 STARTED=$(date +%s)
+
+# Nothing from the caller's environment changes where libpq connects or how.
+while read -r var; do
+    unset "$var"
+done < <(compgen -e | grep '^PG' || true)
 
 say() { printf '\n== %s\n' "$*"; }
 note() { printf '   %s\n' "$*"; }
@@ -26,6 +48,24 @@ fail() {
 show() {
     printf '   $ %s\n' "$*"
     "$@" 2>&1 | tr -d '\r' | sed 's/^/     /'
+}
+
+# show_as TEXT COMMAND...: prints TEXT as the command line, runs COMMAND.
+show_as() {
+    printf '   $ %s\n' "$1"
+    shift
+    "$@" 2>&1 | tr -d '\r' | sed 's/^/     /'
+}
+
+# show_refused TEXT COMMAND...: like show_as, for a command that must fail.
+show_refused() {
+    printf '   $ %s\n' "$1"
+    shift
+    local out status=0
+    out=$("$@" 2>&1) || status=$?
+    tr -d '\r' <<<"$out" | sed 's/^/     /'
+    ((status != 0)) || fail "this command should have been refused: $*"
+    note "(exit status $status)"
 }
 
 # Like `show`, keeping only the output lines that match the regex $1.
@@ -46,10 +86,33 @@ wait_until() {
     done
 }
 
+# The directory of PostgreSQL's server binaries (postgres, initdb, pg_ctl,
+# pg_basebackup): `pg_config --bindir`, else Debian's newest
+# /usr/lib/postgresql/N/bin. Empty when the server is not installed.
+pg_bindir() {
+    local dir
+    dir=$(pg_config --bindir 2>/dev/null || true)
+    if [ -n "$dir" ] && [ -x "$dir/postgres" ] && [ -x "$dir/initdb" ]; then
+        echo "$dir"
+        return
+    fi
+    for dir in $(printf '%s\n' /usr/lib/postgresql/*/bin | sort -t/ -k4 -n -r); do
+        if [ -x "$dir/postgres" ] && [ -x "$dir/initdb" ]; then
+            echo "$dir"
+            return
+        fi
+    done
+}
+
 install_missing() {
     local missing=() sudo=()
-    command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-    command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+    if [ "$MODE" != postgres ]; then
+        command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+        command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+    fi
+    if [ "$MODE" != redis ]; then
+        [ -n "$(pg_bindir)" ] || missing+=(postgresql)
+    fi
     command -v curl >/dev/null 2>&1 || missing+=(curl)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
     ((${#missing[@]} > 0)) || return 0
@@ -69,15 +132,19 @@ cargo build --release
 PORTAL=$REPO/target/release/portal
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/portal-demo.XXXXXX")
-PIDS=()
+# PostgreSQL runs as user postgres when we are root: it must be able to
+# reach its own directories below this one (but not list or read it).
+chmod 711 "$WORK"
+PIDS=()        # portals, Redis servers, background writers
+PG_DATADIRS=() # PostgreSQL data directories that may have a running server
 
 cleanup() {
     local status=$?
     trap - EXIT
     if ((status != 0)) && [ -d "$WORK" ]; then
-        for log in "$WORK"/portal1.log "$WORK"/portal2.log "$WORK"/redis-*.log; do
+        for log in "$WORK"/*/portal*.log "$WORK"/redis-*.log "$WORK"/pg-*/server.log; do
             [ -f "$log" ] || continue
-            printf '\n--- last lines of %s\n' "${log##*/}" >&2
+            printf '\n--- last lines of %s\n' "${log#"$WORK"/}" >&2
             tail -n 30 "$log" >&2
         done
     fi
@@ -86,6 +153,10 @@ cleanup() {
     done
     for pid in "${PIDS[@]}"; do
         wait "$pid" 2>/dev/null || true
+    done
+    for data in "${PG_DATADIRS[@]}"; do
+        [ -f "$data/postmaster.pid" ] || continue
+        as_pg pg_ctl stop -m immediate -w -t 30 -D "$data" >/dev/null 2>&1 || true
     done
     rm -rf "$WORK"
     exit "$status"
@@ -96,53 +167,115 @@ trap 'exit 143' TERM
 
 cd "$WORK"
 
-# Six distinct free loopback ports, all held open until printed so that the
-# OS cannot hand out the same one twice.
-read -r PORT_A PORT_B LISTEN_1 LISTEN_2 ADMIN_1 ADMIN_2 < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(6)]
+# free_ports N: N distinct free loopback ports, all held open until printed
+# so that the OS cannot hand out the same one twice.
+free_ports() {
+    python3 -c '
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
-')
-
-# start_redis NAME PORT [redis-server options...]: no persistence, so a
-# restart comes back empty, as a cache without persistence does; no 5 s wait
-# before the first full sync of a replica.
-start_redis() {
-    local name=$1 port=$2
-    shift 2
-    mkdir -p "$WORK/$name"
-    redis-server --bind 127.0.0.1 --port "$port" --dir "$WORK/$name" \
-        --save '' --appendonly no --repl-diskless-sync-delay 0 --logfile "$WORK/redis-$name.log" "$@" &
-    LAST_PID=$!
-    PIDS+=("$LAST_PID")
-    wait_until 10 redis-cli -p "$port" PING || fail "redis $name did not start on port $port"
+' "$1"
 }
 
-say "Step 0: a Redis primary and a replica, certificates, two portals"
-note "working directory: $WORK"
-start_redis a "$PORT_A"
-PID_A=$LAST_PID
-start_redis b "$PORT_B" --replicaof 127.0.0.1 "$PORT_A"
-replica_in_sync() { redis-cli -p "$PORT_B" INFO replication | grep -q '^master_link_status:up'; }
-wait_until 10 replica_in_sync || fail "the replica did not connect to the primary"
-note "redis-a (primary) on 127.0.0.1:$PORT_A, redis-b (replica of redis-a) on 127.0.0.1:$PORT_B"
-show_grep '^(role|master_port|master_link_status)' redis-cli -p "$PORT_B" INFO replication
-
-echo
 show "$PORTAL" certs init --dir certs --host localhost --host 127.0.0.1
 
-# The two portals need different listen and admin ports on the same host, so
-# the demo writes two config files that differ only in those two ports; the
-# cluster, its members and the probe settings are identical. (Binding the
-# second portal to 127.0.0.2 with the same ports would work too, but the
-# certificate and `redis-cli -h localhost` would then have to name 127.0.0.2.)
-write_config() { # FILE LISTEN_PORT ADMIN_PORT
-    cat >"$1" <<EOF
+CURL=(timeout 10 curl -fsS)
+
+# One line per cluster and member from a portal's /status.
+status_summary() {
+    "${CURL[@]}" "http://127.0.0.1:$1/status" | python3 -c '
+import json, sys
+c = json.load(sys.stdin)["clusters"][0]
+print("leader=%s epoch=%d split_brain=%s" % (json.dumps(c["leader"]), c["epoch"], json.dumps(c["split_brain"])))
+for m in c["members"]:
+    fenced = " fenced=%s" % m["fenced"] if m.get("fenced") else ""
+    print("  %-8s role=%-7s health=%-4s eligible=%-5s%s term=%s" % (
+        m["name"], m["role"], m["health"], json.dumps(m["eligible"]), fenced, m["term"] or "-"))
+'
+}
+show_status() {
+    printf '   $ curl -s http://127.0.0.1:%s/status   (portal %s, summarised)\n' "$1" "$2"
+    status_summary "$1" | sed 's/^/     /'
+}
+# status_field ADMIN_PORT FIELD: the cluster's leader or epoch.
+status_field() {
+    "${CURL[@]}" "http://127.0.0.1:$1/status" |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["clusters"][0][sys.argv[1]])' "$2"
+}
+# member_state ADMIN_PORT INDEX: "role health fenced" of the member at INDEX.
+member_state() {
+    "${CURL[@]}" "http://127.0.0.1:$1/status" | python3 -c '
+import json, sys
+m = json.load(sys.stdin)["clusters"][0]["members"][int(sys.argv[1])]
+print(m["role"], m["health"], m["fenced"])
+' "$2"
+}
+
+# start_portals DIR NAME: writes nothing; starts `portal run` for DIR/portal1.yaml
+# and DIR/portal2.yaml and waits until both are ready. Sets PORTAL_PID_1/2.
+start_portals() {
+    local dir=$1
+    "$PORTAL" run -c "$dir/portal1.yaml" 2>"$dir/portal1.log" &
+    PORTAL_PID_1=$!
+    PIDS+=("$PORTAL_PID_1")
+    "$PORTAL" run -c "$dir/portal2.yaml" 2>"$dir/portal2.log" &
+    PORTAL_PID_2=$!
+    PIDS+=("$PORTAL_PID_2")
+    wait_until 15 "${CURL[@]}" "http://127.0.0.1:$ADMIN_1/ready" || fail "portal 1 never became ready"
+    wait_until 15 "${CURL[@]}" "http://127.0.0.1:$ADMIN_2/ready" || fail "portal 2 never became ready"
+}
+
+# stop_pids PID...: SIGTERM, then reap.
+stop_pids() {
+    local pid
+    for pid in "$@"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "$@"; do wait "$pid" 2>/dev/null || true; done
+}
+
+# ---- Redis ------------------------------------------------------------------
+
+redis_demo() {
+    local PORT_A PORT_B
+    read -r PORT_A PORT_B LISTEN_1 LISTEN_2 ADMIN_1 ADMIN_2 < <(free_ports 6)
+    mkdir -p redis
+
+    # start_redis NAME PORT [redis-server options...]: no persistence, so a
+    # restart comes back empty, as a cache without persistence does; no 5 s
+    # wait before the first full sync of a replica.
+    start_redis() {
+        local name=$1 port=$2
+        shift 2
+        mkdir -p "$WORK/$name"
+        redis-server --bind 127.0.0.1 --port "$port" --dir "$WORK/$name" \
+            --save '' --appendonly no --repl-diskless-sync-delay 0 --logfile "$WORK/redis-$name.log" "$@" &
+        LAST_PID=$!
+        PIDS+=("$LAST_PID")
+        wait_until 10 timeout 5 redis-cli -p "$port" PING || fail "redis $name did not start on port $port"
+    }
+
+    say "Redis step 0: a Redis primary and a replica, two portals"
+    note "working directory: $WORK"
+    start_redis a "$PORT_A"
+    local PID_A=$LAST_PID
+    start_redis b "$PORT_B" --replicaof 127.0.0.1 "$PORT_A"
+    replica_in_sync() { timeout 5 redis-cli -p "$PORT_B" INFO replication | grep -q '^master_link_status:up'; }
+    wait_until 10 replica_in_sync || fail "the replica did not connect to the primary"
+    note "redis-a (primary) on 127.0.0.1:$PORT_A, redis-b (replica of redis-a) on 127.0.0.1:$PORT_B"
+    show_grep '^(role|master_port|master_link_status)' timeout 10 redis-cli -p "$PORT_B" INFO replication
+
+    # The two portals need different listen and admin ports on the same
+    # host, so the demo writes two config files that differ only in those two
+    # ports; the cluster, its members and the probe settings are identical.
+    # (Binding the second portal to 127.0.0.2 with the same ports would work
+    # too, but the certificate and `redis-cli -h localhost` would then have to
+    # name 127.0.0.2.)
+    write_config() { # FILE LISTEN_PORT ADMIN_PORT
+        cat >"$1" <<EOF
 admin:
   listen: 127.0.0.1:$3
-certs_dir: certs
+certs_dir: ../certs
 shutdown:
   drain_timeout: 1s
 clusters:
@@ -166,180 +299,451 @@ clusters:
         tls: auto
         hold_timeout: 3s
 EOF
-}
-write_config portal1.yaml "$LISTEN_1" "$ADMIN_1"
-write_config portal2.yaml "$LISTEN_2" "$ADMIN_2"
-echo
-note "portal1.yaml (portal2.yaml differs only in the two ports $LISTEN_2 and $ADMIN_2):"
-sed 's/^/     | /' portal1.yaml
-echo
-show "$PORTAL" check -c portal1.yaml
+    }
+    write_config redis/portal1.yaml "$LISTEN_1" "$ADMIN_1"
+    write_config redis/portal2.yaml "$LISTEN_2" "$ADMIN_2"
+    echo
+    note "redis/portal1.yaml (portal2.yaml differs only in the two ports $LISTEN_2 and $ADMIN_2):"
+    sed 's/^/     | /' redis/portal1.yaml
+    echo
+    show "$PORTAL" check -c redis/portal1.yaml
 
-"$PORTAL" run -c portal1.yaml 2>portal1.log &
-PIDS+=($!)
-"$PORTAL" run -c portal2.yaml 2>portal2.log &
-PIDS+=($!)
-wait_until 15 curl -fsS "http://127.0.0.1:$ADMIN_1/ready" || fail "portal 1 never became ready"
-wait_until 15 curl -fsS "http://127.0.0.1:$ADMIN_2/ready" || fail "portal 2 never became ready"
-note "portal 1: TLS on 127.0.0.1:$LISTEN_1, admin on 127.0.0.1:$ADMIN_1"
-note "portal 2: TLS on 127.0.0.1:$LISTEN_2, admin on 127.0.0.1:$ADMIN_2"
-show curl -sS "http://127.0.0.1:$ADMIN_1/ready"
-show curl -sS "http://127.0.0.1:$ADMIN_2/ready"
+    start_portals redis
+    note "portal 1: TLS on 127.0.0.1:$LISTEN_1, admin on 127.0.0.1:$ADMIN_1"
+    note "portal 2: TLS on 127.0.0.1:$LISTEN_2, admin on 127.0.0.1:$ADMIN_2"
+    show curl -sS -m 5 "http://127.0.0.1:$ADMIN_1/ready"
+    show curl -sS -m 5 "http://127.0.0.1:$ADMIN_2/ready"
 
-CLI=(redis-cli --tls --cacert certs/ca.crt -h localhost)
+    CLI=(timeout 10 redis-cli --tls --cacert certs/ca.crt -h localhost)
 
-# One line per cluster and member from a portal's /status.
-status_summary() {
-    curl -fsS "http://127.0.0.1:$1/status" | python3 -c '
-import json, sys
-c = json.load(sys.stdin)["clusters"][0]
-print("leader=%s epoch=%d split_brain=%s" % (json.dumps(c["leader"]), c["epoch"], json.dumps(c["split_brain"])))
-for m in c["members"]:
-    fenced = " fenced=%s" % m["fenced"] if m.get("fenced") else ""
-    print("  %-8s role=%-7s health=%-4s eligible=%-5s%s term=%s" % (
-        m["name"], m["role"], m["health"], json.dumps(m["eligible"]), fenced, m["term"] or "-"))
-'
-}
-show_status() {
-    printf '   $ curl -s http://127.0.0.1:%s/status   (portal %s, summarised)\n' "$1" "$2"
-    status_summary "$1" | sed 's/^/     /'
-}
-# status_field ADMIN_PORT FIELD: the cluster's leader or epoch.
-status_field() {
-    curl -fsS "http://127.0.0.1:$1/status" |
-        python3 -c 'import json, sys; print(json.load(sys.stdin)["clusters"][0][sys.argv[1]])' "$2"
-}
+    say "Redis step 1: writes and reads through both portals reach the primary (redis-a, port $PORT_A)"
+    show "${CLI[@]}" -p "$LISTEN_1" SET greeting hello-from-portal-1
+    show "${CLI[@]}" -p "$LISTEN_2" GET greeting
+    show "${CLI[@]}" -p "$LISTEN_2" SET counter 1
+    show "${CLI[@]}" -p "$LISTEN_1" INCR counter
+    show_grep '^tcp_port' "${CLI[@]}" -p "$LISTEN_1" INFO server
+    show_grep '^tcp_port' "${CLI[@]}" -p "$LISTEN_2" INFO server
+    note "Both portals elected the same leader (their epochs count their own view changes):"
+    show_status "$ADMIN_1" 1
+    show_status "$ADMIN_2" 2
 
-say "Step 1: writes and reads through both portals reach the primary (redis-a, port $PORT_A)"
-show "${CLI[@]}" -p "$LISTEN_1" SET greeting hello-from-portal-1
-show "${CLI[@]}" -p "$LISTEN_2" GET greeting
-show "${CLI[@]}" -p "$LISTEN_2" SET counter 1
-show "${CLI[@]}" -p "$LISTEN_1" INCR counter
-show_grep '^tcp_port' "${CLI[@]}" -p "$LISTEN_1" INFO server
-show_grep '^tcp_port' "${CLI[@]}" -p "$LISTEN_2" INFO server
-note "Both portals elected the same leader (their epochs count their own view changes):"
-show_status "$ADMIN_1" 1
-show_status "$ADMIN_2" 2
+    # poll_write PORT NAME: one connection per attempt, SET then INFO server
+    # on it, until the SET succeeded on the promoted member. Writes NAME.done
+    # with the nanosecond time of the success, NAME.out with the reply,
+    # NAME.tries.
+    poll_write() {
+        local port=$1 name=$2 tries=0 out now
+        local deadline=$(($(date +%s%N) + 10 * 1000000000))
+        while (($(date +%s%N) < deadline)); do
+            tries=$((tries + 1))
+            out=$(printf 'SET after-failover written-through-%s\nINFO server\n' "$name" |
+                "${CLI[@]}" -p "$port" 2>&1 | tr -d '\r') || true
+            now=$(date +%s%N)
+            if grep -qx 'OK' <<<"$out" && grep -qx "tcp_port:$PORT_B" <<<"$out"; then
+                echo "$now" >"$name.done"
+                grep -E '^(OK|tcp_port:)' <<<"$out" >"$name.out"
+                echo "$tries" >"$name.tries"
+                return 0
+            fi
+            head -n 1 <<<"$out" >>"$name.failed"
+            sleep 0.01
+        done
+        echo "$tries" >"$name.tries"
+        return 1
+    }
 
-# poll_write PORT NAME: one connection per attempt, SET then INFO server on it,
-# until the SET succeeded on the promoted member. Writes NAME.done with the
-# nanosecond time of the success, NAME.out with the reply, NAME.tries.
-poll_write() {
-    local port=$1 name=$2 tries=0 out now
-    local deadline=$(($(date +%s%N) + 10 * 1000000000))
-    while (($(date +%s%N) < deadline)); do
-        tries=$((tries + 1))
-        out=$(printf 'SET after-failover written-through-%s\nINFO server\n' "$name" |
-            "${CLI[@]}" -p "$port" 2>&1 | tr -d '\r') || true
-        now=$(date +%s%N)
-        if grep -qx 'OK' <<<"$out" && grep -qx "tcp_port:$PORT_B" <<<"$out"; then
-            echo "$now" >"$name.done"
-            grep -E '^(OK|tcp_port:)' <<<"$out" >"$name.out"
-            echo "$tries" >"$name.tries"
-            return 0
+    say "Redis step 2: failover: kill -9 the primary, promote the replica"
+    note "$ kill -9 $PID_A                      # redis-a, the primary"
+    note "$ timeout 10 redis-cli -p $PORT_B REPLICAOF NO ONE   # redis-b becomes a primary"
+    note "   (writers start through both portals right after the kill; a portal holds"
+    note "    a new connection up to hold_timeout while it has no leader)"
+    local T_KILL T_PROMOTED PROMOTE_OUT POLL_1 POLL_2
+    T_KILL=$(date +%s%N)
+    # Reaped at once, with stderr closed, so bash does not print "Killed".
+    { kill -9 "$PID_A" && wait "$PID_A"; } 2>/dev/null || true
+    poll_write "$LISTEN_1" redis/portal1 &
+    POLL_1=$!
+    PIDS+=("$POLL_1")
+    poll_write "$LISTEN_2" redis/portal2 &
+    POLL_2=$!
+    PIDS+=("$POLL_2")
+    PROMOTE_OUT=$(timeout 10 redis-cli -p "$PORT_B" REPLICAOF NO ONE 2>&1 | tr -d '\r')
+    T_PROMOTED=$(date +%s%N)
+    note "REPLICAOF NO ONE answered: $PROMOTE_OUT ($(((T_PROMOTED - T_KILL) / 1000000)) ms after the kill)"
+
+    say "Redis step 3: the first successful write through each portal lands on redis-b (port $PORT_B)"
+    local ok=1 n done_at
+    wait "$POLL_1" || ok=0
+    wait "$POLL_2" || ok=0
+    for n in 1 2; do
+        if [ -f "redis/portal$n.done" ]; then
+            done_at=$(cat "redis/portal$n.done")
+            note "portal $n: the write succeeded $(((done_at - T_KILL) / 1000000)) ms after the kill," \
+                "$(((done_at - T_PROMOTED) / 1000000)) ms after the promotion, on attempt $(cat "redis/portal$n.tries"):"
+            sed 's/^/       /' "redis/portal$n.out"
+        else
+            note "portal $n: no write succeeded within 10 s ($(cat "redis/portal$n.tries") attempts)"
         fi
-        head -n 1 <<<"$out" >>"$name.failed"
-        sleep 0.01
+        if [ -f "redis/portal$n.failed" ]; then
+            note "  replies of the failed attempts before it:"
+            sort "redis/portal$n.failed" | uniq -c | sed 's/^/       /'
+        fi
     done
-    echo "$tries" >"$name.tries"
-    return 1
+    note "(times include starting redis-cli and its TLS handshake; \"after the promotion\""
+    note " counts from when REPLICAOF NO ONE returned; one run on this machine)"
+    ((ok == 1)) || fail "a portal did not serve a write on the promoted replica"
+
+    leaders_agree() {
+        [ "$(status_field "$ADMIN_1" leader)" = "$1" ] && [ "$(status_field "$ADMIN_2" leader)" = "$1" ]
+    }
+    wait_until 5 leaders_agree redis-b || fail "the portals do not both name redis-b as leader"
+    echo
+    show_status "$ADMIN_1" 1
+    show_status "$ADMIN_2" 2
+    agree_note redis-b
+    show "${CLI[@]}" -p "$LISTEN_2" GET greeting
+    note "(the key written before the failover was replicated to redis-b)"
+    echo
+    note "What portal 1 logged (the primary's probe connection dropped: demoted at once,"
+    note "then the replica was probed every fast_interval until it proved the newer term):"
+    grep -E 'member (up|down)|leader (lost|elected)' redis/portal1.log | sed 's/^/     /'
+
+    say "Redis step 4: the old primary comes back empty, claiming primary; the portals keep redis-b"
+    note "$ redis-server --port $PORT_A --save '' ...   # same port, no data, a new replication id"
+    start_redis a-restarted "$PORT_A"
+    show_grep '^(role|master_replid)' timeout 10 redis-cli -p "$PORT_A" INFO replication
+    show timeout 10 redis-cli -p "$PORT_A" DBSIZE
+    # The portals need `rise` good reports before the newcomer counts as up.
+    claims_primary() { [[ "$(member_state "$1" 0)" == "primary up "* ]]; }
+    wait_until 10 claims_primary "$ADMIN_1" || fail "portal 1 never saw redis-a claim primary again"
+    wait_until 10 claims_primary "$ADMIN_2" || fail "portal 2 never saw redis-a claim primary again"
+    show_status "$ADMIN_1" 1
+    show_status "$ADMIN_2" 2
+    note "redis-a is up and says role:master, but its new replication id does not descend"
+    note "from redis-b's history, so it cannot prove a newer term: the incumbent redis-b"
+    note "keeps the role and redis-a is fenced (incumbent_leads), not eligible. Portal logs:"
+    grep -H 'fenced\|split brain' redis/portal1.log redis/portal2.log | sed 's/^/     /' || true
+    echo
+    note "The whole /status document of portal 1 at this point:"
+    show curl -sS -m 5 "http://127.0.0.1:$ADMIN_1/status"
+    [ "$(status_field "$ADMIN_1" leader)" = redis-b ] || fail "portal 1 moved the leader to redis-a"
+    [ "$(status_field "$ADMIN_2" leader)" = redis-b ] || fail "portal 2 moved the leader to redis-a"
+    echo
+    show "${CLI[@]}" -p "$LISTEN_1" SET after-restart still-on-redis-b
+    show_grep '^tcp_port' "${CLI[@]}" -p "$LISTEN_1" INFO server
+    show_grep '^tcp_port' "${CLI[@]}" -p "$LISTEN_2" INFO server
+    show "${CLI[@]}" -p "$LISTEN_2" GET greeting
+    local admin
+    for admin in "$ADMIN_1" "$ADMIN_2"; do
+        [ "$(status_field "$admin" leader)" = redis-b ] || fail "a portal moved the leader to redis-a"
+    done
+    note "Writes still land on redis-b (port $PORT_B); nothing was routed to the empty redis-a."
 }
 
-say "Step 2: failover: kill -9 the primary, promote the replica"
-note "$ kill -9 $PID_A                      # redis-a, the primary"
-note "$ redis-cli -p $PORT_B REPLICAOF NO ONE   # redis-b becomes a primary"
-note "   (writers start through both portals right after the kill; a portal holds"
-note "    a new connection up to hold_timeout while it has no leader)"
-T_KILL=$(date +%s%N)
-# Reaped at once, with stderr closed, so bash does not print "Killed".
-{ kill -9 "$PID_A" && wait "$PID_A"; } 2>/dev/null || true
-poll_write "$LISTEN_1" portal1 &
-POLL_1=$!
-PIDS+=("$POLL_1")
-poll_write "$LISTEN_2" portal2 &
-POLL_2=$!
-PIDS+=("$POLL_2")
-PROMOTE_OUT=$(redis-cli -p "$PORT_B" REPLICAOF NO ONE 2>&1 | tr -d '\r')
-T_PROMOTED=$(date +%s%N)
-note "REPLICAOF NO ONE answered: $PROMOTE_OUT ($(((T_PROMOTED - T_KILL) / 1000000)) ms after the kill)"
-
-say "Step 3: the first successful write through each portal lands on redis-b (port $PORT_B)"
-ok=1
-wait "$POLL_1" || ok=0
-wait "$POLL_2" || ok=0
-for n in 1 2; do
-    if [ -f "portal$n.done" ]; then
-        done_at=$(cat "portal$n.done")
-        note "portal $n: the write succeeded $(((done_at - T_KILL) / 1000000)) ms after the kill," \
-            "$(((done_at - T_PROMOTED) / 1000000)) ms after the promotion, on attempt $(cat "portal$n.tries"):"
-        sed 's/^/       /' "portal$n.out"
+# agree_note LEADER: one line on whether both portals' epochs match.
+agree_note() {
+    local e1 e2
+    e1=$(status_field "$ADMIN_1" epoch)
+    e2=$(status_field "$ADMIN_2" epoch)
+    if [ "$e1" = "$e2" ]; then
+        note "Both portals agree: leader $1, epoch $e1."
     else
-        note "portal $n: no write succeeded within 10 s ($(cat "portal$n.tries") attempts)"
+        note "Both portals agree on leader $1; epochs $e1 and $e2 differ (each portal counts its own view changes)."
     fi
-    if [ -f "portal$n.failed" ]; then
-        note "  replies of the failed attempts before it:"
-        sort "portal$n.failed" | uniq -c | sed 's/^/       /'
+}
+
+# ---- PostgreSQL ---------------------------------------------------------------
+
+# as_pg COMMAND ARGS...: a PostgreSQL server binary, as user postgres when
+# we are root (PostgreSQL refuses to run as root), else as ourselves.
+as_pg() {
+    local cmd=$PGBIN/$1
+    shift
+    if [ "$(id -u)" -eq 0 ]; then
+        setpriv --reuid=postgres --regid=postgres --init-groups -- "$cmd" "$@"
+    else
+        "$cmd" "$@"
     fi
-done
-note "(times include starting redis-cli and its TLS handshake; \"after the promotion\""
-note " counts from when REPLICAOF NO ONE returned; one run on this machine)"
-((ok == 1)) || fail "a portal did not serve a write on the promoted replica"
-
-leaders_agree() {
-    [ "$(status_field "$ADMIN_1" leader)" = redis-b ] && [ "$(status_field "$ADMIN_2" leader)" = redis-b ]
 }
-wait_until 5 leaders_agree || fail "the portals do not both name redis-b as leader"
-echo
-show_status "$ADMIN_1" 1
-show_status "$ADMIN_2" 2
-E1=$(status_field "$ADMIN_1" epoch)
-E2=$(status_field "$ADMIN_2" epoch)
-if [ "$E1" = "$E2" ]; then
-    note "Both portals agree: leader redis-b, epoch $E1."
-else
-    note "Both portals agree on leader redis-b; epochs $E1 and $E2 differ (each portal counts its own view changes)."
-fi
-show "${CLI[@]}" -p "$LISTEN_2" GET greeting
-note "(the key written before the failover was replicated to redis-b)"
-echo
-note "What portal 1 logged (the primary's probe connection dropped: demoted at once,"
-note "then the replica was probed every fast_interval until it proved the newer term):"
-grep -E 'member (up|down)|leader (lost|elected)' portal1.log | sed 's/^/     /'
 
-say "Step 4: the old primary comes back empty, claiming primary; the portals keep redis-b"
-note "$ redis-server --port $PORT_A --save '' ...   # same port, no data, a new replication id"
-start_redis a-restarted "$PORT_A"
-show_grep '^(role|master_replid)' redis-cli -p "$PORT_A" INFO replication
-show redis-cli -p "$PORT_A" DBSIZE
-# The portals need `rise` good reports before the newcomer counts as up.
-claims_primary() {
-    curl -fsS "http://127.0.0.1:$1/status" | python3 -c '
-import json, sys
-m = json.load(sys.stdin)["clusters"][0]["members"][0]
-sys.exit(0 if (m["role"], m["health"]) == ("primary", "up") else 1)
-'
+# show_pg COMMAND ARGS...: prints and runs a server command (in $WORK).
+show_pg() {
+    local who=""
+    [ "$(id -u)" -ne 0 ] || who="   # as user postgres"
+    show_as "$*$who" as_pg "$@"
 }
-wait_until 10 claims_primary "$ADMIN_1" || fail "portal 1 never saw redis-a claim primary again"
-wait_until 10 claims_primary "$ADMIN_2" || fail "portal 2 never saw redis-a claim primary again"
-show_status "$ADMIN_1" 1
-show_status "$ADMIN_2" 2
-note "redis-a is up and says role:master, but its new replication id does not descend"
-note "from redis-b's history, so it cannot prove a newer term: the incumbent redis-b"
-note "keeps the role and redis-a is fenced (incumbent_leads), not eligible. Portal logs:"
-grep -H 'fenced\|split brain' portal1.log portal2.log | sed 's/^/     /' || true
-echo
-note "The whole /status document of portal 1 at this point:"
-show curl -sS "http://127.0.0.1:$ADMIN_1/status"
-[ "$(status_field "$ADMIN_1" leader)" = redis-b ] || fail "portal 1 moved the leader to redis-a"
-[ "$(status_field "$ADMIN_2" leader)" = redis-b ] || fail "portal 2 moved the leader to redis-a"
-echo
-show "${CLI[@]}" -p "$LISTEN_1" SET after-restart still-on-redis-b
-show_grep '^tcp_port' "${CLI[@]}" -p "$LISTEN_1" INFO server
-show_grep '^tcp_port' "${CLI[@]}" -p "$LISTEN_2" INFO server
-show "${CLI[@]}" -p "$LISTEN_2" GET greeting
-for admin in "$ADMIN_1" "$ADMIN_2"; do
-    [ "$(status_field "$admin" leader)" = redis-b ] || fail "a portal moved the leader to redis-a"
-done
-note "Writes still land on redis-b (port $PORT_B); nothing was routed to the empty redis-a."
 
-say "Done in $(($(date +%s) - STARTED)) s; stopping the portals and Redis servers"
+# A directory the server user owns.
+pg_dir() {
+    mkdir -p "$WORK/$1"
+    [ "$(id -u)" -ne 0 ] || chown postgres:postgres "$WORK/$1"
+}
+
+# Settings of both servers: replication, a port and a socket in their own
+# directory, no fsync (a demo, not a database to keep).
+pg_settings() { # NAME PORT
+    cat <<EOF
+
+# portal demo
+listen_addresses = '127.0.0.1'
+port = $2
+unix_socket_directories = '$WORK/$1'
+wal_level = replica
+max_wal_senders = 8
+hot_standby = on
+wal_keep_size = '64MB'
+fsync = off
+max_connections = 40
+shared_buffers = 16MB
+EOF
+}
+
+# Direct (no portal) psql to a member over loopback TCP.
+pg_direct() { # PORT SQL
+    timeout 15 psql -X -w -At -h 127.0.0.1 -p "$1" -U postgres -d postgres -c "$2"
+}
+
+postgres_demo() {
+    PGBIN=$(pg_bindir)
+    [ -n "$PGBIN" ] || fail "the PostgreSQL server is not installed (apt-get install postgresql)"
+    export PATH="$PGBIN:$PATH"
+    export PGCONNECT_TIMEOUT=10
+    local PG_A PG_B
+    read -r PG_A PG_B LISTEN_1 LISTEN_2 ADMIN_1 ADMIN_2 < <(free_ports 6)
+    mkdir -p pg
+
+    say "PostgreSQL step 0: a primary and a streaming standby, two portals"
+    note "working directory: $WORK; PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') from $PGBIN"
+    pg_dir pg-a
+    local who=""
+    [ "$(id -u)" -ne 0 ] || who="   # as user postgres"
+    printf '   $ %s\n' "initdb -D pg-a/data -U postgres --auth=trust -E UTF8 --no-locale --no-sync --no-instructions$who"
+    as_pg initdb -D pg-a/data -U postgres --auth=trust -E UTF8 --no-locale --no-sync --no-instructions \
+        >pg/initdb.log 2>&1 || { cat pg/initdb.log; fail "initdb failed"; }
+    note "  (done; its progress report is in pg/initdb.log)"
+    # Loopback only, trust: a demo. The portal's probe logs in as postgres.
+    cat >"$WORK/pg-a/data/pg_hba.conf" <<EOF
+local all         all              trust
+host  all         all 127.0.0.1/32 trust
+local replication all              trust
+host  replication all 127.0.0.1/32 trust
+EOF
+    pg_settings pg-a "$PG_A" >>"$WORK/pg-a/data/postgresql.conf"
+    note "pg-a: postgresql.conf gets port $PG_A, wal_level=replica, hot_standby=on, fsync=off;"
+    note "      pg_hba.conf trusts loopback connections (demo only)"
+    PG_DATADIRS+=("$WORK/pg-a/data")
+    show_pg pg_ctl start -w -D pg-a/data -l pg-a/server.log
+
+    pg_dir pg-b
+    show_pg pg_basebackup -D pg-b/data -h 127.0.0.1 -p "$PG_A" -U postgres -R -X stream -c fast
+    # The copy names pg-a's port and socket directory; later lines win.
+    pg_settings pg-b "$PG_B" >>"$WORK/pg-b/data/postgresql.conf"
+    PG_DATADIRS+=("$WORK/pg-b/data")
+    show_pg pg_ctl start -w -D pg-b/data -l pg-b/server.log
+    streaming() { [ "$(pg_direct "$PG_B" "select status from pg_stat_wal_receiver")" = streaming ]; }
+    wait_until 30 streaming || fail "pg-b is not streaming from pg-a"
+    note "pg-a (primary) on 127.0.0.1:$PG_A, pg-b (standby of pg-a) on 127.0.0.1:$PG_B:"
+    local sql="select application_name, state, sync_state from pg_stat_replication"
+    show_as "timeout 15 psql -h 127.0.0.1 -p $PG_A -U postgres -c \"$sql\"" \
+        timeout 15 psql -X -h 127.0.0.1 -p "$PG_A" -U postgres -c "$sql"
+    sql="select pg_is_in_recovery(), status, sender_port from pg_stat_wal_receiver"
+    show_as "timeout 15 psql -h 127.0.0.1 -p $PG_B -U postgres -c \"$sql\"" \
+        timeout 15 psql -X -h 127.0.0.1 -p "$PG_B" -U postgres -c "$sql"
+
+    write_pg_config() { # FILE LISTEN_PORT ADMIN_PORT
+        cat >"$1" <<EOF
+admin:
+  listen: 127.0.0.1:$3
+certs_dir: ../certs
+shutdown:
+  drain_timeout: 1s
+clusters:
+  - name: db
+    protocol: postgres
+    probe:
+      interval: 1s
+      fast_interval: 50ms
+      timeout: 500ms
+      rise: 2
+      fall: 2
+      username: postgres
+    members:
+      - name: pg-a
+        address: 127.0.0.1:$PG_A
+      - name: pg-b
+        address: 127.0.0.1:$PG_B
+    endpoints:
+      - name: db-rw
+        listen: 127.0.0.1:$2
+        route: leader
+        tls: auto
+        hold_timeout: 5s
+EOF
+    }
+    write_pg_config pg/portal1.yaml "$LISTEN_1" "$ADMIN_1"
+    write_pg_config pg/portal2.yaml "$LISTEN_2" "$ADMIN_2"
+    echo
+    note "pg/portal1.yaml (portal2.yaml differs only in the two ports $LISTEN_2 and $ADMIN_2):"
+    sed 's/^/     | /' pg/portal1.yaml
+    echo
+    show "$PORTAL" check -c pg/portal1.yaml
+    start_portals pg
+    note "portal 1: TLS on 127.0.0.1:$LISTEN_1, admin on 127.0.0.1:$ADMIN_1"
+    note "portal 2: TLS on 127.0.0.1:$LISTEN_2, admin on 127.0.0.1:$ADMIN_2"
+
+    local P1="host=localhost port=$LISTEN_1 sslmode=verify-full sslrootcert=certs/ca.crt user=postgres dbname=postgres"
+    local P2="host=localhost port=$LISTEN_2 sslmode=verify-full sslrootcert=certs/ca.crt user=postgres dbname=postgres"
+    local BOTH="host=localhost,localhost port=$LISTEN_1,$LISTEN_2 target_session_attrs=read-write sslmode=verify-full sslrootcert=certs/ca.crt user=postgres dbname=postgres"
+    PSQL=(timeout 20 psql -X -w)
+
+    say "PostgreSQL step 1: psql through both portals, TLS verified against the portal's CA"
+    note "P1=\"$P1\""
+    note "P2=\"$P2\""
+    show_as "timeout 20 psql \"\$P1\" -c '\\conninfo'" "${PSQL[@]}" "$P1" -c '\conninfo'
+    show_as "timeout 20 psql \"\$P1\" -c 'create table demo (...); insert ...'" "${PSQL[@]}" "$P1" -c \
+        "create table demo (id serial primary key, note text, at_port int default inet_server_port())" \
+        -c "insert into demo (note) values ('written through portal 1')"
+    show_as "timeout 20 psql \"\$P2\" -c \"insert ...; select ...\"" "${PSQL[@]}" "$P2" -c \
+        "insert into demo (note) values ('written through portal 2')" -c \
+        "select note, at_port, inet_server_port() as now_on, pg_is_in_recovery() as standby from demo order by id"
+    note "Both sessions run on pg-a (port $PG_A), the primary."
+    echo
+    note "A client that does not ask for TLS is refused in PostgreSQL's own words:"
+    show_refused "timeout 20 psql \"host=localhost port=$LISTEN_1 sslmode=disable user=postgres\" -c 'select 1'" \
+        "${PSQL[@]}" "host=localhost port=$LISTEN_1 sslmode=disable user=postgres dbname=postgres" -c 'select 1'
+    echo
+    note "libpq's multi-host string names both portals; it uses the first that answers and"
+    note "accepts writes (target_session_attrs=read-write), so either portal can go away:"
+    note "BOTH=\"$BOTH\""
+    show_as "timeout 20 psql \"\$BOTH\" -At -c 'select inet_server_port(), pg_is_in_recovery()'" \
+        "${PSQL[@]}" "$BOTH" -At -c 'select inet_server_port(), pg_is_in_recovery()'
+    show_status "$ADMIN_1" 1
+    show_status "$ADMIN_2" 2
+    note "(for PostgreSQL the term is the member's timeline)"
+
+    # poll_pg_write NAME CONNINFO: one connection per attempt, an insert that
+    # returns the server's port, until it succeeded on pg-b. Writes
+    # NAME.done (nanosecond time), NAME.out, NAME.tries, NAME.failed.
+    poll_pg_write() {
+        local name=$1 conninfo=$2 tries=0 out now
+        local deadline=$(($(date +%s%N) + 30 * 1000000000))
+        while (($(date +%s%N) < deadline)); do
+            tries=$((tries + 1))
+            out=$("${PSQL[@]}" "$conninfo" -At -c \
+                "insert into demo (note) values ('after failover via ${name##*/}') returning inet_server_port()" 2>&1) || true
+            now=$(date +%s%N)
+            if [ "$(head -n 1 <<<"$out")" = "$PG_B" ]; then
+                echo "$now" >"$name.done"
+                head -n 1 <<<"$out" >"$name.out"
+                echo "$tries" >"$name.tries"
+                return 0
+            fi
+            head -n 1 <<<"$out" >>"$name.failed"
+            sleep 0.01
+        done
+        echo "$tries" >"$name.tries"
+        return 1
+    }
+
+    say "PostgreSQL step 2: failover: stop the primary at once, promote the standby"
+    note "(writers start through both portals right after the stop; a portal holds a new"
+    note " connection up to hold_timeout, 5s here, while it has no leader)"
+    local T_STOP T_PROMOTED POLL_1 POLL_2
+    T_STOP=$(date +%s%N)
+    show_pg pg_ctl stop -m immediate -w -D pg-a/data
+    poll_pg_write pg/portal1 "$P1" &
+    POLL_1=$!
+    PIDS+=("$POLL_1")
+    poll_pg_write pg/portal2 "$P2" &
+    POLL_2=$!
+    PIDS+=("$POLL_2")
+    show_pg pg_ctl promote -w -D pg-b/data
+    T_PROMOTED=$(date +%s%N)
+    note "(pg_ctl promote -w returned $(((T_PROMOTED - T_STOP) / 1000000)) ms after the stop began; it checks"
+    note " the server's state every 100 ms, so it may return after the standby already took writes)"
+
+    say "PostgreSQL step 3: the first successful write through each portal lands on pg-b (port $PG_B)"
+    local ok=1 n done_at
+    wait "$POLL_1" || ok=0
+    wait "$POLL_2" || ok=0
+    for n in 1 2; do
+        if [ -f "pg/portal$n.done" ]; then
+            done_at=$(cat "pg/portal$n.done")
+            note "portal $n: insert ... returning inet_server_port() said $(cat "pg/portal$n.out")," \
+                "$(((done_at - T_STOP) / 1000000)) ms after the stop began, on attempt $(cat "pg/portal$n.tries")"
+        else
+            note "portal $n: no write reached pg-b within 30 s ($(cat "pg/portal$n.tries") attempts)"
+        fi
+        if [ -f "pg/portal$n.failed" ]; then
+            note "  first lines of the failed attempts before it:"
+            sort "pg/portal$n.failed" | uniq -c | sed 's/^/       /'
+        fi
+    done
+    note "(times include starting psql and its TLS handshake; one run on this machine; a"
+    note " connection that arrives while there is no leader is held by the portal, not refused)"
+    ((ok == 1)) || fail "a portal did not serve a write on the promoted standby"
+    leaders_agree() {
+        [ "$(status_field "$ADMIN_1" leader)" = "$1" ] && [ "$(status_field "$ADMIN_2" leader)" = "$1" ]
+    }
+    wait_until 5 leaders_agree pg-b || fail "the portals do not both name pg-b as leader"
+    show_status "$ADMIN_1" 1
+    show_status "$ADMIN_2" 2
+    agree_note pg-b
+    show_as "timeout 20 psql \"\$P1\" -c \"insert ...; select ...\"" "${PSQL[@]}" "$P1" -c \
+        "insert into demo (note) values ('written through portal 1 after the failover')" -c \
+        "select note, at_port, inet_server_port() as now_on, pg_is_in_recovery() as standby from demo order by id"
+    note "The rows written before the failover were streamed to pg-b (at_port: where each row was"
+    note "written); new ones land on pg-b (port $PG_B)."
+    echo
+    note "What portal 1 logged:"
+    grep -E 'member (up|down)|leader (lost|elected)' pg/portal1.log | sed 's/^/     /'
+
+    say "PostgreSQL step 4: the old primary restarts on its old timeline, claiming primary"
+    # A primary's timeline is the first 8 hex digits of its current WAL file's
+    # name (the portal's probe reads it the same way).
+    local TIMELINE_SQL="select pg_is_in_recovery(), pg_walfile_name(pg_current_wal_lsn()) as wal_file, ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int as timeline, (select count(*) from demo) as demo_rows"
+    show_pg pg_ctl start -w -D pg-a/data -l pg-a/server.log
+    note "TIMELINE_SQL=\"$TIMELINE_SQL\""
+    show_as "timeout 15 psql -h 127.0.0.1 -p $PG_A -U postgres -c \"\$TIMELINE_SQL\"" \
+        timeout 15 psql -X -h 127.0.0.1 -p "$PG_A" -U postgres -c "$TIMELINE_SQL"
+    note "pg-a is not in recovery (it thinks it is the primary), on timeline 1; pg-b is on 2:"
+    show_as "timeout 15 psql -h 127.0.0.1 -p $PG_B -U postgres -c \"\$TIMELINE_SQL\"" \
+        timeout 15 psql -X -h 127.0.0.1 -p "$PG_B" -U postgres -c "$TIMELINE_SQL"
+    fenced_primary() { [[ "$(member_state "$1" 0)" == "primary up older_term" ]]; }
+    wait_until 15 fenced_primary "$ADMIN_1" || fail "portal 1 does not show pg-a up and fenced: $(member_state "$ADMIN_1" 0)"
+    wait_until 15 fenced_primary "$ADMIN_2" || fail "portal 2 does not show pg-a up and fenced: $(member_state "$ADMIN_2" 0)"
+    show_status "$ADMIN_1" 1
+    show_status "$ADMIN_2" 2
+    note "Both portals see pg-a up and claiming primary, but on timeline 1, older than the"
+    note "leader's 2: fenced (older_term), no traffic. Portal logs:"
+    grep -H 'fenced\|split brain' pg/portal1.log pg/portal2.log | sed 's/^/     /' || true
+    echo
+    show_as "timeout 20 psql \"\$P2\" -At -c 'insert ... returning inet_server_port()'" "${PSQL[@]}" "$P2" -At -c \
+        "insert into demo (note) values ('written through portal 2 with pg-a back') returning inet_server_port()"
+    local admin
+    for admin in "$ADMIN_1" "$ADMIN_2"; do
+        [ "$(status_field "$admin" leader)" = pg-b ] || fail "a portal moved the leader to pg-a"
+    done
+    note "Writes still land on pg-b (port $PG_B); nothing goes to the stale pg-a."
+
+    say "PostgreSQL step 5: portal 1 stops; the multi-host string goes on through portal 2"
+    note "$ kill $PORTAL_PID_1   # portal 1 (SIGTERM: it drains and exits)"
+    stop_pids "$PORTAL_PID_1"
+    show_as "timeout 20 psql \"\$BOTH\" -At -c 'select inet_server_port(), pg_is_in_recovery()'" \
+        "${PSQL[@]}" "$BOTH" -At -c 'select inet_server_port(), pg_is_in_recovery()'
+    note "libpq found nothing on port $LISTEN_1, tried port $LISTEN_2 and reached pg-b through portal 2."
+}
+
+case $MODE in
+redis) redis_demo ;;
+postgres) postgres_demo ;;
+all)
+    redis_demo
+    say "Stopping the Redis part (portals and servers)"
+    stop_pids "${PIDS[@]}"
+    PIDS=()
+    postgres_demo
+    ;;
+esac
+
+say "Done in $(($(date +%s) - STARTED)) s; stopping the portals and servers"

@@ -497,6 +497,62 @@ impl PgServer {
     }
 }
 
+impl PgServer {
+    /// Makes this server require TLS from TCP clients: copies `cert` and
+    /// `key` (PEM) into the data directory (owned by the server user, key
+    /// mode 0600, as PostgreSQL insists), sets `ssl = on`, replaces
+    /// `pg_hba.conf` so that loopback TCP connections, normal and
+    /// replication, are accepted only over TLS (`hostssl ... trust`) and
+    /// rejected without it (`hostnossl ... reject`), and restarts the server.
+    /// The Unix socket keeps `trust`. `try_psql` still works (libpq's default
+    /// `sslmode=prefer` negotiates TLS without verifying).
+    pub fn require_tls(&mut self, cert: &Path, key: &Path) {
+        for (from, to) in [(cert, "member.crt"), (key, "member.key")] {
+            let dest = self.data().join(to);
+            std::fs::copy(from, &dest).unwrap_or_else(|err| {
+                panic!("copy {} to {}: {err}", from.display(), dest.display())
+            });
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod 0600 the member's TLS file");
+            if let Some((uid, gid)) = run_as() {
+                std::os::unix::fs::chown(&dest, Some(uid), Some(gid))
+                    .expect("chown the member's TLS file to postgres");
+            }
+        }
+        std::fs::write(
+            self.data().join("pg_hba.conf"),
+            "local     all         all          trust\n\
+             hostssl   all         all          127.0.0.1/32 trust\n\
+             hostnossl all         all          127.0.0.1/32 reject\n\
+             local     replication all          trust\n\
+             hostssl   replication all          127.0.0.1/32 trust\n\
+             hostnossl replication all          127.0.0.1/32 reject\n",
+        )
+        .expect("write pg_hba.conf");
+        self.append_conf(
+            "\n# portal tests: TLS required\n\
+             ssl = on\n\
+             ssl_cert_file = 'member.crt'\n\
+             ssl_key_file = 'member.key'\n",
+        );
+        self.restart();
+    }
+
+    /// `pg_ctl stop -m fast`, then `start`.
+    pub fn restart(&mut self) {
+        if self.running {
+            run(
+                server_command("pg_ctl", self.root())
+                    .args(["stop", "-m", "fast", "-w", "-t", "60", "-D", "data"]),
+                &format!("pg_ctl stop -m fast (port {})", self.port),
+            );
+            self.running = false;
+        }
+        self.start();
+    }
+}
+
 impl Drop for PgServer {
     fn drop(&mut self) {
         if self.running {
@@ -554,6 +610,9 @@ pub struct PgPortalConfig {
     /// `max_lag` of `ro`, as a YAML flow mapping (`{bytes: 1000}`).
     pub max_lag: Option<String>,
     pub replica_fallback: Option<String>,
+    /// The cluster's `backend_tls`, as a YAML flow mapping
+    /// (`{ca: /path/ca.crt, server_name: db.internal}`).
+    pub backend_tls: Option<String>,
 }
 
 impl PgPortalConfig {
@@ -577,7 +636,13 @@ impl PgPortalConfig {
             on_leader_change: None,
             max_lag: None,
             replica_fallback: None,
+            backend_tls: None,
         }
+    }
+
+    pub fn backend_tls(mut self, flow_mapping: &str) -> Self {
+        self.backend_tls = Some(flow_mapping.into());
+        self
     }
 
     pub fn hold_timeout(mut self, d: &str) -> Self {
@@ -617,10 +682,13 @@ impl PgPortalConfig {
             "admin:\n  listen: 127.0.0.1:{}\n\nshutdown:\n  drain_timeout: 5s\n\n\
              clusters:\n  - name: main\n    protocol: postgres\n    probe:\n      \
              interval: 200ms\n      fast_interval: 20ms\n      timeout: 1s\n      \
-             rise: 2\n      fall: 2\n      username: postgres\n      dbname: postgres\n    \
-             members:\n",
+             rise: 2\n      fall: 2\n      username: postgres\n      dbname: postgres\n",
             self.ports.admin
         );
+        if let Some(tls) = &self.backend_tls {
+            y.push_str(&format!("    backend_tls: {tls}\n"));
+        }
+        y.push_str("    members:\n");
         for (name, port) in &self.members {
             y.push_str(&format!(
                 "      - name: {name}\n        address: 127.0.0.1:{port}\n"
