@@ -23,13 +23,30 @@ struct EtcdPorts {
     any: u16,
 }
 
-fn etcd_yaml(etcd: &EtcdCluster, certs: &Certs, ports: &EtcdPorts, hold: &str) -> String {
+/// A portal config for `etcd`: endpoints `kv-leader`, `kv-replicas` and
+/// `kv-any`; with `backend_ca`, TLS to the members verified with that CA.
+fn etcd_yaml(
+    etcd: &EtcdCluster,
+    certs: &Certs,
+    ports: &EtcdPorts,
+    hold: &str,
+    backend_ca: Option<&Path>,
+) -> String {
     let mut y = format!(
         "admin:\n  listen: 127.0.0.1:{}\n\nclusters:\n  - name: kv\n    protocol: etcd\n    \
          probe:\n      interval: 200ms\n      fast_interval: 20ms\n      timeout: 500ms\n      \
          rise: 2\n      fall: 2\n    members:\n",
         ports.admin
     );
+    if let Some(ca) = backend_ca {
+        y = y.replace(
+            "    members:\n",
+            &format!(
+                "    backend_tls:\n      ca: {}\n    members:\n",
+                ca.display()
+            ),
+        );
+    }
     for i in 0..etcd.len() {
         y.push_str(&format!(
             "      - name: {}\n        address: {}\n",
@@ -178,7 +195,7 @@ async fn start(hold: &str) -> (EtcdCluster, Certs, EtcdPorts, Portal) {
     let etcd = EtcdCluster::start(3);
     let certs = temp_certs();
     let ports = ports();
-    let portal = Portal::start(&etcd_yaml(&etcd, &certs, &ports, hold)).await;
+    let portal = Portal::start(&etcd_yaml(&etcd, &certs, &ports, hold, None)).await;
     (etcd, certs, ports, portal)
 }
 
@@ -384,6 +401,59 @@ async fn without_a_raft_leader_clients_get_a_grpc_refusal() {
             |v| v >= 1.0,
         )
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_members_with_alpn_h2() {
+    let certs = temp_certs();
+    let etcd = EtcdCluster::start_tls(3, &certs);
+    let ports = ports();
+    let portal = Portal::start(&etcd_yaml(&etcd, &certs, &ports, "5s", Some(&certs.ca))).await;
+    let leader_index = etcd.leader();
+    wait_portal_leader(&portal, &etcd, leader_index).await;
+    put_until_ok(ports.leader, &certs.ca, "secure", "yes");
+    assert_eq!(get(ports.replicas, &certs.ca, "secure"), "yes");
+    let leader_id = etcd.status(leader_index).expect("leader status").member_id;
+    assert_eq!(reached_id(ports.leader, &certs.ca), Ok(leader_id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_with_alpn_h2_or_none_pass_others_are_refused() {
+    let (etcd, certs, ports, portal) = start("5s").await;
+    wait_portal_leader(&portal, &etcd, etcd.leader()).await;
+
+    // No ALPN: accepted, and the member's own HTTP/2 server answers the
+    // preface with its SETTINGS frame.
+    let mut tls = tls_connect(ports.leader, &certs.ca, "localhost")
+        .await
+        .expect("TLS without ALPN");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("send preface");
+    let mut head = [0u8; 9];
+    tokio::time::timeout(DEADLINE, tls.read_exact(&mut head))
+        .await
+        .expect("member answered in time")
+        .expect("read the member's first frame");
+    assert_eq!(
+        head[3], 0x4,
+        "the member's first frame is SETTINGS: {head:?}"
+    );
+
+    // ALPN h2: negotiated.
+    let mut h2 = (*default_client_config(&certs.ca)).clone();
+    h2.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = tls_connect_with(ports.leader, std::sync::Arc::new(h2), "localhost")
+        .await
+        .expect("TLS with ALPN h2");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+
+    // ALPN without h2: the handshake fails.
+    let mut http1 = (*default_client_config(&certs.ca)).clone();
+    http1.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let refused = tls_connect_with(ports.leader, std::sync::Arc::new(http1), "localhost").await;
+    assert!(refused.is_err(), "ALPN http/1.1 must be refused");
 }
 
 #[test]
