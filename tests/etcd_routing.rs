@@ -290,6 +290,14 @@ async fn killing_the_leader_moves_the_leader_endpoint() {
         "down",
         "{status:#}"
     );
+    // The dead member's probe failed hard (connection refused), not by timeout.
+    portal
+        .wait_metric(
+            "portal_probe_failures_total",
+            &[("member", etcd.name(old)), ("kind", "hard")],
+            |v| v >= 1.0,
+        )
+        .await;
 
     // The old leader comes back as a follower of the new one.
     etcd.restart(old);
