@@ -1,5 +1,6 @@
-//! Connecting to members: plain TCP, or (PostgreSQL) TLS originated after an
-//! `SSLRequest`, verifying the member against a configured CA.
+//! Connecting to members: plain TCP, or TLS originated (PostgreSQL: after an
+//! `SSLRequest`; etcd: with ALPN `h2`), verifying the member against a
+//! configured CA.
 
 use std::io;
 use std::time::Duration;
@@ -25,6 +26,20 @@ impl Origination {
     pub fn new(config: &BackendTls) -> Result<Origination, TlsError> {
         Ok(Origination {
             connector: TlsConnector::from(crate::tls::client_config(&config.ca)?),
+            server_name: config.server_name.clone(),
+        })
+    }
+
+    /// Like `new`, offering the protocol's ALPN: etcd members serve gRPC
+    /// over TLS only to clients that negotiate `h2`.
+    pub fn for_protocol(config: &BackendTls, protocol: Protocol) -> Result<Origination, TlsError> {
+        if protocol != Protocol::Etcd {
+            return Origination::new(config);
+        }
+        let mut client = (*crate::tls::client_config(&config.ca)?).clone();
+        client.alpn_protocols = vec![crate::frontend::etcd::ALPN.to_vec()];
+        Ok(Origination {
+            connector: TlsConnector::from(std::sync::Arc::new(client)),
             server_name: config.server_name.clone(),
         })
     }

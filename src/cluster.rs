@@ -78,6 +78,7 @@ impl Cluster {
                 .map(|m| KnownAddress::resolve(&m.address))
                 .collect(),
         );
+        let etcd_ids = probe::etcd::MemberIds::new(cluster.config.members.len());
         for (id, member) in cluster.config.members.iter().enumerate() {
             let ctx = ProbeContext::new(
                 name.clone(),
@@ -101,6 +102,14 @@ impl Cluster {
                 )),
                 Protocol::Postgres => tasks.spawn(probe::run(
                     probe::postgres::PostgresProber::new(cluster.origination.clone()),
+                    ctx,
+                    reports,
+                    urgent,
+                    poke,
+                    cancel,
+                )),
+                Protocol::Etcd => tasks.spawn(probe::run(
+                    probe::etcd::EtcdProber::new(cluster.origination.clone(), etcd_ids.clone()),
                     ctx,
                     reports,
                     urgent,

@@ -60,6 +60,7 @@ pub struct ShutdownSettings {
 pub enum Protocol {
     Redis,
     Postgres,
+    Etcd,
 }
 
 impl fmt::Display for Protocol {
@@ -67,6 +68,7 @@ impl fmt::Display for Protocol {
         match self {
             Protocol::Redis => f.write_str("redis"),
             Protocol::Postgres => f.write_str("postgres"),
+            Protocol::Etcd => f.write_str("etcd"),
         }
     }
 }
@@ -721,11 +723,11 @@ impl Validator<'_> {
                             format!("{}: {err}", ca.display()),
                         ));
                     }
-                    if rc.protocol != Protocol::Postgres {
+                    if rc.protocol == Protocol::Redis {
                         return Err(self.error(
                             &raw.ca,
                             format!("{at}.backend_tls"),
-                            "TLS to the members is supported for PostgreSQL clusters",
+                            "TLS to the members is supported for PostgreSQL and etcd clusters",
                         ));
                     }
                     Some(BackendTls {

@@ -53,7 +53,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for cluster in &config.clusters {
         let origination = match &cluster.backend_tls {
             Some(tls) => Some(
-                Origination::new(tls)
+                Origination::for_protocol(tls, cluster.protocol)
                     .with_context(|| format!("cluster {}: backend_tls", cluster.name))?,
             ),
             None => None,

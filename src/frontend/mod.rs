@@ -2,6 +2,7 @@
 //! handshake, each protocol's own negotiation, and each protocol's way of
 //! refusing a client it cannot serve.
 
+pub mod etcd;
 pub mod postgres;
 pub mod redis;
 
@@ -82,6 +83,7 @@ where
 {
     match protocol {
         Protocol::Redis => redis::refuse(stream, refusal).await,
+        Protocol::Etcd => etcd::refuse(stream, refusal).await,
         Protocol::Postgres => {
             let sqlstate = match refusal {
                 Refusal::NoMember { .. } => "57P03", // cannot_connect_now
@@ -98,6 +100,7 @@ pub fn alpn(protocol: Protocol) -> &'static [&'static [u8]] {
     match protocol {
         Protocol::Redis => &[],
         Protocol::Postgres => &[postgres::ALPN],
+        Protocol::Etcd => &[etcd::ALPN],
     }
 }
 
@@ -196,6 +199,7 @@ impl Frontend<'_> {
         match self.protocol {
             Protocol::Redis => self.accept_redis(tcp, peer, opening).await,
             Protocol::Postgres => self.accept_postgres(tcp, peer, opening).await,
+            Protocol::Etcd => self.accept_etcd(tcp, peer, opening).await,
         }
     }
 
@@ -237,6 +241,31 @@ impl Frontend<'_> {
                 self.handshake_failed("not_tls");
                 tracing::info!(endpoint = self.endpoint, %peer, reason = "not_tls", "client did not start TLS; connection dropped");
                 redis::refuse_plaintext(&mut tcp).await;
+                Accepted::Dropped
+            }
+        }
+    }
+
+    /// etcd: TLS (ALPN `h2` or none; rustls refuses other ALPN offers), then
+    /// the HTTP/2 bytes pass through untouched.
+    async fn accept_etcd(
+        &self,
+        mut tcp: TcpStream,
+        peer: SocketAddr,
+        opening: Opening,
+    ) -> Accepted {
+        match opening {
+            Opening::Tls { hello_version } => match self.tls(tcp, peer, hello_version).await {
+                Some(client) => Accepted::Session {
+                    client,
+                    preface: Vec::new(),
+                },
+                None => Accepted::Dropped,
+            },
+            _ => {
+                self.handshake_failed("not_tls");
+                tracing::info!(endpoint = self.endpoint, %peer, reason = "not_tls", "client did not start TLS; connection dropped");
+                etcd::refuse_plaintext(&mut tcp).await;
                 Accepted::Dropped
             }
         }

@@ -2,6 +2,7 @@
 //! what it sees into a [`Report`] for the view. A probe never decides who
 //! leads.
 
+pub mod etcd;
 pub mod postgres;
 pub mod redis;
 
