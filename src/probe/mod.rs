@@ -2,6 +2,7 @@
 //! what it sees into a [`Report`] for the view. A probe never decides who
 //! leads.
 
+pub mod patroni;
 pub mod postgres;
 pub mod redis;
 
