@@ -18,11 +18,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{free_port, Certs, NAMES};
+use super::pg::{pg_config, pg_connect_with, pg_error, PgTls};
+use super::{cluster, free_port, leader, member, replica_names, Certs, Portal, NAMES};
 
 pub const PATRONI: &str = "/usr/bin/patroni";
 pub const PATRONICTL: &str = "/usr/bin/patronictl";
@@ -554,6 +557,204 @@ fn wait_gone(pids: &[u32]) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+// ---- clients through the portal ---------------------------------------------
+
+/// tokio-postgres through the portal endpoint on `port` (TLS via
+/// `SSLRequest`, the portal verified as `localhost`), logging in with the
+/// superuser's password.
+pub async fn connect(port: u16, certs: &Certs) -> Result<tokio_postgres::Client, String> {
+    let mut config = pg_config(port);
+    config
+        .password(SUPERUSER_PASSWORD)
+        .connect_timeout(Duration::from_secs(5));
+    pg_connect_with(&config, PgTls::new(&certs.ca))
+        .await
+        .map_err(|err| pg_error(&err))
+}
+
+/// A session straight to a member, bypassing the portal.
+pub async fn direct(port: u16) -> tokio_postgres::Client {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user(SUPERUSER)
+        .password(SUPERUSER_PASSWORD)
+        .dbname("postgres");
+    pg_connect_with(&config, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|err| panic!("direct session to {port}: {}", pg_error(&err)))
+}
+
+/// One acknowledged write: its id, the port of the member that committed
+/// it, and whether that member said it was in recovery.
+#[derive(Debug, Clone, Copy)]
+pub struct Ack {
+    pub id: i64,
+    pub port: u16,
+    pub in_recovery: bool,
+}
+
+/// Writes through the portal's leader endpoint in a loop, reconnecting
+/// after any error, until stopped. Each write reports, in the same
+/// statement, `pg_is_in_recovery()` and `inet_server_port()` of the member
+/// that committed it.
+pub struct Writer {
+    acks: Arc<Mutex<Vec<Ack>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    pub fn start(port: u16, certs: &Certs) -> Writer {
+        Writer::start_from(port, certs, 0)
+    }
+
+    /// A writer whose ids start after `first_id`, so that several writers
+    /// share one table.
+    pub fn start_from(port: u16, certs: &Certs, first_id: i64) -> Writer {
+        let acks = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let certs = certs.clone();
+        let task = tokio::spawn({
+            let (acks, errors, stop) = (acks.clone(), errors.clone(), stop.clone());
+            async move {
+                let mut client = None;
+                let mut id: i64 = first_id;
+                while !stop.load(Ordering::Relaxed) {
+                    if client.is_none() {
+                        match connect(port, &certs).await {
+                            Ok(c) => client = Some(c),
+                            Err(err) => {
+                                errors
+                                    .lock()
+                                    .expect("errors")
+                                    .push(format!("connect: {err}"));
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                continue;
+                            }
+                        }
+                    }
+                    let Some(c) = client.as_ref() else { continue };
+                    id += 1;
+                    let answer = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        c.query_one(
+                            "insert into writes (id) values ($1) \
+                             returning pg_is_in_recovery(), inet_server_port()",
+                            &[&id],
+                        ),
+                    )
+                    .await;
+                    match answer {
+                        Ok(Ok(row)) => {
+                            let in_recovery: bool = row.get(0);
+                            let port: i32 = row.get(1);
+                            acks.lock().expect("acks").push(Ack {
+                                id,
+                                port: port as u16,
+                                in_recovery,
+                            });
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Ok(Err(err)) => {
+                            // Which member refused it, when the session
+                            // still answers: for the failure message.
+                            let on = match c
+                                .query_one("select inet_server_port(), pg_is_in_recovery()", &[])
+                                .await
+                            {
+                                Ok(row) => format!(
+                                    " (member on {}, in recovery: {})",
+                                    row.get::<_, i32>(0),
+                                    row.get::<_, bool>(1)
+                                ),
+                                Err(_) => String::new(),
+                            };
+                            errors
+                                .lock()
+                                .expect("errors")
+                                .push(format!("{}{on}", pg_error(&err)));
+                            client = None;
+                        }
+                        Err(_) => {
+                            errors
+                                .lock()
+                                .expect("errors")
+                                .push("write timed out".into());
+                            client = None;
+                        }
+                    }
+                }
+            }
+        });
+        Writer {
+            acks,
+            errors,
+            stop,
+            task,
+        }
+    }
+
+    pub fn acks(&self) -> Vec<Ack> {
+        self.acks.lock().expect("acks").clone()
+    }
+
+    /// Waits until a write acknowledged by the member on `port` arrives
+    /// after `after` acknowledgements; panics after `limit`.
+    pub async fn wait_ack_from(&self, port: u16, after: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.acks().iter().skip(after).any(|a| a.port == port) {
+                return;
+            }
+            if Instant::now() > deadline {
+                let errors = self.errors.lock().expect("errors").clone();
+                let last: Vec<&String> = errors.iter().rev().take(5).collect();
+                panic!(
+                    "no write acknowledged by the member on {port} within {limit:?}; \
+                     last errors: {last:?}; acks: {}",
+                    self.acks().len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn stop(self) -> Vec<Ack> {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        let acks = self.acks.lock().expect("acks").clone();
+        acks
+    }
+}
+
+/// The leader's term (timeline) as `/status` shows it.
+pub fn leader_term(status: &serde_json::Value) -> Option<u64> {
+    let name = leader(status)?;
+    member(status, &name)["term"].as_str()?.parse().ok()
+}
+
+pub async fn wait_roles_within(portal: &Portal, name: &str, replicas: &[&str], limit: Duration) {
+    portal
+        .wait_for_within(
+            &format!("leader {name} with replicas {replicas:?}"),
+            limit,
+            |st| cluster(st)["leader"] == name && replica_names(st) == replicas,
+        )
+        .await;
+}
+
+pub fn assert_no_ack_in_recovery(acks: &[Ack]) {
+    let bad: Vec<&Ack> = acks.iter().filter(|a| a.in_recovery).collect();
+    assert!(
+        bad.is_empty(),
+        "writes acknowledged by a member in recovery: {bad:?}"
+    );
 }
 
 /// A three-member etcd cluster on loopback for Patroni's DCS (stand-in
