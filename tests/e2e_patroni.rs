@@ -11,6 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::etcd::EtcdCluster;
 use common::patroni::*;
 use common::pg::*;
 use common::*;
@@ -98,8 +99,8 @@ async fn two_host_write(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_portals_in_front_of_patroni_agree_and_survive_failovers() {
-    let etcd = block_in_place(|| Etcd::start(3));
-    let mut cluster = block_in_place(|| PatroniCluster::start(&etcd.hosts(), 2));
+    let etcd = block_in_place(|| EtcdCluster::start(3));
+    let mut cluster = block_in_place(|| PatroniCluster::start(&etcd.client_addresses(), 2));
     let (a, b) = (cluster.members[0].pg_port, cluster.members[1].pg_port);
     let certs = temp_certs();
     let (p1, p2) = (PortalPorts::new(), PortalPorts::new());

@@ -9,6 +9,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::etcd::EtcdCluster;
 use common::patroni::*;
 use common::pg::*;
 use common::*;
@@ -22,15 +23,15 @@ struct Setup {
     // Dropped in this order: the portal, then Patroni, then etcd.
     portal: Portal,
     cluster: PatroniCluster,
-    _etcd: Etcd,
+    _etcd: EtcdCluster,
     certs: Certs,
     rw: u16,
     ro: u16,
 }
 
 async fn setup() -> Setup {
-    let etcd = block_in_place(|| Etcd::start(3));
-    let cluster = block_in_place(|| PatroniCluster::start(&etcd.hosts(), 2));
+    let etcd = block_in_place(|| EtcdCluster::start(3));
+    let cluster = block_in_place(|| PatroniCluster::start(&etcd.client_addresses(), 2));
     let certs = temp_certs();
     let (admin, rw, ro) = (free_port(), free_port(), free_port());
     let portal = Portal::start(&cluster.portal_yaml(&certs, admin, rw, ro)).await;
