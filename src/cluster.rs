@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::Origination;
-use crate::config::{self, Protocol};
+use crate::config::{self, Check, Protocol};
 use crate::frontend::postgres::CancelKeys;
 use crate::metrics::Metrics;
 use crate::probe::{self, KnownAddress, ProbeContext};
@@ -100,6 +100,16 @@ impl Cluster {
                     poke,
                     cancel,
                 )),
+                Protocol::Postgres if cluster.config.probe.check == Check::Patroni => {
+                    tasks.spawn(probe::run(
+                        probe::patroni::PatroniProber::new(member.api.as_deref().unwrap_or("")),
+                        ctx,
+                        reports,
+                        urgent,
+                        poke,
+                        cancel,
+                    ))
+                }
                 Protocol::Postgres => tasks.spawn(probe::run(
                     probe::postgres::PostgresProber::new(cluster.origination.clone()),
                     ctx,

@@ -96,6 +96,19 @@ pub struct ProbeSettings {
     pub password: Option<Secret>,
     /// PostgreSQL: the database the probe connects to.
     pub dbname: String,
+    /// How members are asked what they are.
+    pub check: Check,
+}
+
+/// What a probe asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Check {
+    /// The member's own protocol (Redis `ROLE`, PostgreSQL queries).
+    #[default]
+    Native,
+    /// PostgreSQL under Patroni: `GET /patroni` on each member's `api`.
+    Patroni,
 }
 
 /// TLS from the portal to the members.
@@ -145,6 +158,9 @@ pub struct Member {
     pub name: String,
     /// `host:port`; resolved at connect time so DNS names follow changes.
     pub address: String,
+    /// Patroni's REST API, `host:port` (set exactly when `probe.check` is
+    /// `patroni`).
+    pub api: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -365,6 +381,7 @@ struct RawProbe {
     password_env: Option<Spanned<String>>,
     #[serde(default = "default_dbname")]
     dbname: String,
+    check: Option<Spanned<Check>>,
 }
 
 fn default_dbname() -> String {
@@ -398,6 +415,7 @@ impl Default for RawProbe {
             password_file: None,
             password_env: None,
             dbname: default_dbname(),
+            check: None,
         }
     }
 }
@@ -420,6 +438,7 @@ fn default_rise() -> Spanned<u32> {
 struct RawMember {
     name: Spanned<String>,
     address: Spanned<String>,
+    api: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -583,6 +602,15 @@ impl Validator<'_> {
                     format!("cluster name {:?} is empty or used twice", rc.name.value),
                 ));
             }
+            if let Some(check) = &rc.probe.check {
+                if check.value == Check::Patroni && rc.protocol != Protocol::Postgres {
+                    return Err(self.error(
+                        check,
+                        format!("{at}.probe.check"),
+                        "`check: patroni` applies to `protocol: postgres` clusters",
+                    ));
+                }
+            }
             let probe = self.probe(&at, rc.probe)?;
 
             if rc.members.value.is_empty() {
@@ -621,9 +649,11 @@ impl Validator<'_> {
                         format!("address {} is used by two members", m.address.value),
                     ));
                 }
+                let api = self.member_api(&mat, m, probe.check)?;
                 members.push(Member {
                     name: m.name.value.clone(),
                     address: m.address.value.clone(),
+                    api,
                 });
             }
 
@@ -736,7 +766,10 @@ impl Validator<'_> {
                     })
                 }
             };
-            if rc.protocol == Protocol::Postgres && probe.username.is_none() {
+            if rc.protocol == Protocol::Postgres
+                && probe.check == Check::Native
+                && probe.username.is_none()
+            {
                 return Err(self.error(
                     &rc.name,
                     format!("{at}.probe.username"),
@@ -811,7 +844,40 @@ impl Validator<'_> {
             username: raw.username,
             password,
             dbname: raw.dbname,
+            check: raw.check.map(|c| c.value).unwrap_or_default(),
         })
+    }
+
+    /// A member's `api`: required with `check: patroni`, refused without it
+    /// (a key that would be ignored is a trap).
+    fn member_api(
+        &self,
+        at: &str,
+        member: &RawMember,
+        check: Check,
+    ) -> Result<Option<String>, ConfigError> {
+        match (&member.api, check) {
+            (None, Check::Patroni) => Err(self.error(
+                &member.name,
+                format!("{at}.api"),
+                format!(
+                    "member {:?} needs `api: host:port` (its Patroni REST address) with `probe.check: patroni`",
+                    member.name.value
+                ),
+            )),
+            (Some(api), Check::Native) => Err(self.error(
+                api,
+                format!("{at}.api"),
+                "`api` is Patroni's REST address; it is used only with `probe.check: patroni`",
+            )),
+            (Some(api), Check::Patroni) if !valid_host_port(&api.value) => Err(self.error(
+                api,
+                format!("{at}.api"),
+                format!("{:?} is not host:port", api.value),
+            )),
+            (Some(api), Check::Patroni) => Ok(Some(api.value.clone())),
+            (None, Check::Native) => Ok(None),
+        }
     }
 
     fn tls(
@@ -977,6 +1043,54 @@ clusters:
     #[test]
     fn secrets_do_not_print() {
         assert_eq!(format!("{:?}", Secret("hunter2".into())), "Secret(***)");
+    }
+
+    const PATRONI: &str = "\
+certs_dir: .
+clusters:
+  - name: pg
+    protocol: postgres
+    probe:
+      check: patroni
+    members:
+      - name: a
+        address: 127.0.0.1:5432
+        api: 127.0.0.1:8008
+      - name: b
+        address: 127.0.0.1:5433
+        api: 127.0.0.1:8009
+    endpoints:
+      - name: rw
+        listen: 127.0.0.1:7000
+        route: leader
+        tls: auto
+";
+
+    #[test]
+    fn patroni_check_needs_each_members_api() {
+        let dir = certs();
+        let cfg = config(dir.path(), PATRONI).expect("valid");
+        let c = &cfg.clusters[0];
+        assert_eq!(c.probe.check, Check::Patroni);
+        assert_eq!(c.members[1].api.as_deref(), Some("127.0.0.1:8009"));
+        assert!(c.probe.username.is_none(), "no PostgreSQL login needed");
+
+        let (line, key, message) = invalid(&PATRONI.replace("        api: 127.0.0.1:8009\n", ""));
+        assert_eq!((line, key.as_str()), (11, "clusters[0].members[1].api"));
+        assert!(message.contains("needs `api"), "{message}");
+
+        let (line, key, _) = invalid(&PATRONI.replace("api: 127.0.0.1:8008", "api: nope"));
+        assert_eq!((line, key.as_str()), (10, "clusters[0].members[0].api"));
+
+        let (line, key, message) = invalid(&PATRONI.replace("check: patroni", "check: native"));
+        assert_eq!((line, key.as_str()), (10, "clusters[0].members[0].api"));
+        assert!(message.contains("only with"), "{message}");
+
+        let (line, key, _) = invalid(&PATRONI.replace("protocol: postgres", "protocol: redis"));
+        assert_eq!((line, key.as_str()), (6, "clusters[0].probe.check"));
+
+        let (line, key, _) = invalid(&PATRONI.replace("check: patroni", "check: maybe"));
+        assert_eq!((line, key.as_str()), (6, "clusters[0].probe.check"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! leads.
 
 pub mod etcd;
+pub mod patroni;
 pub mod postgres;
 pub mod redis;
 

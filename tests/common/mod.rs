@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 pub mod etcd;
+pub mod patroni;
 pub mod pg;
 
 /// The portal binary under test.

@@ -1,0 +1,163 @@
+//! A portal with `probe.check: patroni` in front of a real Patroni cluster
+//! (three etcd members, two PostgreSQL 15 members run by Patroni): writes
+//! through the TLS leader endpoint reach Patroni's leader, follow a
+//! `patronictl switchover` and a hard kill of the leader, and are never
+//! acknowledged by a member in recovery; `/status` shows the new leader
+//! with its newer timeline as the term.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::etcd::EtcdCluster;
+use common::patroni::*;
+use common::pg::*;
+use common::*;
+use tokio::task::block_in_place;
+
+/// Failover after a hard kill waits for the leader key to expire
+/// (`ttl: 10`) and Patroni's next loop: give it room.
+const FAILOVER_DEADLINE: Duration = Duration::from_secs(60);
+
+struct Setup {
+    // Dropped in this order: the portal, then Patroni, then etcd.
+    portal: Portal,
+    cluster: PatroniCluster,
+    _etcd: EtcdCluster,
+    certs: Certs,
+    rw: u16,
+    ro: u16,
+}
+
+async fn setup() -> Setup {
+    let etcd = block_in_place(|| EtcdCluster::start(3));
+    let cluster = block_in_place(|| PatroniCluster::start(&etcd.client_addresses(), 2));
+    let certs = temp_certs();
+    let (admin, rw, ro) = (free_port(), free_port(), free_port());
+    let portal = Portal::start(&cluster.portal_yaml(&certs, admin, rw, ro)).await;
+    portal.wait_roles("a", &["b"]).await;
+    let s = Setup {
+        portal,
+        cluster,
+        _etcd: etcd,
+        certs,
+        rw,
+        ro,
+    };
+    let client = connect(s.rw, &s.certs).await.expect("session through rw");
+    client
+        .batch_execute("create table writes (id int8 primary key)")
+        .await
+        .unwrap_or_else(|err| panic!("create table: {}", pg_error(&err)));
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_follow_a_patronictl_switchover() {
+    let s = setup().await;
+    let (a, b) = (s.cluster.members[0].pg_port, s.cluster.members[1].pg_port);
+
+    // Reads go to the replica, writes to the leader.
+    let ro = connect(s.ro, &s.certs).await.expect("session through ro");
+    assert_eq!(server_port_of(&ro).await.expect("port"), b);
+    let before = s.portal.status().await;
+    assert_eq!(leader_term(&before), Some(1), "{before:#}");
+
+    let writer = Writer::start(s.rw, &s.certs);
+    writer.wait_ack_from(a, 0, DEADLINE).await;
+
+    let started = Instant::now();
+    block_in_place(|| s.cluster.switchover(0, 1));
+    let switched = writer.acks().len();
+    writer.wait_ack_from(b, switched, DEADLINE).await;
+    // For the log only (never asserted): includes patronictl's own time.
+    eprintln!(
+        "switchover: first write acknowledged by b {:?} after patronictl started",
+        started.elapsed()
+    );
+    let status = s
+        .portal
+        .wait_for("b leading on a newer timeline", |st| {
+            leader(st).as_deref() == Some("b") && leader_term(st).is_some_and(|t| t > 1)
+        })
+        .await;
+    // The former leader rejoins as a replica and takes reads again.
+    block_in_place(|| s.cluster.wait_all_running());
+    wait_roles_within(&s.portal, "b", &["a"], FAILOVER_DEADLINE).await;
+    let acks = writer.stop().await;
+
+    assert_no_ack_in_recovery(&acks);
+    // Once the portal followed the switchover, every write lands on b.
+    let first_on_b = acks.iter().position(|x| x.port == b).expect("a write on b");
+    let stray: Vec<&Ack> = acks[first_on_b..].iter().filter(|x| x.port != b).collect();
+    assert!(stray.is_empty(), "writes on a after b took over: {stray:?}");
+    // A switchover loses nothing: every acknowledged write is on b.
+    let on_b = direct(b).await;
+    let ids: Vec<i64> = on_b
+        .query("select id from writes", &[])
+        .await
+        .expect("read writes on b")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let lost: Vec<i64> = acks
+        .iter()
+        .map(|x| x.id)
+        .filter(|id| !ids.contains(id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes missing on b: {lost:?}"
+    );
+    assert!(
+        acks.iter().any(|x| x.port == a) && acks.iter().any(|x| x.port == b),
+        "writes on both members: {status:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_resume_after_a_hard_kill_of_the_leader() {
+    let mut s = setup().await;
+    let b = s.cluster.members[1].pg_port;
+    let writer = Writer::start(s.rw, &s.certs);
+    writer
+        .wait_ack_from(s.cluster.members[0].pg_port, 0, DEADLINE)
+        .await;
+    let before = s.portal.status().await;
+    let old_term = leader_term(&before).expect("a term");
+
+    let started = Instant::now();
+    block_in_place(|| s.cluster.kill9(0));
+    let killed = writer.acks().len();
+    let new = block_in_place(|| s.cluster.wait_new_leader(0));
+    assert_eq!(new, 1);
+    writer.wait_ack_from(b, killed, FAILOVER_DEADLINE).await;
+    // For the log only (never asserted): dominated by Patroni's `ttl: 10`.
+    eprintln!(
+        "hard kill: first write acknowledged by b {:?} after the kill",
+        started.elapsed()
+    );
+    let status = s
+        .portal
+        .wait_for("b leading on a newer timeline", |st| {
+            leader(st).as_deref() == Some("b") && leader_term(st).is_some_and(|t| t > old_term)
+        })
+        .await;
+    assert_eq!(member(&status, "a")["health"], "down", "{status:#}");
+
+    // The killed member comes back (Patroni rewinds it) as a replica.
+    block_in_place(|| s.cluster.restart(0));
+    block_in_place(|| s.cluster.wait_all_running());
+    wait_roles_within(&s.portal, "b", &["a"], FAILOVER_DEADLINE).await;
+    let ro = connect(s.ro, &s.certs).await.expect("session through ro");
+    assert_eq!(
+        server_port_of(&ro).await.expect("port"),
+        s.cluster.members[0].pg_port
+    );
+
+    let acks = writer.stop().await;
+    assert_no_ack_in_recovery(&acks);
+    let first_on_b = acks.iter().position(|x| x.port == b).expect("a write on b");
+    let stray: Vec<&Ack> = acks[first_on_b..].iter().filter(|x| x.port != b).collect();
+    assert!(stray.is_empty(), "writes on a after b took over: {stray:?}");
+}
