@@ -20,9 +20,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
+use crate::config;
 use crate::metrics::Metrics;
 use crate::proxy::Endpoint;
-use crate::view::Snapshot;
+use crate::view::{DcsView, Snapshot};
 
 /// What the admin pages read.
 pub struct AdminState {
@@ -183,9 +184,35 @@ fn cluster_json(cluster: &Cluster, snapshot: &Snapshot, endpoints: &[Arc<Endpoin
         "leader": member_name(cluster, snapshot.leader),
         "replicas": snapshot.replicas.iter().map(|&r| member_name(cluster, Some(r))).collect::<Vec<_>>(),
         "split_brain": snapshot.split_brain,
+        "leader_term": snapshot.leader_term.as_ref().map(|t| t.to_string()),
+        "dcs": dcs_json(cluster, &snapshot.dcs),
         "members": members,
         "endpoints": endpoints,
     })
+}
+
+/// What the DCS says, as the view holds it; `null` without a DCS.
+fn dcs_json(cluster: &Cluster, dcs: &DcsView) -> Value {
+    let source = match &cluster.config.dcs {
+        None => return Value::Null,
+        Some(config::Dcs::Etcd(_)) => "etcd",
+        Some(config::Dcs::Sentinel(_)) => "sentinel",
+    };
+    match dcs {
+        DcsView::Absent | DcsView::Waiting => json!({"source": source, "state": "waiting"}),
+        DcsView::Named { leader, term } => json!({
+            "source": source,
+            "state": "reachable",
+            "leader": member_name(cluster, *leader),
+            "term": term,
+        }),
+        DcsView::Unreachable { error, last_term } => json!({
+            "source": source,
+            "state": "unreachable",
+            "error": error,
+            "last_term": last_term,
+        }),
+    }
 }
 
 /// The `/status` document.

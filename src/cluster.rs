@@ -12,10 +12,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::backend::Origination;
 use crate::config::{self, Check, Protocol};
+use crate::dcs;
 use crate::frontend::postgres::CancelKeys;
 use crate::metrics::Metrics;
 use crate::probe::{self, KnownAddress, ProbeContext};
-use crate::view::{Outcome, Report, Snapshot, Thresholds, Transition, View};
+use crate::view::{DcsReport, Outcome, Report, Snapshot, Thresholds, Transition, View};
 
 /// Live PostgreSQL sessions whose cancel keys are remembered, per cluster.
 const CANCEL_KEYS_CAPACITY: usize = 100_000;
@@ -46,13 +47,16 @@ impl Cluster {
         tasks: &TaskTracker,
         cancel: CancellationToken,
     ) -> Arc<Cluster> {
-        let view = View::new(
+        let mut view = View::new(
             config.members.len(),
             Thresholds {
                 rise: config.probe.rise,
                 fall: config.probe.fall,
             },
         );
+        if config.dcs.is_some() {
+            view = view.with_dcs();
+        }
         let first = Arc::new(view.snapshot());
         let (routing_tx, routing) = watch::channel(first.clone());
         let (reports, reports_rx) = mpsc::channel(1024);
@@ -129,10 +133,19 @@ impl Cluster {
             };
         }
 
+        let (dcs_tx, dcs_rx) = mpsc::channel(64);
+        if let Some(dcs) = cluster.config.dcs.clone() {
+            let ctx = dcs::SourceContext::new(&cluster.config, known.clone(), &metrics);
+            tasks.spawn(dcs::run(dcs, ctx, dcs_tx, cancel.clone()));
+        } else {
+            drop(dcs_tx);
+        }
+
         tasks.spawn(supervise(
             cluster.clone(),
             view,
             reports_rx,
+            dcs_rx,
             routing_tx,
             urgent_tx,
             poke,
@@ -193,6 +206,7 @@ async fn supervise(
     cluster: Arc<Cluster>,
     mut view: View,
     mut reports: mpsc::Receiver<Report>,
+    mut dcs: mpsc::Receiver<DcsReport>,
     routing: watch::Sender<Arc<Snapshot>>,
     urgent: watch::Sender<bool>,
     poke: Arc<Notify>,
@@ -210,16 +224,29 @@ async fn supervise(
     let epoch_gauge = metrics.epoch.with_label_values(&[name]);
     let split_gauge = metrics.split_brain.with_label_values(&[name]);
     let leader_changes = metrics.leader_changes.with_label_values(&[name]);
+    let mut dcs_open = true;
     loop {
-        let report = tokio::select! {
+        let mut poke_all = false;
+        let transitions = tokio::select! {
             report = reports.recv() => match report {
-                Some(report) => report,
+                Some(report) => view.apply(report),
                 None => return,
+            },
+            report = dcs.recv(), if dcs_open => match report {
+                Some(report) => {
+                    log_dcs(name, &report, &members);
+                    // The named member's probe must confirm it: ask now.
+                    poke_all = true;
+                    view.apply_dcs(report)
+                }
+                None => {
+                    dcs_open = false;
+                    continue;
+                }
             },
             _ = cancel.cancelled() => return,
         };
-        let mut poke_all = false;
-        for t in view.apply(report) {
+        for t in transitions {
             match t {
                 Transition::MemberUp { member: m } => {
                     metrics
@@ -308,6 +335,20 @@ async fn supervise(
         });
         if poke_all {
             poke.notify_waiters();
+        }
+    }
+}
+
+fn log_dcs(cluster: &str, report: &DcsReport, members: &[&str]) {
+    match report {
+        DcsReport::Named { leader, term } => tracing::info!(
+            cluster,
+            leader = leader.and_then(|l| members.get(l).copied()),
+            term,
+            "DCS names the leader"
+        ),
+        DcsReport::Unreachable { error } => {
+            tracing::warn!(cluster, %error, "DCS unreachable")
         }
     }
 }

@@ -82,6 +82,38 @@ pub struct Cluster {
     pub backend_tls: Option<BackendTls>,
     pub members: Vec<Member>,
     pub endpoints: Vec<Endpoint>,
+    /// Where the leader is named, when not by the probes alone.
+    pub dcs: Option<Dcs>,
+}
+
+/// A distributed configuration store that names the leader.
+#[derive(Debug, Clone)]
+pub enum Dcs {
+    Etcd(EtcdDcs),
+    Sentinel(SentinelDcs),
+}
+
+/// Patroni's keys in etcd (v3 API): `<prefix>/<scope>/leader` holds the
+/// leader's member name.
+#[derive(Debug, Clone)]
+pub struct EtcdDcs {
+    pub endpoints: Vec<String>,
+    /// Patroni's `namespace`, without a trailing slash.
+    pub prefix: String,
+    pub scope: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub timeout: Duration,
+}
+
+/// Redis Sentinel: the master of `master_name`.
+#[derive(Debug, Clone)]
+pub struct SentinelDcs {
+    pub addresses: Vec<String>,
+    pub master_name: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -361,6 +393,48 @@ struct RawCluster {
     backend_tls: Option<RawBackendTls>,
     members: Spanned<Vec<RawMember>>,
     endpoints: Vec<RawEndpoint>,
+    dcs: Option<Spanned<RawDcs>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDcs {
+    etcd: Option<RawDcsEtcd>,
+    sentinel: Option<RawDcsSentinel>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDcsEtcd {
+    endpoints: Spanned<Vec<String>>,
+    #[serde(default = "default_dcs_prefix")]
+    prefix: Spanned<String>,
+    scope: Spanned<String>,
+    username: Option<String>,
+    password_file: Option<Spanned<String>>,
+    password_env: Option<Spanned<String>>,
+    #[serde(default = "default_dcs_timeout", deserialize_with = "de_duration")]
+    timeout: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDcsSentinel {
+    addresses: Spanned<Vec<String>>,
+    master_name: Spanned<String>,
+    username: Option<String>,
+    password_file: Option<Spanned<String>>,
+    password_env: Option<Spanned<String>>,
+    #[serde(default = "default_dcs_timeout", deserialize_with = "de_duration")]
+    timeout: Duration,
+}
+
+fn default_dcs_prefix() -> Spanned<String> {
+    unspanned("/service".to_string())
+}
+
+fn default_dcs_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 
 #[derive(Deserialize)]
@@ -776,6 +850,10 @@ impl Validator<'_> {
                     "PostgreSQL probes need a username",
                 ));
             }
+            let dcs = match &rc.dcs {
+                None => None,
+                Some(raw) => Some(self.dcs(&at, rc.protocol, raw)?),
+            };
             clusters.push(Cluster {
                 name: rc.name.value,
                 protocol: rc.protocol,
@@ -783,6 +861,7 @@ impl Validator<'_> {
                 backend_tls,
                 members,
                 endpoints,
+                dcs,
             });
         }
 
@@ -804,37 +883,11 @@ impl Validator<'_> {
                 return Err(self.error(value, format!("{at}.probe.{key}"), "must be at least 1"));
             }
         }
-        let password = match (&raw.password_file, &raw.password_env) {
-            (Some(_), Some(env)) => {
-                return Err(self.error(
-                    env,
-                    format!("{at}.probe.password_env"),
-                    "set password_file or password_env, not both",
-                ))
-            }
-            (Some(file), None) => {
-                let path = self.resolve(&file.value);
-                let text = std::fs::read_to_string(&path).map_err(|err| {
-                    self.error(
-                        file,
-                        format!("{at}.probe.password_file"),
-                        format!("cannot read {}: {err}", path.display()),
-                    )
-                })?;
-                Some(Secret(text.trim_end_matches(['\r', '\n']).to_string()))
-            }
-            (None, Some(env)) => {
-                let value = std::env::var(&env.value).map_err(|_| {
-                    self.error(
-                        env,
-                        format!("{at}.probe.password_env"),
-                        format!("environment variable {} is not set", env.value),
-                    )
-                })?;
-                Some(Secret(value))
-            }
-            (None, None) => None,
-        };
+        let password = self.secret(
+            &format!("{at}.probe"),
+            raw.password_file.as_ref(),
+            raw.password_env.as_ref(),
+        )?;
         Ok(ProbeSettings {
             interval: raw.interval,
             fast_interval: raw.fast_interval,
@@ -877,6 +930,132 @@ impl Validator<'_> {
             )),
             (Some(api), Check::Patroni) => Ok(Some(api.value.clone())),
             (None, Check::Native) => Ok(None),
+        }
+    }
+
+    /// A password from a file or an environment variable, never inline.
+    fn secret(
+        &self,
+        at: &str,
+        file: Option<&Spanned<String>>,
+        env: Option<&Spanned<String>>,
+    ) -> Result<Option<Secret>, ConfigError> {
+        Ok(match (file, env) {
+            (Some(_), Some(env)) => {
+                return Err(self.error(
+                    env,
+                    format!("{at}.password_env"),
+                    "set password_file or password_env, not both",
+                ))
+            }
+            (Some(file), None) => {
+                let path = self.resolve(&file.value);
+                let text = std::fs::read_to_string(&path).map_err(|err| {
+                    self.error(
+                        file,
+                        format!("{at}.password_file"),
+                        format!("cannot read {}: {err}", path.display()),
+                    )
+                })?;
+                Some(Secret(text.trim_end_matches(['\r', '\n']).to_string()))
+            }
+            (None, Some(env)) => {
+                let value = std::env::var(&env.value).map_err(|_| {
+                    self.error(
+                        env,
+                        format!("{at}.password_env"),
+                        format!("environment variable {} is not set", env.value),
+                    )
+                })?;
+                Some(Secret(value))
+            }
+            (None, None) => None,
+        })
+    }
+
+    fn dcs(&self, at: &str, protocol: Protocol, raw: &Spanned<RawDcs>) -> Result<Dcs, ConfigError> {
+        let at = format!("{at}.dcs");
+        let list = |values: &Spanned<Vec<String>>, key: &str| -> Result<Vec<String>, ConfigError> {
+            if values.value.is_empty() {
+                return Err(self.error(
+                    values,
+                    format!("{at}.{key}"),
+                    "at least one address is required",
+                ));
+            }
+            for v in &values.value {
+                if !valid_host_port(v) {
+                    return Err(self.error(
+                        values,
+                        format!("{at}.{key}"),
+                        format!("{v:?} is not host:port"),
+                    ));
+                }
+            }
+            Ok(values.value.clone())
+        };
+        match (&raw.value.etcd, &raw.value.sentinel) {
+            (Some(etcd), None) => {
+                let at = format!("{at}.etcd");
+                if protocol != Protocol::Postgres {
+                    return Err(self.error(raw, at, "an etcd DCS holds Patroni's keys: it names the leader of PostgreSQL clusters"));
+                }
+                if etcd.scope.value.is_empty() {
+                    return Err(self.error(
+                        &etcd.scope,
+                        format!("{at}.scope"),
+                        "must not be empty",
+                    ));
+                }
+                if !etcd.prefix.value.starts_with('/') {
+                    return Err(self.error(
+                        &etcd.prefix,
+                        format!("{at}.prefix"),
+                        "must start with /",
+                    ));
+                }
+                Ok(Dcs::Etcd(EtcdDcs {
+                    endpoints: list(&etcd.endpoints, "etcd.endpoints")?,
+                    prefix: etcd.prefix.value.trim_end_matches('/').to_string(),
+                    scope: etcd.scope.value.clone(),
+                    username: etcd.username.clone(),
+                    password: self.secret(
+                        &at,
+                        etcd.password_file.as_ref(),
+                        etcd.password_env.as_ref(),
+                    )?,
+                    timeout: etcd.timeout,
+                }))
+            }
+            (None, Some(sentinel)) => {
+                let at = format!("{at}.sentinel");
+                if protocol != Protocol::Redis {
+                    return Err(self.error(
+                        raw,
+                        at,
+                        "Redis Sentinel names the leader of Redis clusters",
+                    ));
+                }
+                if sentinel.master_name.value.is_empty() {
+                    return Err(self.error(
+                        &sentinel.master_name,
+                        format!("{at}.master_name"),
+                        "must not be empty",
+                    ));
+                }
+                Ok(Dcs::Sentinel(SentinelDcs {
+                    addresses: list(&sentinel.addresses, "sentinel.addresses")?,
+                    master_name: sentinel.master_name.value.clone(),
+                    username: sentinel.username.clone(),
+                    password: self.secret(
+                        &at,
+                        sentinel.password_file.as_ref(),
+                        sentinel.password_env.as_ref(),
+                    )?,
+                    timeout: sentinel.timeout,
+                }))
+            }
+            _ => Err(self.error(raw, at, "set exactly one of `etcd` or `sentinel`")),
         }
     }
 

@@ -2,7 +2,8 @@
 //!
 //! One module per concern (see `shared/design.md` for the picture):
 //! [`config`] is the typed configuration, [`view`] the pure membership view,
-//! [`probe`] asks members what they are, [`cluster`] feeds reports to the
+//! [`probe`] asks members what they are, [`dcs`] watches where a leader is
+//! named (Patroni's keys in etcd, Sentinel), [`cluster`] feeds both to the
 //! view and publishes snapshots, [`router`] picks members, [`proxy`] is the
 //! data path, [`frontend`] the protocol-specific openings and refusals,
 //! [`tls`] and [`certs`] the TLS material, [`admin`] and [`metrics`] the
@@ -14,6 +15,7 @@ pub mod certs;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod dcs;
 pub mod frontend;
 pub mod metrics;
 pub mod probe;

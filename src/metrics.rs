@@ -23,6 +23,8 @@ pub struct Metrics {
     pub split_brain: IntGaugeVec,
     pub member_up: IntGaugeVec,
     pub member_is_leader: IntGaugeVec,
+    pub dcs_up: IntGaugeVec,
+    pub dcs_events: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -159,6 +161,18 @@ impl Metrics {
                 "portal_member_is_leader",
                 "1 for the current leader.",
                 &["cluster", "member"],
+            ),
+            dcs_up: gauge(
+                &r,
+                "portal_dcs_up",
+                "1 while the cluster's DCS (etcd, Sentinel) answers; while 0 the last leader is kept only as long as its probes confirm it.",
+                &["cluster"],
+            ),
+            dcs_events: counter(
+                &r,
+                "portal_dcs_events_total",
+                "Changes seen by the DCS watch (key events, Sentinel switch-master messages).",
+                &["cluster"],
             ),
             registry: r,
         }

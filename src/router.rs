@@ -92,6 +92,8 @@ mod tests {
             leader,
             replicas,
             split_brain: false,
+            leader_term: None,
+            dcs: crate::view::DcsView::Absent,
             members: Vec::new(),
         }
     }

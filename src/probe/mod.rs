@@ -142,16 +142,20 @@ impl ProbeContext {
 
     /// The member listening at `host:port`, as a replica names its upstream.
     pub fn member_at(&self, host: &str, port: u16) -> Option<MemberId> {
-        let text = format!("{host}:{port}");
-        if let Some(id) = self.members.iter().position(|m| m.configured == text) {
-            return Some(id);
-        }
-        let ip: IpAddr = host.parse().ok()?;
-        let wanted = SocketAddr::new(ip, port);
-        self.members
-            .iter()
-            .position(|m| m.resolved.contains(&wanted))
+        member_at(&self.members, host, port)
     }
+}
+
+/// The member of `members` listening at `host:port`, by its configured text
+/// or by a resolved address.
+pub fn member_at(members: &[KnownAddress], host: &str, port: u16) -> Option<MemberId> {
+    let text = format!("{host}:{port}");
+    if let Some(id) = members.iter().position(|m| m.configured == text) {
+        return Some(id);
+    }
+    let ip: IpAddr = host.parse().ok()?;
+    let wanted = SocketAddr::new(ip, port);
+    members.iter().position(|m| m.resolved.contains(&wanted))
 }
 
 /// Runs one member's probe until `cancel`: probe, report, wait `interval`

@@ -20,6 +20,12 @@
 //!    leader's needs no `rise`: that is the fast path of a promotion.
 //! 5. A claimant contradicted by a majority of the replicas that report whom
 //!    they follow is not leader.
+//! 6. With a DCS (Patroni's keys in etcd, Redis Sentinel), the DCS names the
+//!    leader and a probe must confirm it: only the named member may lead, and
+//!    only while its own probe says primary and the term rules above do not
+//!    fence it. Other claimants are fenced (`not_dcs_leader`). While the DCS
+//!    is unreachable the last leader keeps the role only as long as its
+//!    probes confirm it; no new leader is named until the DCS is back.
 //!
 //! Every change of the leader or of the replica set bumps `epoch`.
 
@@ -183,6 +189,38 @@ pub struct MemberView {
     pub delay: Option<std::time::Duration>,
 }
 
+/// What a DCS says about a cluster, as its watcher last saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DcsReport {
+    /// The DCS answered: `leader` is the member holding the leader key
+    /// (`None`: no one does), `term` what orders leaders in the DCS (etcd:
+    /// the leader key's create revision; Sentinel: the config epoch).
+    Named {
+        leader: Option<MemberId>,
+        term: Option<u64>,
+    },
+    /// The DCS cannot be reached.
+    Unreachable { error: String },
+}
+
+/// The DCS as the view holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DcsView {
+    /// No DCS configured: the probes alone decide.
+    Absent,
+    /// Configured, but nothing heard yet.
+    Waiting,
+    Named {
+        leader: Option<MemberId>,
+        term: Option<u64>,
+    },
+    Unreachable {
+        error: String,
+        /// The last answer before the DCS went away.
+        last_term: Option<u64>,
+    },
+}
+
 /// The published state of a cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
@@ -194,6 +232,9 @@ pub struct Snapshot {
     /// Several members claim primary, terms cannot order them and no
     /// incumbent settles it: there is no leader because of the ambiguity.
     pub split_brain: bool,
+    /// The current (or last) leader's term.
+    pub leader_term: Option<Term>,
+    pub dcs: DcsView,
     pub members: Vec<MemberView>,
 }
 
@@ -233,6 +274,8 @@ pub enum FenceReason {
     Contradicted,
     /// An incumbent leads and this claimant cannot prove a newer term.
     Incumbent,
+    /// A DCS is configured and does not name this member leader.
+    NotDcsLeader,
 }
 
 impl FenceReason {
@@ -241,6 +284,7 @@ impl FenceReason {
             FenceReason::OlderTerm => "older_term",
             FenceReason::Contradicted => "contradicted_by_replicas",
             FenceReason::Incumbent => "incumbent_leads",
+            FenceReason::NotDcsLeader => "not_dcs_leader",
         }
     }
 }
@@ -282,6 +326,7 @@ pub struct View {
     replicas: Vec<MemberId>,
     split_brain: bool,
     epoch: u64,
+    dcs: DcsView,
 }
 
 impl View {
@@ -308,6 +353,51 @@ impl View {
             replicas: Vec::new(),
             split_brain: false,
             epoch: 0,
+            dcs: DcsView::Absent,
+        }
+    }
+
+    /// A view whose leader a DCS names (rule 6); until the DCS is heard
+    /// from there is no leader.
+    pub fn with_dcs(mut self) -> View {
+        self.dcs = DcsView::Waiting;
+        self
+    }
+
+    /// Applies what the DCS says now and returns the changes it caused.
+    /// Ignored when the view was built without a DCS.
+    pub fn apply_dcs(&mut self, report: DcsReport) -> Vec<Transition> {
+        let mut out = Vec::new();
+        if self.dcs == DcsView::Absent {
+            return out;
+        }
+        self.dcs = match report {
+            DcsReport::Named { leader, term } => DcsView::Named {
+                leader: leader.filter(|m| *m < self.members.len()),
+                term,
+            },
+            DcsReport::Unreachable { error } => DcsView::Unreachable {
+                error,
+                last_term: match &self.dcs {
+                    DcsView::Named { term, .. } => *term,
+                    DcsView::Unreachable { last_term, .. } => *last_term,
+                    _ => None,
+                },
+            },
+        };
+        self.decide(&mut out);
+        out
+    }
+
+    /// The only member the DCS lets lead now, or `None` for "nobody".
+    /// `Err(())` when there is no DCS and the probes alone decide.
+    fn dcs_choice(&self) -> Result<Option<MemberId>, ()> {
+        match &self.dcs {
+            DcsView::Absent => Err(()),
+            DcsView::Waiting => Ok(None),
+            DcsView::Named { leader, .. } => Ok(*leader),
+            // Keep the incumbent only while its probes confirm it.
+            DcsView::Unreachable { .. } => Ok(self.leader),
         }
     }
 
@@ -555,7 +645,18 @@ impl View {
             })
         });
 
-        let (leader, split) = if !successors.is_empty() {
+        let (leader, split) = if let Ok(named) = self.dcs_choice() {
+            // Rule 6: the DCS names, a probe confirms, the term rules still fence.
+            for c in claimants.iter().filter(|c| Some(c.id) != named) {
+                fenced_now.push((c.id, FenceReason::NotDcsLeader));
+            }
+            let confirmed = named.filter(|n| {
+                claimants.iter().any(|c| {
+                    c.id == *n && (c.up || self.proves_newer_than_last_leader(c.term.as_ref()))
+                })
+            });
+            (confirmed, false)
+        } else if !successors.is_empty() {
             match self.newest(&successors) {
                 Some(id) => (Some(id), false),
                 None => (None, true),
@@ -675,6 +776,8 @@ impl View {
             leader: self.leader,
             replicas: self.replicas.clone(),
             split_brain: self.split_brain,
+            leader_term: self.leader_term.clone(),
+            dcs: self.dcs.clone(),
             members: self
                 .members
                 .iter()

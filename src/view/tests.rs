@@ -466,3 +466,159 @@ fn replica_lag_is_the_leaders_position_minus_its_own() {
     assert_eq!(s.members[1].delay, Some(Duration::from_millis(300)));
     assert_eq!(s.members[0].lag_bytes, None);
 }
+
+// ---- rule 6: a DCS names the leader, a probe confirms ---------------------
+
+fn named(leader: Option<MemberId>, term: u64) -> DcsReport {
+    DcsReport::Named {
+        leader,
+        term: Some(term),
+    }
+}
+
+fn pg(term: u64) -> Outcome {
+    primary(Some(Term::Number(term)))
+}
+
+/// Two members with a DCS: `0` named and confirmed on timeline 1.
+fn dcs_steady() -> View {
+    let mut v = View::new(2, T).with_dcs();
+    v.apply_dcs(named(Some(0), 10));
+    for _ in 0..2 {
+        feed(&mut v, 0, pg(1));
+        feed(&mut v, 1, replica(Some(0)));
+    }
+    assert_eq!(v.leader(), Some(0));
+    v
+}
+
+#[test]
+fn with_a_dcs_nobody_leads_before_it_is_heard() {
+    let mut v = View::new(2, T).with_dcs();
+    for _ in 0..3 {
+        feed(&mut v, 0, pg(1));
+        feed(&mut v, 1, replica(Some(0)));
+    }
+    assert_eq!(v.leader(), None);
+    assert_eq!(v.snapshot().dcs, DcsView::Waiting);
+    v.apply_dcs(named(Some(0), 10));
+    assert_eq!(v.leader(), Some(0));
+}
+
+#[test]
+fn the_dcs_leader_leads_only_once_its_probe_confirms() {
+    let mut v = dcs_steady();
+    // Switchover: the DCS names 1 while 1 still reports replica.
+    let t = v.apply_dcs(named(Some(1), 11));
+    assert_eq!(v.leader(), None, "{t:?}");
+    assert!(t.contains(&Transition::LeaderLost { member: 0 }));
+    assert!(t.contains(&Transition::Fenced {
+        member: 0,
+        reason: FenceReason::NotDcsLeader
+    }));
+    // 1 is promoted onto timeline 2: its first report confirms it.
+    feed(&mut v, 1, pg(2));
+    assert_eq!(v.leader(), Some(1));
+}
+
+#[test]
+fn a_primary_the_dcs_does_not_name_never_leads() {
+    let mut v = View::new(2, T).with_dcs();
+    v.apply_dcs(named(Some(1), 10));
+    for _ in 0..3 {
+        feed(&mut v, 0, pg(5));
+        feed(&mut v, 1, replica(None));
+    }
+    assert_eq!(v.leader(), None);
+    assert_eq!(
+        v.snapshot().members[0].fenced,
+        Some(FenceReason::NotDcsLeader)
+    );
+    assert!(!v.snapshot().split_brain);
+}
+
+#[test]
+fn the_term_rules_still_fence_a_dcs_named_member() {
+    let mut v = dcs_steady();
+    // 1 is promoted (timeline 2) and named; then the DCS names 0 again,
+    // which comes back on its old timeline: refused.
+    v.apply_dcs(named(Some(1), 11));
+    feed(&mut v, 1, pg(2));
+    assert_eq!(v.leader(), Some(1));
+    v.apply_dcs(named(Some(0), 12));
+    feed(&mut v, 0, pg(1));
+    assert_eq!(v.leader(), None);
+    assert_eq!(v.snapshot().members[0].fenced, Some(FenceReason::OlderTerm));
+}
+
+#[test]
+fn no_leader_key_means_no_leader() {
+    let mut v = dcs_steady();
+    let t = v.apply_dcs(DcsReport::Named {
+        leader: None,
+        term: None,
+    });
+    assert_eq!(v.leader(), None);
+    assert!(t.contains(&Transition::LeaderLost { member: 0 }));
+}
+
+#[test]
+fn an_unreachable_dcs_drops_the_leader_when_its_probe_fails() {
+    let mut v = dcs_steady();
+    v.apply_dcs(DcsReport::Unreachable {
+        error: "timeout".into(),
+    });
+    feed(&mut v, 1, replica(Some(0)));
+    assert_eq!(v.leader(), Some(0));
+    feed(&mut v, 0, hard());
+    assert_eq!(v.leader(), None);
+    // It comes back claiming primary: without the DCS it is not re-elected.
+    feed(&mut v, 0, pg(1));
+    feed(&mut v, 0, pg(1));
+    assert_eq!(v.leader(), None);
+}
+
+#[test]
+fn an_unreachable_dcs_keeps_the_leader_only_while_probes_confirm_it() {
+    let mut v = dcs_steady();
+    v.apply_dcs(DcsReport::Unreachable {
+        error: "connection refused".into(),
+    });
+    assert_eq!(v.leader(), Some(0));
+    assert!(matches!(
+        v.snapshot().dcs,
+        DcsView::Unreachable {
+            last_term: Some(10),
+            ..
+        }
+    ));
+    // 1 is promoted behind the DCS's back: not named, it cannot lead, and
+    // its newer timeline fences the incumbent: nobody leads.
+    feed(&mut v, 1, pg(2));
+    assert_eq!(v.leader(), None);
+    assert_eq!(
+        v.snapshot().members[1].fenced,
+        Some(FenceReason::NotDcsLeader)
+    );
+    assert_eq!(v.snapshot().members[0].fenced, Some(FenceReason::OlderTerm));
+    feed(&mut v, 1, pg(2));
+    assert_eq!(v.leader(), None);
+    v.apply_dcs(named(Some(1), 11));
+    assert_eq!(v.leader(), Some(1));
+}
+
+#[test]
+fn dcs_reports_without_a_configured_dcs_are_ignored() {
+    let mut v = steady();
+    let t = v.apply_dcs(named(Some(1), 3));
+    assert!(t.is_empty());
+    assert_eq!(v.leader(), Some(0));
+    assert_eq!(v.snapshot().dcs, DcsView::Absent);
+}
+
+#[test]
+fn a_dcs_naming_an_unknown_member_names_nobody() {
+    let mut v = dcs_steady();
+    v.apply_dcs(named(Some(7), 11));
+    assert_eq!(v.leader(), None);
+}

@@ -1,0 +1,229 @@
+//! Patroni's keys in etcd, watched with the v3 API.
+//!
+//! Patroni keeps `<namespace>/<scope>/leader` (the leader's member name,
+//! attached to a lease that expires when the leader stops renewing it) and
+//! `<namespace>/<scope>/members/<name>` (JSON with the member's `conn_url`).
+//! The source reads the whole scope once, then watches it from the next
+//! revision: a change of the leader key reaches the view as soon as etcd
+//! sends the event. The leader key's create revision is the DCS term: it
+//! changes exactly when a member acquires the key.
+
+use std::collections::BTreeMap;
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use tokio_util::sync::CancellationToken;
+
+use super::{Reporter, SourceContext, RECONNECT_PAUSE};
+use crate::config::EtcdDcs;
+use crate::view::DcsReport;
+
+/// One key of the scope: its value and create revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    value: Vec<u8>,
+    created: i64,
+}
+
+/// The scope's keys, relative to `<prefix>/<scope>/`.
+#[derive(Debug, Default)]
+struct Scope {
+    keys: BTreeMap<String, Entry>,
+}
+
+impl Scope {
+    /// What the keys say: the leader by name (mapped to a member) and the
+    /// leader key's create revision.
+    fn report(&self, ctx: &SourceContext) -> DcsReport {
+        let Some(entry) = self.keys.get("leader") else {
+            return DcsReport::Named {
+                leader: None,
+                term: None,
+            };
+        };
+        let name = String::from_utf8_lossy(&entry.value);
+        let leader = ctx.member_named(name.trim());
+        if leader.is_none() {
+            tracing::warn!(cluster = %ctx.cluster, leader = %name, "the DCS names a leader that is not a configured member");
+        }
+        DcsReport::Named {
+            leader,
+            term: u64::try_from(entry.created).ok(),
+        }
+    }
+
+    /// Warns when a member's `conn_url` disagrees with its configured address.
+    fn check_member(&self, ctx: &SourceContext, key: &str) {
+        let Some(name) = key.strip_prefix("members/") else {
+            return;
+        };
+        let Some(entry) = self.keys.get(key) else {
+            return;
+        };
+        let Some(advertised) = conn_url_address(&entry.value) else {
+            return;
+        };
+        match ctx.member_named(name) {
+            None => {
+                tracing::warn!(cluster = %ctx.cluster, member = name, %advertised, "Patroni member is not configured; the portal will not route to it")
+            }
+            Some(id) => {
+                let configured = ctx.addresses.get(id).map(|a| a.configured.as_str());
+                if configured != Some(advertised.as_str()) {
+                    tracing::warn!(cluster = %ctx.cluster, member = name, %advertised, configured, "Patroni advertises another address than the configured one");
+                }
+            }
+        }
+    }
+}
+
+/// `host:port` from a member document's `conn_url`
+/// (`postgres://host:port/dbname`).
+fn conn_url_address(document: &[u8]) -> Option<String> {
+    let doc: serde_json::Value = serde_json::from_slice(document).ok()?;
+    let url = doc.get("conn_url")?.as_str()?;
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    let host_port = authority.rsplit('@').next()?;
+    Some(host_port.to_string())
+}
+
+pub async fn run(
+    config: EtcdDcs,
+    ctx: SourceContext,
+    mut reporter: Reporter,
+    cancel: CancellationToken,
+) {
+    let root = format!("{}/{}/", config.prefix, config.scope);
+    loop {
+        let error = tokio::select! {
+            error = session(&config, &ctx, &root, &mut reporter) => error,
+            _ = cancel.cancelled() => return,
+        };
+        ctx.up.set(0);
+        let Some(error) = error else {
+            return; // the view is gone
+        };
+        tracing::warn!(cluster = %ctx.cluster, %error, "etcd DCS unreachable; keeping the leader only while its probes confirm it");
+        if !reporter.send(DcsReport::Unreachable { error }).await {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RECONNECT_PAUSE) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// One connection: read the scope, then follow its watch. Returns why it
+/// ended, or `None` when the view has gone away.
+async fn session(
+    config: &EtcdDcs,
+    ctx: &SourceContext,
+    root: &str,
+    reporter: &mut Reporter,
+) -> Option<String> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(config.timeout)
+        .with_keep_alive(config.timeout, config.timeout)
+        .with_keep_alive_while_idle(true);
+    if let (Some(user), Some(password)) = (&config.username, &config.password) {
+        options = options.with_user(user.clone(), password.expose().to_string());
+    }
+    let connect = Client::connect(&config.endpoints, Some(options));
+    let mut client = match tokio::time::timeout(config.timeout, connect).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(err)) => return Some(format!("connect: {err}")),
+        Err(_) => return Some("connect: timed out".into()),
+    };
+    let get = client.get(root, Some(GetOptions::new().with_prefix()));
+    let response = match tokio::time::timeout(config.timeout, get).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(err)) => return Some(format!("read {root}: {err}")),
+        Err(_) => return Some(format!("read {root}: timed out")),
+    };
+    let revision = response.header().map_or(0, |h| h.revision());
+    let mut scope = Scope::default();
+    for kv in response.kvs() {
+        if let Some(key) = kv.key_str().ok().and_then(|k| k.strip_prefix(root)) {
+            scope.keys.insert(
+                key.to_string(),
+                Entry {
+                    value: kv.value().to_vec(),
+                    created: kv.create_revision(),
+                },
+            );
+        }
+    }
+    for key in scope.keys.keys() {
+        scope.check_member(ctx, key);
+    }
+    ctx.up.set(1);
+    tracing::info!(cluster = %ctx.cluster, root, revision, "etcd DCS read; watching");
+    if !reporter.send(scope.report(ctx)).await {
+        return None;
+    }
+
+    let watch = client.watch(
+        root,
+        Some(
+            WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(revision + 1),
+        ),
+    );
+    let mut stream = match tokio::time::timeout(config.timeout, watch).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => return Some(format!("watch {root}: {err}")),
+        Err(_) => return Some(format!("watch {root}: timed out")),
+    };
+    loop {
+        let message = match stream.message().await {
+            Ok(Some(message)) => message,
+            Ok(None) => return Some("watch stream ended".into()),
+            Err(err) => return Some(format!("watch: {err}")),
+        };
+        if message.canceled() {
+            return Some(format!("watch canceled: {}", message.cancel_reason()));
+        }
+        for event in message.events() {
+            let Some(kv) = event.kv() else { continue };
+            let Some(key) = kv.key_str().ok().and_then(|k| k.strip_prefix(root)) else {
+                continue;
+            };
+            ctx.events.inc();
+            match event.event_type() {
+                EventType::Put => {
+                    scope.keys.insert(
+                        key.to_string(),
+                        Entry {
+                            value: kv.value().to_vec(),
+                            created: kv.create_revision(),
+                        },
+                    );
+                    scope.check_member(ctx, key);
+                }
+                EventType::Delete => {
+                    scope.keys.remove(key);
+                }
+            }
+        }
+        if !reporter.send(scope.report(ctx)).await {
+            return None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conn_url_gives_host_and_port() {
+        let doc = br#"{"conn_url": "postgres://127.0.0.1:5433/postgres", "api_url": "http://127.0.0.1:8008/patroni", "state": "running"}"#;
+        assert_eq!(conn_url_address(doc).as_deref(), Some("127.0.0.1:5433"));
+        let with_user = br#"{"conn_url": "postgres://u:p@db1:5432/postgres"}"#;
+        assert_eq!(conn_url_address(with_user).as_deref(), Some("db1:5432"));
+        assert_eq!(conn_url_address(b"not json"), None);
+        assert_eq!(conn_url_address(br#"{"state": "running"}"#), None);
+    }
+}

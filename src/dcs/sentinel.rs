@@ -1,0 +1,197 @@
+//! Redis Sentinel as the source that names the leader.
+//!
+//! The source asks one Sentinel `SENTINEL get-master-addr-by-name` and the
+//! master's `config-epoch` (the term Sentinel orders failovers by), and
+//! subscribes to `+switch-master` on a second connection so a failover
+//! reaches the view when Sentinel announces it. It re-asks every `timeout`
+//! as well, which also notices a Sentinel that stopped answering; then it
+//! moves on to the next configured address.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
+use tokio_util::sync::CancellationToken;
+
+use super::{Reporter, SourceContext, RECONNECT_PAUSE};
+use crate::config::SentinelDcs;
+use crate::probe::redis::split_host_port;
+use crate::view::DcsReport;
+
+pub async fn run(
+    config: SentinelDcs,
+    ctx: SourceContext,
+    mut reporter: Reporter,
+    cancel: CancellationToken,
+) {
+    let mut next = 0usize;
+    loop {
+        let address = &config.addresses[next % config.addresses.len()];
+        next = next.wrapping_add(1);
+        let error = tokio::select! {
+            error = session(&config, address, &ctx, &mut reporter) => error,
+            _ = cancel.cancelled() => return,
+        };
+        ctx.up.set(0);
+        let Some(error) = error else {
+            return;
+        };
+        tracing::warn!(cluster = %ctx.cluster, sentinel = %address, %error, "Sentinel unreachable; trying the next one");
+        if !reporter.send(DcsReport::Unreachable { error }).await {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RECONNECT_PAUSE) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+fn client(config: &SentinelDcs, address: &str) -> Result<redis::Client, String> {
+    let (host, port) =
+        split_host_port(address).ok_or_else(|| format!("{address:?} is not host:port"))?;
+    let mut settings = RedisConnectionInfo::default();
+    if let Some(user) = &config.username {
+        settings = settings.set_username(user);
+    }
+    if let Some(password) = &config.password {
+        settings = settings.set_password(password.expose());
+    }
+    let info = ConnectionAddr::Tcp(host.to_string(), port)
+        .into_connection_info()
+        .map_err(|err| err.to_string())?
+        .set_redis_settings(settings);
+    redis::Client::open(info).map_err(|err| err.to_string())
+}
+
+/// One Sentinel: returns why it was given up, or `None` when the view is gone.
+async fn session(
+    config: &SentinelDcs,
+    address: &str,
+    ctx: &SourceContext,
+    reporter: &mut Reporter,
+) -> Option<String> {
+    let client = match client(config, address) {
+        Ok(client) => client,
+        Err(err) => return Some(err),
+    };
+    let connection_config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(config.timeout))
+        .set_response_timeout(Some(config.timeout));
+    let mut conn = match client
+        .get_multiplexed_async_connection_with_config(&connection_config)
+        .await
+    {
+        Ok(conn) => conn,
+        Err(err) => return Some(format!("connect {address}: {err}")),
+    };
+    let mut pubsub = match tokio::time::timeout(config.timeout, client.get_async_pubsub()).await {
+        Ok(Ok(pubsub)) => pubsub,
+        Ok(Err(err)) => return Some(format!("subscribe {address}: {err}")),
+        Err(_) => return Some(format!("subscribe {address}: timed out")),
+    };
+    match tokio::time::timeout(config.timeout, pubsub.subscribe("+switch-master")).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => return Some(format!("subscribe {address}: {err}")),
+        Err(_) => return Some(format!("subscribe {address}: timed out")),
+    }
+    let mut messages = pubsub.into_on_message();
+    ctx.up.set(1);
+    tracing::info!(cluster = %ctx.cluster, sentinel = address, master = %config.master_name, "Sentinel connected; watching +switch-master");
+    let recheck = config.timeout.max(Duration::from_millis(200));
+    loop {
+        let report = match ask(&mut conn, config, ctx).await {
+            Ok(report) => report,
+            Err(err) => return Some(err),
+        };
+        if !reporter.send(report).await {
+            return None;
+        }
+        tokio::select! {
+            message = messages.next() => match message {
+                None => return Some("subscription connection closed".into()),
+                Some(message) => {
+                    let payload: String = message.get_payload().unwrap_or_default();
+                    // "<master-name> <old-ip> <old-port> <new-ip> <new-port>"
+                    if payload.split(' ').next() == Some(config.master_name.as_str()) {
+                        ctx.events.inc();
+                        tracing::info!(cluster = %ctx.cluster, switch = %payload, "Sentinel announced a switch of master");
+                    }
+                }
+            },
+            _ = tokio::time::sleep(recheck) => {}
+        }
+    }
+}
+
+/// The master Sentinel names now, with its config epoch.
+async fn ask(
+    conn: &mut MultiplexedConnection,
+    config: &SentinelDcs,
+    ctx: &SourceContext,
+) -> Result<DcsReport, String> {
+    let master: Option<(String, u16)> = redis::cmd("SENTINEL")
+        .arg("get-master-addr-by-name")
+        .arg(&config.master_name)
+        .query_async(conn)
+        .await
+        .map_err(|err| format!("SENTINEL get-master-addr-by-name: {err}"))?;
+    let Some((host, port)) = master else {
+        return Err(format!(
+            "Sentinel does not monitor a master named {:?}",
+            config.master_name
+        ));
+    };
+    let fields: Vec<String> = redis::cmd("SENTINEL")
+        .arg("master")
+        .arg(&config.master_name)
+        .query_async(conn)
+        .await
+        .map_err(|err| format!("SENTINEL master: {err}"))?;
+    let epoch = config_epoch(&fields);
+    let leader = crate::probe::member_at(&ctx.addresses, &host, port);
+    if leader.is_none() {
+        tracing::warn!(cluster = %ctx.cluster, master = %format!("{host}:{port}"), "Sentinel names a master that is not a configured member");
+    }
+    Ok(DcsReport::Named {
+        leader,
+        term: epoch,
+    })
+}
+
+/// `config-epoch` from `SENTINEL master`'s flat field list.
+fn config_epoch(fields: &[String]) -> Option<u64> {
+    fields
+        .chunks_exact(2)
+        .find(|pair| pair[0] == "config-epoch")
+        .and_then(|pair| pair[1].parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_epoch_is_read_from_the_field_list() {
+        let fields: Vec<String> = [
+            "name",
+            "m",
+            "ip",
+            "127.0.0.1",
+            "config-epoch",
+            "3",
+            "flags",
+            "master",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(config_epoch(&fields), Some(3));
+        assert_eq!(config_epoch(&fields[..4]), None);
+        assert_eq!(
+            config_epoch(&["config-epoch".to_string(), "x".to_string()]),
+            None
+        );
+    }
+}
