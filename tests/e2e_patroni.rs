@@ -1,14 +1,21 @@
 //! The deployment the design aims at, end to end: three etcd members, two
 //! PostgreSQL members run by Patroni, and TWO portal processes with the same
-//! configuration (on different ports) probing Patroni's REST API. Through a
-//! switchover and a hard kill of the leader, writes through both portals
-//! resume on the new leader and both portals' `/status` agree on the leader
-//! and its term; killing one portal leaves the other serving, and a
+//! configuration (on different ports) watching Patroni's keys in etcd (the
+//! DCS names the leader) and probing Patroni's REST API (which confirms it).
+//! Through a switchover and a hard kill of the leader, writes through both
+//! portals resume on the new leader; both portals' `/status` agree on the
+//! leader, its term and the DCS term after every change, and a sampler
+//! checks them all along: no portal's term goes back, and a term never names
+//! two different leaders across the portals. Killing one portal leaves the
+//! other serving, and a
 //! libpq-style client given both portals (two hosts,
 //! `target_session_attrs=read-write`) keeps working.
 
 mod common;
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::etcd::EtcdCluster;
@@ -36,19 +43,37 @@ impl PortalPorts {
     }
 }
 
+/// What one portal's `/status` says: leader, its term, and the DCS's
+/// leader and term (the leader key's create revision).
+type Said = (Option<String>, Option<u64>, Option<String>, Option<u64>);
+
+fn said(status: &serde_json::Value) -> Said {
+    let dcs = &cluster(status)["dcs"];
+    (
+        leader(status),
+        leader_term(status),
+        dcs["leader"].as_str().map(str::to_string),
+        dcs["term"].as_u64(),
+    )
+}
+
 /// Polls both portals until each names `name` leader with a term above
-/// `above`, and both name the same leader and term; returns that term.
+/// `above`, the DCS (reachable) names the same member, and both portals
+/// say exactly the same; returns the term.
 async fn wait_agree(portals: &[&Portal], name: &str, above: u64, limit: Duration) -> u64 {
     let deadline = Instant::now() + limit;
     loop {
         let mut seen = Vec::new();
         for p in portals {
             let status = p.status().await;
-            seen.push((leader(&status), leader_term(&status)));
+            assert_eq!(cluster(&status)["dcs"]["source"], "etcd", "{status:#}");
+            seen.push(said(&status));
         }
         let first = seen[0].clone();
         if first.0.as_deref() == Some(name)
             && first.1.is_some_and(|t| t > above)
+            && first.2.as_deref() == Some(name)
+            && first.3.is_some()
             && seen.iter().all(|s| *s == first)
         {
             return first.1.unwrap_or(0);
@@ -59,6 +84,93 @@ async fn wait_agree(portals: &[&Portal], name: &str, above: u64, limit: Duration
              {limit:?}: {seen:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `/status` of the portal whose admin listener is on `port`; `None` when
+/// it does not answer (a portal being killed).
+async fn status_at(port: u16) -> Option<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        tcp.write_all(b"GET /status HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .ok()?;
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw).await.ok()?;
+        let text = String::from_utf8(raw).ok()?;
+        serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
+    };
+    tokio::time::timeout(Duration::from_secs(2), fetch)
+        .await
+        .ok()?
+}
+
+/// Samples both portals' `/status` every 20 ms while failovers happen.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<(usize, Said)>>,
+}
+
+impl Sampler {
+    fn start(admins: [u16; 2]) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                for (i, port) in admins.iter().enumerate() {
+                    if let Some(status) = status_at(*port).await {
+                        samples.push((i, said(&status)));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            samples
+        });
+        Sampler { stop, task }
+    }
+
+    /// Stops and checks: per portal, the leader's term and the DCS term
+    /// never go back; across portals, one term never names two leaders.
+    async fn check(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        let samples = self.task.await.expect("sampler task");
+        let mut last: HashMap<usize, (u64, u64)> = HashMap::new();
+        let mut term_leader: HashMap<u64, String> = HashMap::new();
+        let mut dcs_leader: HashMap<u64, Option<String>> = HashMap::new();
+        for (portal, (leader, term, dcs_name, dcs_term)) in &samples {
+            let entry = last.entry(*portal).or_insert((0, 0));
+            if let (Some(leader), Some(term)) = (leader, term) {
+                assert!(
+                    *term >= entry.0,
+                    "portal {portal}: term went back to {term} from {}",
+                    entry.0
+                );
+                entry.0 = *term;
+                let first = term_leader.entry(*term).or_insert_with(|| leader.clone());
+                assert_eq!(
+                    first, leader,
+                    "term {term} names two leaders across the portals"
+                );
+            }
+            if let Some(dt) = dcs_term {
+                assert!(
+                    *dt >= entry.1,
+                    "portal {portal}: DCS term went back to {dt} from {}",
+                    entry.1
+                );
+                entry.1 = *dt;
+                let first = dcs_leader.entry(*dt).or_insert_with(|| dcs_name.clone());
+                assert_eq!(
+                    first, dcs_name,
+                    "DCS term {dt} names two leaders across the portals"
+                );
+            }
+        }
+        samples.len()
     }
 }
 
@@ -104,8 +216,11 @@ async fn two_portals_in_front_of_patroni_agree_and_survive_failovers() {
     let (a, b) = (cluster.members[0].pg_port, cluster.members[1].pg_port);
     let certs = temp_certs();
     let (p1, p2) = (PortalPorts::new(), PortalPorts::new());
-    let portal1 = Portal::start(&cluster.portal_yaml(&certs, p1.admin, p1.rw, p1.ro)).await;
-    let mut portal2 = Portal::start(&cluster.portal_yaml(&certs, p2.admin, p2.rw, p2.ro)).await;
+    let portal1 =
+        Portal::start(&cluster.portal_yaml_with_dcs(&certs, p1.admin, p1.rw, p1.ro)).await;
+    let mut portal2 =
+        Portal::start(&cluster.portal_yaml_with_dcs(&certs, p2.admin, p2.rw, p2.ro)).await;
+    let sampler = Sampler::start([p1.admin, p2.admin]);
     let term1 = wait_agree(&[&portal1, &portal2], "a", 0, DEADLINE).await;
     assert_eq!(term1, 1);
 
@@ -153,6 +268,9 @@ async fn two_portals_in_front_of_patroni_agree_and_survive_failovers() {
     let term3 = wait_agree(&[&portal1, &portal2], "a", term2, DEADLINE).await;
     assert!(term3 > term2 && term2 > term1, "{term1} {term2} {term3}");
     assert_eq!(two_host_write(&two_hosts, &certs, -3).await, Ok((a, false)));
+
+    let samples = sampler.check().await;
+    assert!(samples > 20, "the sampler saw only {samples} answers");
 
     // Kill portal 2 hard: portal 1 keeps serving its writer, and the
     // two-host client falls over to portal 1.

@@ -99,6 +99,8 @@ impl PatroniMember {
 pub struct PatroniCluster {
     pub scope: String,
     pub members: Vec<PatroniMember>,
+    /// The etcd client addresses Patroni keeps its keys in.
+    pub etcd_hosts: Vec<String>,
     root: TempDir,
 }
 
@@ -138,6 +140,7 @@ impl PatroniCluster {
         let mut cluster = PatroniCluster {
             scope,
             members,
+            etcd_hosts: etcd_hosts.to_vec(),
             root,
         };
         for i in 0..count {
@@ -439,6 +442,21 @@ impl PatroniCluster {
             ));
         }
         y
+    }
+
+    /// As [`PatroniCluster::portal_yaml`], plus the DCS source: the portal
+    /// watches Patroni's keys in etcd and only the member holding the
+    /// leader key may lead (once its probe confirms it).
+    pub fn portal_yaml_with_dcs(&self, certs: &Certs, admin: u16, rw: u16, ro: u16) -> String {
+        let yaml = self.portal_yaml(certs, admin, rw, ro);
+        let endpoints: Vec<String> = self.etcd_hosts.iter().map(|h| format!("\"{h}\"")).collect();
+        let dcs = format!(
+            "    dcs:\n      etcd:\n        endpoints: [{}]\n        prefix: /service\n        \
+             scope: {}\n        timeout: 2s\n    members:\n",
+            endpoints.join(", "),
+            self.scope
+        );
+        yaml.replacen("    members:\n", &dcs, 1)
     }
 }
 
