@@ -330,8 +330,71 @@ fn scenario() -> impl Strategy<Value = (usize, u32, u32, Vec<(usize, Outcome)>)>
     })
 }
 
+/// A probe report or a DCS report, for the DCS property.
+#[derive(Debug, Clone)]
+enum Step {
+    Probe(usize, Outcome),
+    Dcs(DcsReport),
+}
+
+fn dcs_scenario() -> impl Strategy<Value = (usize, Vec<Step>)> {
+    (2usize..4).prop_flat_map(|n| {
+        let step = prop_oneof![
+            4 => (0..n, outcome_strategy(n)).prop_map(|(m, o)| Step::Probe(m, o)),
+            1 => ((0..n + 1), 0u64..5).prop_map(move |(m, term)| Step::Dcs(DcsReport::Named {
+                leader: (m < n).then_some(m),
+                term: Some(term),
+            })),
+            1 => Just(Step::Dcs(DcsReport::Unreachable { error: "down".into() })),
+        ];
+        (Just(n), prop::collection::vec(step, 1..120))
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn with_a_dcs_only_the_named_member_leads((n, steps) in dcs_scenario()) {
+        let mut v = View::new(n, Thresholds { rise: 1, fall: 1 }).with_dcs();
+        let mut named: Option<MemberId> = None;
+        let mut reachable = false;
+        for step in steps {
+            let before = v.leader();
+            match step {
+                Step::Probe(member, outcome) => { v.apply(Report { member, at: at(0), outcome }); }
+                Step::Dcs(report) => {
+                    if let DcsReport::Named { leader, .. } = &report {
+                        named = *leader;
+                        reachable = true;
+                    } else {
+                        reachable = false;
+                    }
+                    v.apply_dcs(report);
+                }
+            }
+            let s = v.snapshot();
+            if let Some(l) = s.leader {
+                // The leader is the member the DCS names, or (DCS away) the
+                // leader it already was; and its own probe says primary.
+                if reachable {
+                    prop_assert_eq!(Some(l), named);
+                } else {
+                    prop_assert_eq!(Some(l), before);
+                }
+                prop_assert_eq!(s.members[l].role, Role::Primary);
+                prop_assert!(s.members[l].fenced.is_none());
+            }
+            prop_assert!(!s.split_brain);
+            for (id, m) in s.members.iter().enumerate() {
+                if Some(id) != s.leader && m.fenced.is_none() && m.role == Role::Primary && m.health == Health::Up {
+                    // With rise 1 a named, confirmed primary leads at once;
+                    // any other up primary must carry a fence reason.
+                    prop_assert!(false, "member {} claims primary, is neither leader nor fenced: {:?}", id, s);
+                }
+            }
+        }
+    }
 
     #[test]
     fn view_invariants_hold((n, rise, fall, steps) in scenario()) {
