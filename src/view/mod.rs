@@ -598,14 +598,18 @@ impl View {
             .collect();
         for &(id, term) in &claims {
             // Older than a past leader, or than another live claim: fenced,
-            // so a write never goes to a member with an older term.
+            // so a write never goes to a member with an older term. While a
+            // DCS answers, it orders the live claims: a member promoted behind
+            // its back proves a newer term but must not unseat the named one.
+            let dcs_answers = matches!(self.dcs, DcsView::Named { .. });
             let older = term.is_some_and(|t| {
                 self.past_leaders
                     .iter()
                     .any(|past| self.order(t, past) == Some(Ordering::Less))
-                    || claims
-                        .iter()
-                        .any(|(_, other)| other.is_some_and(|o| self.newer(o, t)))
+                    || (!dcs_answers
+                        && claims
+                            .iter()
+                            .any(|(_, other)| other.is_some_and(|o| self.newer(o, t))))
             });
             if older {
                 fenced_now.push((id, FenceReason::OlderTerm));

@@ -615,6 +615,20 @@ fn the_term_rules_still_fence_a_dcs_named_member() {
 }
 
 #[test]
+fn a_member_promoted_behind_the_dcs_back_does_not_unseat_the_named_one() {
+    let mut v = dcs_steady();
+    // 1 is promoted by hand onto a newer timeline; the DCS still names 0.
+    for _ in 0..3 {
+        feed(&mut v, 1, pg(2));
+    }
+    assert_eq!(v.leader(), Some(0));
+    let s = v.snapshot();
+    assert_eq!(s.members[1].fenced, Some(FenceReason::NotDcsLeader));
+    assert_eq!(s.members[0].fenced, None);
+    assert!(!s.split_brain);
+}
+
+#[test]
 fn no_leader_key_means_no_leader() {
     let mut v = dcs_steady();
     let t = v.apply_dcs(DcsReport::Named {
