@@ -232,7 +232,11 @@ async fn two_portals_in_front_of_patroni_agree_and_survive_failovers() {
         .await
         .unwrap_or_else(|err| panic!("create table: {}", pg_error(&err)));
     drop(setup);
-    // Reads through either portal reach the replica.
+    // Reads through either portal reach the replica, once both list it
+    // (before that the replicas endpoint falls back to the leader).
+    for portal in [&portal1, &portal2] {
+        wait_roles_within(portal, "a", &["b"], DEADLINE).await;
+    }
     for ro in [p1.ro, p2.ro] {
         let c = connect(ro, &certs).await.expect("session through ro");
         assert_eq!(server_port_of(&c).await.expect("port"), b);
