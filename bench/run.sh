@@ -33,6 +33,7 @@ WHAT=${1:-all}
 case $WHAT in
   all | redis) ;;
   postgres) exec bash "$BENCH/postgres.sh" ;;
+  patroni) exec bash "$BENCH/patroni.sh" ;;
   *)
     echo "usage: bash bench/run.sh [all|redis|postgres]" >&2
     exit 2
