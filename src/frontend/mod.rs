@@ -197,9 +197,8 @@ impl Frontend<'_> {
             return Accepted::Dropped;
         }
         match self.protocol {
-            Protocol::Redis => self.accept_redis(tcp, peer, opening).await,
             Protocol::Postgres => self.accept_postgres(tcp, peer, opening).await,
-            Protocol::Etcd => self.accept_etcd(tcp, peer, opening).await,
+            Protocol::Redis | Protocol::Etcd => self.accept_tls_only(tcp, peer, opening).await,
         }
     }
 
@@ -223,7 +222,10 @@ impl Frontend<'_> {
         }
     }
 
-    async fn accept_redis(
+    /// Redis and etcd: TLS first, or nothing (etcd: ALPN `h2` or none;
+    /// rustls refuses other ALPN offers). A plaintext client gets a refusal
+    /// in its own protocol (a RESP error, an HTTP/2 gRPC error) and is dropped.
+    async fn accept_tls_only(
         &self,
         mut tcp: TcpStream,
         peer: SocketAddr,
@@ -240,32 +242,10 @@ impl Frontend<'_> {
             _ => {
                 self.handshake_failed("not_tls");
                 tracing::info!(endpoint = self.endpoint, %peer, reason = "not_tls", "client did not start TLS; connection dropped");
-                redis::refuse_plaintext(&mut tcp).await;
-                Accepted::Dropped
-            }
-        }
-    }
-
-    /// etcd: TLS (ALPN `h2` or none; rustls refuses other ALPN offers), then
-    /// the HTTP/2 bytes pass through untouched.
-    async fn accept_etcd(
-        &self,
-        mut tcp: TcpStream,
-        peer: SocketAddr,
-        opening: Opening,
-    ) -> Accepted {
-        match opening {
-            Opening::Tls { hello_version } => match self.tls(tcp, peer, hello_version).await {
-                Some(client) => Accepted::Session {
-                    client,
-                    preface: Vec::new(),
-                },
-                None => Accepted::Dropped,
-            },
-            _ => {
-                self.handshake_failed("not_tls");
-                tracing::info!(endpoint = self.endpoint, %peer, reason = "not_tls", "client did not start TLS; connection dropped");
-                etcd::refuse_plaintext(&mut tcp).await;
+                match self.protocol {
+                    Protocol::Etcd => etcd::refuse_plaintext(&mut tcp).await,
+                    _ => redis::refuse_plaintext(&mut tcp).await,
+                }
                 Accepted::Dropped
             }
         }
