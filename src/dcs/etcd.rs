@@ -8,7 +8,7 @@
 //! sends the event. The leader key's create revision is the DCS term: it
 //! changes exactly when a member acquires the key.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 use tokio_util::sync::CancellationToken;
@@ -28,12 +28,15 @@ struct Entry {
 #[derive(Debug, Default)]
 struct Scope {
     keys: BTreeMap<String, Entry>,
+    /// Facts already checked (and warned about when wrong): Patroni
+    /// rewrites its member keys every loop; one check per fact is enough.
+    warned: HashSet<String>,
 }
 
 impl Scope {
     /// What the keys say: the leader by name (mapped to a member) and the
     /// leader key's create revision.
-    fn report(&self, ctx: &SourceContext) -> DcsReport {
+    fn report(&mut self, ctx: &SourceContext) -> DcsReport {
         let Some(entry) = self.keys.get("leader") else {
             return DcsReport::Named {
                 leader: None,
@@ -42,7 +45,7 @@ impl Scope {
         };
         let name = String::from_utf8_lossy(&entry.value);
         let leader = ctx.member_named(name.trim());
-        if leader.is_none() {
+        if leader.is_none() && self.warned.insert(format!("leader {name}")) {
             tracing::warn!(cluster = %ctx.cluster, leader = %name, "the DCS names a leader that is not a configured member");
         }
         DcsReport::Named {
@@ -52,7 +55,7 @@ impl Scope {
     }
 
     /// Warns when a member's `conn_url` disagrees with its configured address.
-    fn check_member(&self, ctx: &SourceContext, key: &str) {
+    fn check_member(&mut self, ctx: &SourceContext, key: &str) {
         let Some(name) = key.strip_prefix("members/") else {
             return;
         };
@@ -62,6 +65,9 @@ impl Scope {
         let Some(advertised) = conn_url_address(&entry.value) else {
             return;
         };
+        if !self.warned.insert(format!("{key} {advertised}")) {
+            return;
+        }
         match ctx.member_named(name) {
             None => {
                 tracing::warn!(cluster = %ctx.cluster, member = name, %advertised, "Patroni member is not configured; the portal will not route to it")
@@ -154,7 +160,8 @@ async fn session(
             );
         }
     }
-    for key in scope.keys.keys() {
+    let keys: Vec<String> = scope.keys.keys().cloned().collect();
+    for key in &keys {
         scope.check_member(ctx, key);
     }
     ctx.up.set(1);

@@ -100,8 +100,9 @@ async fn session(
     ctx.up.set(1);
     tracing::info!(cluster = %ctx.cluster, sentinel = address, master = %config.master_name, "Sentinel connected; watching +switch-master");
     let recheck = config.timeout.max(Duration::from_millis(200));
+    let mut warned: Option<String> = None;
     loop {
-        let report = match ask(&mut conn, config, ctx).await {
+        let report = match ask(&mut conn, config, ctx, &mut warned).await {
             Ok(report) => report,
             Err(err) => return Some(err),
         };
@@ -125,11 +126,13 @@ async fn session(
     }
 }
 
-/// The master Sentinel names now, with its config epoch.
+/// The master Sentinel names now, with its config epoch. `warned` holds the
+/// last unknown master warned about, so a recheck does not repeat it.
 async fn ask(
     conn: &mut MultiplexedConnection,
     config: &SentinelDcs,
     ctx: &SourceContext,
+    warned: &mut Option<String>,
 ) -> Result<DcsReport, String> {
     let master: Option<(String, u16)> = redis::cmd("SENTINEL")
         .arg("get-master-addr-by-name")
@@ -151,8 +154,10 @@ async fn ask(
         .map_err(|err| format!("SENTINEL master: {err}"))?;
     let epoch = config_epoch(&fields);
     let leader = crate::probe::member_at(&ctx.addresses, &host, port);
-    if leader.is_none() {
-        tracing::warn!(cluster = %ctx.cluster, master = %format!("{host}:{port}"), "Sentinel names a master that is not a configured member");
+    let named = format!("{host}:{port}");
+    if leader.is_none() && warned.as_deref() != Some(named.as_str()) {
+        tracing::warn!(cluster = %ctx.cluster, master = %named, "Sentinel names a master that is not a configured member");
+        *warned = Some(named);
     }
     Ok(DcsReport::Named {
         leader,
