@@ -136,12 +136,7 @@ impl Drop for Sentinel {
     fn drop(&mut self) {
         self.kill9();
         if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            eprintln!("---- redis-sentinel {} log (last lines) ----", self.port);
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
-            }
+            print_log_tail(&format!("redis-sentinel {}", self.port), &self.log(), 20);
         }
     }
 }

@@ -380,12 +380,7 @@ impl Drop for EtcdCluster {
         }
         if std::thread::panicking() {
             for i in 0..self.len() {
-                let log = self.log(i);
-                let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                eprintln!("---- etcd member {} log (last lines) ----", self.name(i));
-                for line in tail.iter().rev() {
-                    eprintln!("{line}");
-                }
+                super::print_log_tail(&format!("etcd member {}", self.name(i)), &self.log(i), 15);
             }
         }
     }

@@ -465,13 +465,17 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill9();
         if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(15).collect();
-            eprintln!("---- redis-server {} log (last lines) ----", self.port);
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
-            }
+            print_log_tail(&format!("redis-server {}", self.port), &self.log(), 15);
         }
+    }
+}
+
+/// Prints the last `lines` lines of a server's log, for a failing test.
+pub fn print_log_tail(what: &str, log: &str, lines: usize) {
+    let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+    eprintln!("---- {what} log (last lines) ----");
+    for line in tail.iter().rev() {
+        eprintln!("{line}");
     }
 }
 

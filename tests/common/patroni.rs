@@ -403,15 +403,8 @@ impl PatroniCluster {
 
     pub fn print_logs(&self) {
         for m in &self.members {
-            let log = m.log();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!(
-                "---- patroni {} (api {}, pg {}) log tail ----",
-                m.name, m.api_port, m.pg_port
-            );
-            for line in tail.into_iter().rev() {
-                eprintln!("{line}");
-            }
+            let what = format!("patroni {} (api {}, pg {})", m.name, m.api_port, m.pg_port);
+            super::print_log_tail(&what, &m.log(), 40);
         }
     }
 

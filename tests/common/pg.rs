@@ -562,12 +562,7 @@ impl Drop for PgServer {
             self.running = false;
         }
         if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            eprintln!("---- postgres {} log (last lines) ----", self.port);
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
-            }
+            super::print_log_tail(&format!("postgres {}", self.port), &self.log(), 30);
         }
     }
 }
