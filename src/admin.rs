@@ -134,21 +134,22 @@ fn rfc3339(at: SystemTime) -> String {
 }
 
 fn member_name(cluster: &Cluster, id: Option<usize>) -> Value {
-    id.and_then(|id| cluster.config.members.get(id))
+    id.and_then(|id| cluster.roster.get(id))
         .map_or(Value::Null, |m| Value::String(m.name.clone()))
 }
 
 fn cluster_json(cluster: &Cluster, snapshot: &Snapshot, endpoints: &[Arc<Endpoint>]) -> Value {
     let members: Vec<Value> = cluster
-        .config
-        .members
-        .iter()
-        .enumerate()
+        .roster
+        .members()
+        .into_iter()
         .map(|(id, m)| {
             let seen = snapshot.members.get(id);
             json!({
                 "name": m.name,
                 "address": m.address,
+                "api": m.api,
+                "from": m.origin.as_str(),
                 "role": seen.map_or("unknown", |s| s.role.as_str()),
                 "health": seen.map_or("unknown", |s| s.health.as_str()),
                 "eligible": snapshot.leader == Some(id) || snapshot.replicas.contains(&id),
@@ -248,7 +249,7 @@ fn status_page(state: &AdminState) -> String {
         let s = cluster.status.load();
         let leader = s
             .leader
-            .map_or("none".to_string(), |l| cluster.member_name(l).to_string());
+            .map_or("none".to_string(), |l| cluster.member_name(l));
         let _ = write!(
             html,
             "<h2>{} ({})</h2><p>epoch {} &middot; leader <b>{}</b>{}</p>\
@@ -259,7 +260,7 @@ fn status_page(state: &AdminState) -> String {
             escape(&leader),
             if s.split_brain { " <span class=\"warn\">split brain</span>" } else { "" },
         );
-        for (id, m) in cluster.config.members.iter().enumerate() {
+        for (id, m) in cluster.roster.members() {
             let Some(v) = s.members.get(id) else { continue };
             let class = if s.leader == Some(id) {
                 "leader"

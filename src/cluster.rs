@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -15,8 +16,9 @@ use crate::config::{self, Check, Protocol};
 use crate::dcs;
 use crate::frontend::postgres::CancelKeys;
 use crate::metrics::Metrics;
-use crate::probe::{self, KnownAddress, ProbeContext};
-use crate::view::{DcsReport, Outcome, Report, Snapshot, Thresholds, Transition, View};
+use crate::probe::{self, ProbeContext};
+use crate::roster::{MemberEntry, Roster};
+use crate::view::{DcsReport, MemberId, Outcome, Report, Snapshot, Thresholds, Transition, View};
 
 /// Live PostgreSQL sessions whose cancel keys are remembered, per cluster.
 const CANCEL_KEYS_CAPACITY: usize = 100_000;
@@ -35,6 +37,8 @@ pub struct Cluster {
     pub cancel_keys: CancelKeys,
     /// TLS to the members, when configured.
     pub origination: Option<Origination>,
+    /// Who the members are and where they listen.
+    pub roster: Arc<Roster>,
     reports: mpsc::Sender<Report>,
 }
 
@@ -47,8 +51,9 @@ impl Cluster {
         tasks: &TaskTracker,
         cancel: CancellationToken,
     ) -> Arc<Cluster> {
+        let roster = Arc::new(Roster::new(&config));
         let mut view = View::new(
-            config.members.len(),
+            roster.len(),
             Thresholds {
                 rise: config.probe.rise,
                 fall: config.probe.fall,
@@ -64,78 +69,34 @@ impl Cluster {
         let poke = Arc::new(Notify::new());
 
         let cluster = Arc::new(Cluster {
-            active: config.members.iter().map(|_| AtomicUsize::new(0)).collect(),
+            active: (0..roster.len()).map(|_| AtomicUsize::new(0)).collect(),
             cancel_keys: CancelKeys::new(CANCEL_KEYS_CAPACITY),
             origination,
             status: ArcSwap::new(first),
             routing,
             reports,
+            roster,
             config,
         });
 
-        let name: Arc<str> = Arc::from(cluster.config.name.as_str());
-        let known: Arc<Vec<KnownAddress>> = Arc::new(
-            cluster
-                .config
-                .members
-                .iter()
-                .map(|m| KnownAddress::resolve(&m.address))
-                .collect(),
-        );
-        let etcd_ids = probe::etcd::MemberIds::new(cluster.config.members.len());
-        for (id, member) in cluster.config.members.iter().enumerate() {
-            let ctx = ProbeContext::new(
-                name.clone(),
-                id,
-                &member.name,
-                &member.address,
-                cluster.config.probe.clone(),
-                known.clone(),
-                &metrics,
-            );
-            let reports = cluster.reports.clone();
-            let (urgent, poke, cancel) = (urgent.clone(), poke.clone(), cancel.clone());
-            match cluster.config.protocol {
-                Protocol::Redis => tasks.spawn(probe::run(
-                    probe::redis::RedisProber::new(),
-                    ctx,
-                    reports,
-                    urgent,
-                    poke,
-                    cancel,
-                )),
-                Protocol::Postgres if cluster.config.probe.check == Check::Patroni => {
-                    tasks.spawn(probe::run(
-                        probe::patroni::PatroniProber::new(member.api.as_deref().unwrap_or("")),
-                        ctx,
-                        reports,
-                        urgent,
-                        poke,
-                        cancel,
-                    ))
-                }
-                Protocol::Postgres => tasks.spawn(probe::run(
-                    probe::postgres::PostgresProber::new(cluster.origination.clone()),
-                    ctx,
-                    reports,
-                    urgent,
-                    poke,
-                    cancel,
-                )),
-                Protocol::Etcd => tasks.spawn(probe::run(
-                    probe::etcd::EtcdProber::new(cluster.origination.clone(), etcd_ids.clone()),
-                    ctx,
-                    reports,
-                    urgent,
-                    poke,
-                    cancel,
-                )),
-            };
+        let probes = Probes {
+            cluster: cluster.clone(),
+            name: Arc::from(cluster.config.name.as_str()),
+            etcd_ids: probe::etcd::MemberIds::new(cluster.roster.len()),
+            metrics: metrics.clone(),
+            urgent,
+            poke: poke.clone(),
+            cancel: cancel.clone(),
+        };
+        for id in 0..cluster.roster.len() {
+            if let Some(slot) = cluster.roster.subscribe(id) {
+                tasks.spawn(probes.clone().follow(id, slot));
+            }
         }
 
         let (dcs_tx, dcs_rx) = mpsc::channel(64);
         if let Some(dcs) = cluster.config.dcs.clone() {
-            let ctx = dcs::SourceContext::new(&cluster.config, known.clone(), &metrics);
+            let ctx = dcs::SourceContext::new(&cluster.config, cluster.roster.clone(), &metrics);
             tasks.spawn(dcs::run(dcs, ctx, dcs_tx, cancel.clone()));
         } else {
             drop(dcs_tx);
@@ -168,11 +129,9 @@ impl Cluster {
         }
     }
 
-    pub fn member_name(&self, member: usize) -> &str {
-        self.config
-            .members
-            .get(member)
-            .map_or("?", |m| m.name.as_str())
+    /// The member's name, or `?` for an empty slot.
+    pub fn member_name(&self, member: usize) -> String {
+        self.roster.name(member)
     }
 
     /// Counts a session on `member` until the guard drops.
@@ -184,6 +143,109 @@ impl Cluster {
             cluster: self.clone(),
             member,
         }
+    }
+}
+
+/// What every member's probe task shares.
+#[derive(Clone)]
+struct Probes {
+    cluster: Arc<Cluster>,
+    name: Arc<str>,
+    etcd_ids: Arc<probe::etcd::MemberIds>,
+    metrics: Arc<Metrics>,
+    urgent: watch::Receiver<bool>,
+    poke: Arc<Notify>,
+    cancel: CancellationToken,
+}
+
+impl Probes {
+    /// Probes the member in slot `id` for as long as the slot holds it; a
+    /// member whose address changes is reported down (what its probe said
+    /// was about the old address) and probed afresh at the new one.
+    async fn follow(self, id: MemberId, mut slot: watch::Receiver<Option<Arc<MemberEntry>>>) {
+        loop {
+            let entry = slot.borrow_and_update().clone();
+            let probe = entry.as_ref().and_then(|entry| self.probe(id, entry));
+            let changed = match probe {
+                Some(probe) => tokio::select! {
+                    () = probe => return,
+                    changed = slot.changed() => changed,
+                },
+                None => tokio::select! {
+                    changed = slot.changed() => changed,
+                    _ = self.cancel.cancelled() => return,
+                },
+            };
+            if changed.is_err() {
+                return;
+            }
+            if let (Some(old), Some(new)) = (&entry, slot.borrow().as_ref()) {
+                tracing::info!(cluster = %self.name, member = %new.name, from = %old.address, to = %new.address, "member moved; probing its new address");
+                self.cluster.report_connect_failure(
+                    id,
+                    format!("the member moved from {} to {}", old.address, new.address),
+                );
+            }
+        }
+    }
+
+    /// The probe task for one member, or `None` when it cannot be probed.
+    fn probe(&self, id: MemberId, entry: &MemberEntry) -> Option<BoxFuture<'static, ()>> {
+        let cluster = &self.cluster;
+        let ctx = ProbeContext::new(
+            self.name.clone(),
+            id,
+            entry,
+            cluster.config.probe.clone(),
+            cluster.roster.clone(),
+            &self.metrics,
+        );
+        let (reports, urgent, poke, cancel) = (
+            cluster.reports.clone(),
+            self.urgent.clone(),
+            self.poke.clone(),
+            self.cancel.clone(),
+        );
+        Some(match cluster.config.protocol {
+            Protocol::Redis => Box::pin(probe::run(
+                probe::redis::RedisProber::new(),
+                ctx,
+                reports,
+                urgent,
+                poke,
+                cancel,
+            )),
+            Protocol::Postgres if cluster.config.probe.check == Check::Patroni => {
+                let Some(api) = entry.api.as_deref() else {
+                    tracing::warn!(cluster = %self.name, member = %entry.name, "no Patroni REST address (api_url) for this member; it is not probed");
+                    return None;
+                };
+                Box::pin(probe::run(
+                    probe::patroni::PatroniProber::new(api),
+                    ctx,
+                    reports,
+                    urgent,
+                    poke,
+                    cancel,
+                ))
+            }
+            Protocol::Postgres => Box::pin(probe::run(
+                probe::postgres::PostgresProber::new(cluster.origination.clone()),
+                ctx,
+                reports,
+                urgent,
+                poke,
+                cancel,
+            )),
+            Protocol::Etcd => Box::pin(probe::run(
+                probe::etcd::EtcdProber::new(cluster.origination.clone(), self.etcd_ids.clone()),
+                ctx,
+                reports,
+                urgent,
+                poke,
+                cancel,
+            )),
+        })
     }
 }
 
@@ -214,13 +276,7 @@ async fn supervise(
     cancel: CancellationToken,
 ) {
     let name = cluster.config.name.as_str();
-    let members: Vec<&str> = cluster
-        .config
-        .members
-        .iter()
-        .map(|m| m.name.as_str())
-        .collect();
-    let member = |id: usize| members.get(id).copied().unwrap_or("?");
+    let member = |id: usize| cluster.roster.name(id);
     let epoch_gauge = metrics.epoch.with_label_values(&[name]);
     let split_gauge = metrics.split_brain.with_label_values(&[name]);
     let leader_changes = metrics.leader_changes.with_label_values(&[name]);
@@ -234,7 +290,7 @@ async fn supervise(
             },
             report = dcs.recv(), if dcs_open => match report {
                 Some(report) => {
-                    log_dcs(name, &report, &members);
+                    log_dcs(name, &report, &cluster.roster);
                     // The named member's probe must confirm it: ask now.
                     poke_all = true;
                     view.apply_dcs(report)
@@ -251,14 +307,14 @@ async fn supervise(
                 Transition::MemberUp { member: m } => {
                     metrics
                         .member_up
-                        .with_label_values(&[name, member(m)])
+                        .with_label_values(&[name, &member(m)])
                         .set(1);
                     tracing::info!(cluster = name, member = member(m), "member up");
                 }
                 Transition::MemberDown { member: m, hard } => {
                     metrics
                         .member_up
-                        .with_label_values(&[name, member(m)])
+                        .with_label_values(&[name, &member(m)])
                         .set(0);
                     poke_all |= hard;
                     tracing::warn!(cluster = name, member = member(m), hard, "member down");
@@ -270,7 +326,7 @@ async fn supervise(
                 } => {
                     metrics
                         .member_is_leader
-                        .with_label_values(&[name, member(m)])
+                        .with_label_values(&[name, &member(m)])
                         .set(1);
                     leader_changes.inc();
                     tracing::info!(
@@ -285,7 +341,7 @@ async fn supervise(
                 Transition::LeaderLost { member: m } => {
                     metrics
                         .member_is_leader
-                        .with_label_values(&[name, member(m)])
+                        .with_label_values(&[name, &member(m)])
                         .set(0);
                     if view.leader().is_none() {
                         leader_changes.inc();
@@ -295,7 +351,7 @@ async fn supervise(
                 }
                 Transition::SplitBrain { claimants } => {
                     split_gauge.set(1);
-                    let claimants: Vec<&str> = claimants.into_iter().map(member).collect();
+                    let claimants: Vec<String> = claimants.into_iter().map(member).collect();
                     tracing::error!(
                         cluster = name,
                         claimants = ?claimants,
@@ -339,11 +395,11 @@ async fn supervise(
     }
 }
 
-fn log_dcs(cluster: &str, report: &DcsReport, members: &[&str]) {
+fn log_dcs(cluster: &str, report: &DcsReport, roster: &Roster) {
     match report {
         DcsReport::Named { leader, term } => tracing::info!(
             cluster,
-            leader = leader.and_then(|l| members.get(l).copied()),
+            leader = leader.map(|l| roster.name(l)),
             term,
             "DCS names the leader"
         ),

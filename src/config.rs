@@ -86,6 +86,17 @@ pub struct Cluster {
     pub dcs: Option<Dcs>,
 }
 
+impl Cluster {
+    /// How many members the cluster can hold at run time: the configured
+    /// ones, or more when an etcd DCS may name others.
+    pub fn member_slots(&self) -> usize {
+        match &self.dcs {
+            Some(Dcs::Etcd(etcd)) => etcd.max_members.max(self.members.len()),
+            _ => self.members.len(),
+        }
+    }
+}
+
 /// A distributed configuration store that names the leader.
 #[derive(Debug, Clone)]
 pub enum Dcs {
@@ -104,6 +115,9 @@ pub struct EtcdDcs {
     pub username: Option<String>,
     pub password: Option<Secret>,
     pub timeout: Duration,
+    /// How many members the cluster may hold in all: the configured ones
+    /// plus those learned from Patroni's `members/` keys.
+    pub max_members: usize,
 }
 
 /// Redis Sentinel: the master of `master_name`.
@@ -391,7 +405,7 @@ struct RawCluster {
     #[serde(default)]
     probe: RawProbe,
     backend_tls: Option<RawBackendTls>,
-    members: Spanned<Vec<RawMember>>,
+    members: Option<Spanned<Vec<RawMember>>>,
     endpoints: Vec<RawEndpoint>,
     dcs: Option<Spanned<RawDcs>>,
 }
@@ -415,7 +429,17 @@ struct RawDcsEtcd {
     password_env: Option<Spanned<String>>,
     #[serde(default = "default_dcs_timeout", deserialize_with = "de_duration")]
     timeout: Duration,
+    #[serde(default = "default_max_members")]
+    max_members: Spanned<usize>,
 }
+
+fn default_max_members() -> Spanned<usize> {
+    unspanned(16)
+}
+
+/// More slots than this would only mean a typo: every slot is a probe task
+/// and a set of metric series.
+const MAX_MEMBERS_LIMIT: usize = 64;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -687,17 +711,22 @@ impl Validator<'_> {
             }
             let probe = self.probe(&at, rc.probe)?;
 
-            if rc.members.value.is_empty() {
-                return Err(self.error(
-                    &rc.members,
-                    format!("{at}.members"),
-                    "at least one member is required",
-                ));
+            let learns_members = rc
+                .dcs
+                .as_ref()
+                .is_some_and(|d| d.value.etcd.is_some() && d.value.sentinel.is_none());
+            let raw_members = rc.members.as_ref().map_or(&[][..], |m| &m.value[..]);
+            if raw_members.is_empty() && !learns_members {
+                let message = "at least one member is required (or an etcd DCS to learn them from)";
+                return Err(match &rc.members {
+                    Some(members) => self.error(members, format!("{at}.members"), message),
+                    None => self.error(&rc.name, format!("{at}.members"), message),
+                });
             }
             let mut member_names = HashSet::new();
             let mut addresses = HashSet::new();
             let mut members = Vec::new();
-            for (mi, m) in rc.members.value.iter().enumerate() {
+            for (mi, m) in raw_members.iter().enumerate() {
                 let mat = format!("{at}.members[{mi}]");
                 if m.name.value.is_empty() || !member_names.insert(m.name.value.clone()) {
                     return Err(self.error(
@@ -852,7 +881,7 @@ impl Validator<'_> {
             }
             let dcs = match &rc.dcs {
                 None => None,
-                Some(raw) => Some(self.dcs(&at, rc.protocol, raw)?),
+                Some(raw) => Some(self.dcs(&at, rc.protocol, raw, members.len())?),
             };
             clusters.push(Cluster {
                 name: rc.name.value,
@@ -973,7 +1002,37 @@ impl Validator<'_> {
         })
     }
 
-    fn dcs(&self, at: &str, protocol: Protocol, raw: &Spanned<RawDcs>) -> Result<Dcs, ConfigError> {
+    fn max_members(
+        &self,
+        at: &str,
+        raw: &Spanned<usize>,
+        configured: usize,
+    ) -> Result<usize, ConfigError> {
+        let at = format!("{at}.max_members");
+        if raw.value == 0 || raw.value > MAX_MEMBERS_LIMIT {
+            return Err(self.error(
+                raw,
+                at,
+                format!("must be between 1 and {MAX_MEMBERS_LIMIT}"),
+            ));
+        }
+        if raw.value < configured {
+            return Err(self.error(
+                raw,
+                at,
+                format!("is {} but {configured} members are configured", raw.value),
+            ));
+        }
+        Ok(raw.value)
+    }
+
+    fn dcs(
+        &self,
+        at: &str,
+        protocol: Protocol,
+        raw: &Spanned<RawDcs>,
+        configured: usize,
+    ) -> Result<Dcs, ConfigError> {
         let at = format!("{at}.dcs");
         let list = |values: &Spanned<Vec<String>>, key: &str| -> Result<Vec<String>, ConfigError> {
             if values.value.is_empty() {
@@ -1025,6 +1084,7 @@ impl Validator<'_> {
                         etcd.password_env.as_ref(),
                     )?,
                     timeout: etcd.timeout,
+                    max_members: self.max_members(&at, &etcd.max_members, configured)?,
                 }))
             }
             (None, Some(sentinel)) => {
@@ -1100,7 +1160,7 @@ impl Validator<'_> {
     }
 }
 
-fn valid_host_port(address: &str) -> bool {
+pub(crate) fn valid_host_port(address: &str) -> bool {
     if address.parse::<SocketAddr>().is_ok() {
         return true;
     }
@@ -1280,5 +1340,97 @@ clusters:
         assert!(!valid_host_port("redis"));
         assert!(!valid_host_port("redis:0"));
         assert!(!valid_host_port(":6379"));
+    }
+
+    const LEARNING: &str = "\
+certs_dir: .
+clusters:
+  - name: pg
+    protocol: postgres
+    probe:
+      check: patroni
+    dcs:
+      etcd:
+        endpoints: [127.0.0.1:2379]
+        scope: demo
+        max_members: 4
+    endpoints:
+      - name: rw
+        listen: 127.0.0.1:7000
+        route: leader
+        tls: auto
+";
+
+    #[test]
+    fn an_etcd_dcs_may_supply_the_members() {
+        let dir = certs();
+        let cfg = config(dir.path(), LEARNING).expect("valid");
+        let c = &cfg.clusters[0];
+        assert!(c.members.is_empty());
+        assert_eq!(c.member_slots(), 4);
+        match &c.dcs {
+            Some(Dcs::Etcd(etcd)) => {
+                assert_eq!(
+                    (etcd.prefix.as_str(), etcd.scope.as_str()),
+                    ("/service", "demo")
+                );
+                assert_eq!(etcd.max_members, 4);
+            }
+            other => panic!("expected an etcd DCS, got {other:?}"),
+        }
+        let default = config(
+            dir.path(),
+            &LEARNING.replace("        max_members: 4\n", ""),
+        )
+        .expect("valid");
+        assert_eq!(default.clusters[0].member_slots(), 16);
+
+        let (line, key, message) = invalid(&LEARNING.replace("max_members: 4", "max_members: 0"));
+        assert_eq!(
+            (line, key.as_str()),
+            (11, "clusters[0].dcs.etcd.max_members")
+        );
+        assert!(message.contains("between 1 and"), "{message}");
+
+        let with_members = LEARNING.replace(
+            "    endpoints:\n      - name: rw",
+            "    members:\n      - {name: a, address: 127.0.0.1:5432, api: 127.0.0.1:8008}\n      \
+             - {name: b, address: 127.0.0.1:5433, api: 127.0.0.1:8009}\n    endpoints:\n      - name: rw",
+        );
+        assert_eq!(
+            config(dir.path(), &with_members).expect("valid").clusters[0].member_slots(),
+            4
+        );
+        let (line, key, message) =
+            invalid(&with_members.replace("max_members: 4", "max_members: 1"));
+        assert_eq!(
+            (line, key.as_str()),
+            (11, "clusters[0].dcs.etcd.max_members")
+        );
+        assert!(message.contains("2 members are configured"), "{message}");
+
+        let (line, key, message) = invalid(&LEARNING.replace(
+            "    dcs:\n      etcd:\n        endpoints: [127.0.0.1:2379]\n        scope: demo\n        max_members: 4\n",
+            "",
+        ));
+        assert_eq!((line, key.as_str()), (3, "clusters[0].members"));
+        assert!(message.contains("etcd DCS to learn them"), "{message}");
+    }
+
+    #[test]
+    fn dcs_errors_name_their_key() {
+        let (line, key, _) = invalid(&LEARNING.replace("scope: demo", "scope: \"\""));
+        assert_eq!((line, key.as_str()), (10, "clusters[0].dcs.etcd.scope"));
+        let (line, key, _) = invalid(&LEARNING.replace("[127.0.0.1:2379]", "[\"localhost\"]"));
+        assert_eq!((line, key.as_str()), (9, "clusters[0].dcs.etcd.endpoints"));
+        let (_, key, message) = invalid(&LEARNING.replace("protocol: postgres", "protocol: redis"));
+        assert!(key.starts_with("clusters[0]"), "{key}");
+        assert!(!message.is_empty());
+        let sentinel = GOOD.replace(
+            "    members:\n",
+            "    dcs:\n      sentinel:\n        addresses: [127.0.0.1:26379]\n        master_name: \"\"\n    members:\n",
+        );
+        let (_, key, _) = invalid(&sentinel);
+        assert_eq!(key, "clusters[0].dcs.sentinel.master_name");
     }
 }

@@ -3,7 +3,8 @@
 //! One module per concern (see `shared/design.md` for the picture):
 //! [`config`] is the typed configuration, [`view`] the pure membership view,
 //! [`probe`] asks members what they are, [`dcs`] watches where a leader is
-//! named (Patroni's keys in etcd, Sentinel), [`cluster`] feeds both to the
+//! named (Patroni's keys in etcd, Sentinel), [`roster`] holds the members
+//! (configured or learned from the DCS), [`cluster`] feeds both to the
 //! view and publishes snapshots, [`router`] picks members, [`proxy`] is the
 //! data path, [`frontend`] the protocol-specific openings and refusals,
 //! [`tls`] and [`certs`] the TLS material, [`admin`] and [`metrics`] the
@@ -20,6 +21,7 @@ pub mod frontend;
 pub mod metrics;
 pub mod probe;
 pub mod proxy;
+pub mod roster;
 pub mod router;
 pub mod server;
 pub mod stream;

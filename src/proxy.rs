@@ -290,11 +290,14 @@ async fn forward_cancel(endpoint: &Endpoint, key: CancelKey, peer: SocketAddr) {
         tracing::debug!(endpoint = ep, %peer, pid = key.pid, "cancel request with an unknown key; ignored");
         return;
     };
-    let address = cluster.config.members[member].address.as_str();
+    let Some(entry) = cluster.roster.get(member) else {
+        outcome("unknown_key");
+        return;
+    };
     let forwarded = async {
         let mut server = backend::connect(
             cluster.config.protocol,
-            address,
+            &entry.address,
             cluster.origination.as_ref(),
             CONNECT_TIMEOUT,
         )
@@ -360,11 +363,10 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
         });
         let mut failed = false;
         last_error = None;
-        if let Some(member) = choice {
-            let address = cluster.config.members[member].address.as_str();
+        if let Some((member, entry)) = choice.and_then(|m| Some((m, cluster.roster.get(m)?))) {
             match backend::connect(
                 cluster.config.protocol,
-                address,
+                &entry.address,
                 cluster.origination.as_ref(),
                 CONNECT_TIMEOUT,
             )

@@ -1,7 +1,9 @@
 //! The deployment the design aims at, end to end: three etcd members, two
-//! PostgreSQL members run by Patroni, and TWO portal processes with the same
-//! configuration (on different ports) watching Patroni's keys in etcd (the
-//! DCS names the leader) and probing Patroni's REST API (which confirms it).
+//! PostgreSQL members run by Patroni, and TWO portal processes (on different
+//! ports) watching Patroni's keys in etcd (the DCS names the leader) and
+//! probing Patroni's REST API (which confirms it). Portal 1 lists no members
+//! and starts before Patroni does: it learns every member from the watch
+//! on Patroni's member keys. Portal 2 lists them.
 //! Through a switchover and a hard kill of the leader, writes through both
 //! portals resume on the new leader; both portals' `/status` agree on the
 //! leader, its term and the DCS term after every change, and a sampler
@@ -212,17 +214,34 @@ async fn two_host_write(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_portals_in_front_of_patroni_agree_and_survive_failovers() {
     let etcd = block_in_place(|| EtcdCluster::start(3));
-    let mut cluster = block_in_place(|| PatroniCluster::start(&etcd.client_addresses(), 2));
+    let mut cluster = PatroniCluster::prepare(&etcd.client_addresses(), 2);
     let (a, b) = (cluster.members[0].pg_port, cluster.members[1].pg_port);
     let certs = temp_certs();
     let (p1, p2) = (PortalPorts::new(), PortalPorts::new());
     let portal1 =
-        Portal::start(&cluster.portal_yaml_with_dcs(&certs, p1.admin, p1.rw, p1.ro)).await;
+        Portal::start(&cluster.portal_yaml_learning_members(&certs, p1.admin, p1.rw, p1.ro)).await;
+    let empty = portal1.status().await;
+    assert_eq!(
+        common::cluster(&empty)["members"],
+        serde_json::json!([]),
+        "{empty:#}"
+    );
+    block_in_place(|| cluster.launch());
     let mut portal2 =
         Portal::start(&cluster.portal_yaml_with_dcs(&certs, p2.admin, p2.rw, p2.ro)).await;
     let sampler = Sampler::start([p1.admin, p2.admin]);
     let term1 = wait_agree(&[&portal1, &portal2], "a", 0, DEADLINE).await;
     assert_eq!(term1, 1);
+    // Portal 1 learned both members from the DCS, with the addresses
+    // Patroni advertises; portal 2 uses its configured ones.
+    let (status1, status2) = (portal1.status().await, portal2.status().await);
+    for (i, m) in cluster.members.iter().enumerate() {
+        let learned = member(&status1, &m.name);
+        assert_eq!(learned["from"], "dcs", "{status1:#}");
+        assert_eq!(learned["address"], format!("127.0.0.1:{}", m.pg_port));
+        assert_eq!(learned["api"], format!("127.0.0.1:{}", m.api_port));
+        assert_eq!(member(&status2, &m.name)["from"], "config", "member {i}");
+    }
 
     let setup = connect(p1.rw, &certs)
         .await

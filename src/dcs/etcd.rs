@@ -14,7 +14,9 @@ use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 use tokio_util::sync::CancellationToken;
 
 use super::{Reporter, SourceContext, RECONNECT_PAUSE};
-use crate::config::EtcdDcs;
+use crate::config::{valid_host_port, EtcdDcs};
+use crate::probe::KnownAddress;
+use crate::roster::Learned;
 use crate::view::DcsReport;
 
 /// One key of the scope: its value and create revision.
@@ -44,9 +46,9 @@ impl Scope {
             };
         };
         let name = String::from_utf8_lossy(&entry.value);
-        let leader = ctx.member_named(name.trim());
+        let leader = ctx.roster.id_of(name.trim());
         if leader.is_none() && self.warned.insert(format!("leader {name}")) {
-            tracing::warn!(cluster = %ctx.cluster, leader = %name, "the DCS names a leader that is not a configured member");
+            tracing::warn!(cluster = %ctx.cluster, leader = %name, "the DCS names a leader that is not a known member");
         }
         DcsReport::Named {
             leader,
@@ -54,43 +56,74 @@ impl Scope {
         }
     }
 
-    /// Warns when a member's `conn_url` disagrees with its configured address.
-    fn check_member(&mut self, ctx: &SourceContext, key: &str) {
+    /// Learns the member a `members/<name>` key describes: its address
+    /// from `conn_url`, its REST API from `api_url`. A configured member
+    /// keeps its configured address (a disagreement is warned about once).
+    async fn learn_member(&mut self, ctx: &SourceContext, key: &str) {
         let Some(name) = key.strip_prefix("members/") else {
             return;
         };
         let Some(entry) = self.keys.get(key) else {
             return;
         };
-        let Some(advertised) = conn_url_address(&entry.value) else {
+        let Some(advertised) = MemberDocument::parse(&entry.value) else {
+            if self.warned.insert(format!("{key} unreadable")) {
+                tracing::warn!(cluster = %ctx.cluster, member = name, "Patroni member key without a readable conn_url; not learned");
+            }
             return;
         };
-        if !self.warned.insert(format!("{key} {advertised}")) {
-            return;
-        }
-        match ctx.member_named(name) {
-            None => {
-                tracing::warn!(cluster = %ctx.cluster, member = name, %advertised, "Patroni member is not configured; the portal will not route to it")
+        let address = KnownAddress::lookup(&advertised.address).await;
+        let learned = ctx.roster.learn(name, address, advertised.api.clone());
+        let (address, api) = (advertised.address.as_str(), advertised.api.as_deref());
+        match learned {
+            Learned::Unchanged(_) => {}
+            Learned::Added(id) => {
+                tracing::info!(cluster = %ctx.cluster, member = name, id, address, api, "member learned from the DCS")
             }
-            Some(id) => {
-                let configured = ctx.addresses.get(id).map(|a| a.configured.as_str());
-                if configured != Some(advertised.as_str()) {
-                    tracing::warn!(cluster = %ctx.cluster, member = name, %advertised, configured, "Patroni advertises another address than the configured one");
+            Learned::Moved(id) => {
+                tracing::info!(cluster = %ctx.cluster, member = name, id, address, api, "the DCS advertises a new address for this member")
+            }
+            Learned::Configured(id) => {
+                let configured = ctx.roster.get(id).map(|m| m.address.clone());
+                if configured.as_deref() != Some(address)
+                    && self.warned.insert(format!("{key} {address}"))
+                {
+                    tracing::warn!(cluster = %ctx.cluster, member = name, advertised = address, configured, "Patroni advertises another address than the configured one; the configured one is used");
+                }
+            }
+            Learned::Full => {
+                if self.warned.insert(format!("{key} full")) {
+                    tracing::warn!(cluster = %ctx.cluster, member = name, advertised = address, slots = ctx.roster.len(), "no member slot left (dcs.etcd.max_members); the portal will not route to this member");
                 }
             }
         }
     }
 }
 
-/// `host:port` from a member document's `conn_url`
-/// (`postgres://host:port/dbname`).
-fn conn_url_address(document: &[u8]) -> Option<String> {
-    let doc: serde_json::Value = serde_json::from_slice(document).ok()?;
-    let url = doc.get("conn_url")?.as_str()?;
-    let rest = url.split_once("://")?.1;
-    let authority = rest.split('/').next()?;
-    let host_port = authority.rsplit('@').next()?;
-    Some(host_port.to_string())
+/// What a Patroni member key advertises.
+#[derive(Debug, PartialEq, Eq)]
+struct MemberDocument {
+    /// `host:port` from `conn_url` (`postgres://[user@]host:port/dbname`).
+    address: String,
+    /// `host:port` from `api_url` (`http://host:port/patroni`).
+    api: Option<String>,
+}
+
+impl MemberDocument {
+    fn parse(document: &[u8]) -> Option<MemberDocument> {
+        let doc: serde_json::Value = serde_json::from_slice(document).ok()?;
+        let authority = |field: &str| -> Option<String> {
+            let url = doc.get(field)?.as_str()?;
+            let rest = url.split_once("://")?.1;
+            let authority = rest.split(['/', '?']).next()?;
+            let host_port = authority.rsplit('@').next()?;
+            valid_host_port(host_port).then(|| host_port.to_string())
+        };
+        Some(MemberDocument {
+            address: authority("conn_url")?,
+            api: authority("api_url"),
+        })
+    }
 }
 
 pub async fn run(
@@ -162,7 +195,7 @@ async fn session(
     }
     let keys: Vec<String> = scope.keys.keys().cloned().collect();
     for key in &keys {
-        scope.check_member(ctx, key);
+        scope.learn_member(ctx, key).await;
     }
     ctx.up.set(1);
     tracing::info!(cluster = %ctx.cluster, root, revision, "etcd DCS read; watching");
@@ -207,7 +240,7 @@ async fn session(
                             created: kv.create_revision(),
                         },
                     );
-                    scope.check_member(ctx, key);
+                    scope.learn_member(ctx, key).await;
                 }
                 EventType::Delete => {
                     scope.keys.remove(key);
@@ -225,12 +258,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn conn_url_gives_host_and_port() {
+    fn member_documents_give_the_database_and_api_addresses() {
         let doc = br#"{"conn_url": "postgres://127.0.0.1:5433/postgres", "api_url": "http://127.0.0.1:8008/patroni", "state": "running"}"#;
-        assert_eq!(conn_url_address(doc).as_deref(), Some("127.0.0.1:5433"));
-        let with_user = br#"{"conn_url": "postgres://u:p@db1:5432/postgres"}"#;
-        assert_eq!(conn_url_address(with_user).as_deref(), Some("db1:5432"));
-        assert_eq!(conn_url_address(b"not json"), None);
-        assert_eq!(conn_url_address(br#"{"state": "running"}"#), None);
+        assert_eq!(
+            MemberDocument::parse(doc),
+            Some(MemberDocument {
+                address: "127.0.0.1:5433".into(),
+                api: Some("127.0.0.1:8008".into()),
+            })
+        );
+        let with_user = br#"{"conn_url": "postgres://u:p@db1:5432/postgres?sslmode=require"}"#;
+        assert_eq!(
+            MemberDocument::parse(with_user),
+            Some(MemberDocument {
+                address: "db1:5432".into(),
+                api: None,
+            })
+        );
+        let v6 = br#"{"conn_url": "postgres://[::1]:5432/postgres", "api_url": "https://[::1]:8008/patroni"}"#;
+        assert_eq!(
+            MemberDocument::parse(v6).map(|d| (d.address, d.api)),
+            Some(("[::1]:5432".into(), Some("[::1]:8008".into())))
+        );
+        assert_eq!(MemberDocument::parse(b"not json"), None);
+        assert_eq!(MemberDocument::parse(br#"{"state": "running"}"#), None);
+        assert_eq!(
+            MemberDocument::parse(br#"{"conn_url": "postgres://no-port/x"}"#),
+            None
+        );
+        assert_eq!(MemberDocument::parse(br#"{"conn_url": 5}"#), None);
     }
 }

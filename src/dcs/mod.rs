@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Dcs};
 use crate::metrics::Metrics;
-use crate::probe::KnownAddress;
-use crate::view::{DcsReport, MemberId};
+use crate::roster::Roster;
+use crate::view::DcsReport;
 
 /// How long a source waits before reconnecting after losing its DCS.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
@@ -24,31 +24,22 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
 /// What a source knows about the cluster it serves.
 pub struct SourceContext {
     pub cluster: Arc<str>,
-    /// Configured members, by id: their names and resolved addresses.
-    pub names: Vec<String>,
-    pub addresses: Arc<Vec<KnownAddress>>,
+    /// The members: a source maps names and addresses to ids here, and an
+    /// etcd source adds the members Patroni advertises.
+    pub roster: Arc<Roster>,
     pub up: IntGauge,
     pub events: IntCounter,
 }
 
 impl SourceContext {
-    pub fn new(
-        config: &config::Cluster,
-        addresses: Arc<Vec<KnownAddress>>,
-        metrics: &Metrics,
-    ) -> Self {
+    pub fn new(config: &config::Cluster, roster: Arc<Roster>, metrics: &Metrics) -> Self {
         let name = config.name.as_str();
         SourceContext {
             cluster: Arc::from(name),
-            names: config.members.iter().map(|m| m.name.clone()).collect(),
-            addresses,
+            roster,
             up: metrics.dcs_up.with_label_values(&[name]),
             events: metrics.dcs_events.with_label_values(&[name]),
         }
-    }
-
-    pub fn member_named(&self, name: &str) -> Option<MemberId> {
-        self.names.iter().position(|n| n == name)
     }
 }
 

@@ -153,7 +153,7 @@ async fn ask(
         .await
         .map_err(|err| format!("SENTINEL master: {err}"))?;
     let epoch = config_epoch(&fields);
-    let leader = crate::probe::member_at(&ctx.addresses, &host, port);
+    let leader = ctx.roster.member_at(&host, port);
     let named = format!("{host}:{port}");
     if leader.is_none() && warned.as_deref() != Some(named.as_str()) {
         tracing::warn!(cluster = %ctx.cluster, master = %named, "Sentinel names a master that is not a configured member");

@@ -8,7 +8,7 @@ pub mod postgres;
 pub mod redis;
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ProbeSettings;
 use crate::metrics::Metrics;
+use crate::roster::{MemberEntry, Roster};
 use crate::view::{MemberId, Outcome, Report};
 
 /// One protocol's way of asking a member what it is.
@@ -79,8 +80,8 @@ pub fn classify_io(err: &std::io::Error) -> Failure {
     }
 }
 
-/// A configured member's address, resolved once, to recognise it when a
-/// replica names its upstream.
+/// A member's address as written, and what it resolved to when learned:
+/// to recognise the member when a replica names its upstream.
 #[derive(Debug, Clone)]
 pub struct KnownAddress {
     pub configured: String,
@@ -88,11 +89,24 @@ pub struct KnownAddress {
 }
 
 impl KnownAddress {
+    /// Resolves now, blocking: for the configuration, read before the
+    /// runtime serves anyone.
     pub fn resolve(configured: &str) -> KnownAddress {
         KnownAddress {
             configured: configured.to_string(),
             resolved: configured
                 .to_socket_addrs()
+                .map(|addrs| addrs.collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Resolves on the runtime: for addresses learned while serving.
+    pub async fn lookup(configured: &str) -> KnownAddress {
+        KnownAddress {
+            configured: configured.to_string(),
+            resolved: tokio::net::lookup_host(configured)
+                .await
                 .map(|addrs| addrs.collect())
                 .unwrap_or_default(),
         }
@@ -106,7 +120,7 @@ pub struct ProbeContext {
     pub name: String,
     pub address: String,
     pub settings: ProbeSettings,
-    pub members: Arc<Vec<KnownAddress>>,
+    pub roster: Arc<Roster>,
     pub duration: Histogram,
     pub hard_failures: IntCounter,
     pub soft_failures: IntCounter,
@@ -116,12 +130,12 @@ impl ProbeContext {
     pub fn new(
         cluster: Arc<str>,
         member: MemberId,
-        name: &str,
-        address: &str,
+        entry: &MemberEntry,
         settings: ProbeSettings,
-        members: Arc<Vec<KnownAddress>>,
+        roster: Arc<Roster>,
         metrics: &Metrics,
     ) -> ProbeContext {
+        let name = entry.name.as_str();
         let labels = [&*cluster, name];
         ProbeContext {
             duration: metrics.probe_duration.with_label_values(&labels),
@@ -134,28 +148,16 @@ impl ProbeContext {
             cluster,
             member,
             name: name.to_string(),
-            address: address.to_string(),
+            address: entry.address.clone(),
             settings,
-            members,
+            roster,
         }
     }
 
     /// The member listening at `host:port`, as a replica names its upstream.
     pub fn member_at(&self, host: &str, port: u16) -> Option<MemberId> {
-        member_at(&self.members, host, port)
+        self.roster.member_at(host, port)
     }
-}
-
-/// The member of `members` listening at `host:port`, by its configured text
-/// or by a resolved address.
-pub fn member_at(members: &[KnownAddress], host: &str, port: u16) -> Option<MemberId> {
-    let text = format!("{host}:{port}");
-    if let Some(id) = members.iter().position(|m| m.configured == text) {
-        return Some(id);
-    }
-    let ip: IpAddr = host.parse().ok()?;
-    let wanted = SocketAddr::new(ip, port);
-    members.iter().position(|m| m.resolved.contains(&wanted))
 }
 
 /// Runs one member's probe until `cancel`: probe, report, wait `interval`

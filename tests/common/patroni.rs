@@ -111,6 +111,15 @@ impl PatroniCluster {
     /// Returns once the first leads and every member is `running` with
     /// the others streaming.
     pub fn start(etcd_hosts: &[String], count: usize) -> PatroniCluster {
+        let mut cluster = PatroniCluster::prepare(etcd_hosts, count);
+        cluster.launch();
+        cluster
+    }
+
+    /// Writes every member's configuration (ports, scope) without starting
+    /// anything: a portal can be configured and started before Patroni
+    /// writes a single key.
+    pub fn prepare(etcd_hosts: &[String], count: usize) -> PatroniCluster {
         require_patroni();
         let root = tempfile::Builder::new()
             .prefix("portal-patroni-")
@@ -137,7 +146,7 @@ impl PatroniCluster {
                 }
             })
             .collect();
-        let mut cluster = PatroniCluster {
+        let cluster = PatroniCluster {
             scope,
             members,
             etcd_hosts: etcd_hosts.to_vec(),
@@ -150,13 +159,19 @@ impl PatroniCluster {
         if is_root() {
             chown_postgres(cluster.root.path());
         }
-        cluster.spawn(0);
-        cluster.wait_leader_is(0);
-        for i in 1..count {
-            cluster.spawn(i);
-        }
-        cluster.wait_all_running();
         cluster
+    }
+
+    /// Starts the members prepared by [`PatroniCluster::prepare`]: the
+    /// first bootstraps and leads, the others clone it; returns once all
+    /// are running.
+    pub fn launch(&mut self) {
+        self.spawn(0);
+        self.wait_leader_is(0);
+        for i in 1..self.members.len() {
+            self.spawn(i);
+        }
+        self.wait_all_running();
     }
 
     fn yaml(&self, i: usize, etcd_hosts: &[String]) -> String {
@@ -450,6 +465,26 @@ impl PatroniCluster {
             self.scope
         );
         yaml.replacen("    members:\n", &dcs, 1)
+    }
+
+    /// As [`PatroniCluster::portal_yaml_with_dcs`], with no `members:` at
+    /// all: the portal learns them (addresses from `conn_url`, REST from
+    /// `api_url`) from Patroni's member keys.
+    pub fn portal_yaml_learning_members(
+        &self,
+        certs: &Certs,
+        admin: u16,
+        rw: u16,
+        ro: u16,
+    ) -> String {
+        let yaml = self.portal_yaml_with_dcs(certs, admin, rw, ro);
+        let (head, rest) = yaml
+            .split_once("    members:\n")
+            .expect("the generated config lists members");
+        let endpoints = rest
+            .find("    endpoints:\n")
+            .expect("the generated config lists endpoints");
+        format!("{head}{}", &rest[endpoints..])
     }
 }
 
