@@ -116,11 +116,13 @@ impl Cluster {
         cluster
     }
 
-    /// Tells the view that the data path could not reach `member`: a hard
-    /// failure, as if its probe had been refused.
-    pub fn report_connect_failure(&self, member: usize, error: String) {
+    /// Tells the view that the data path could not reach `member` (at the
+    /// address of `generation`): a hard failure, as if its probe had been
+    /// refused.
+    pub fn report_connect_failure(&self, member: usize, generation: u64, error: String) {
         let report = Report {
             member,
+            generation,
             at: std::time::SystemTime::now(),
             outcome: Outcome::Failed { hard: true, error },
         };
@@ -181,8 +183,11 @@ impl Probes {
             }
             if let (Some(old), Some(new)) = (&entry, slot.borrow().as_ref()) {
                 tracing::info!(cluster = %self.name, member = %new.name, from = %old.address, to = %new.address, "member moved; probing its new address");
+                // Reported at once under the new generation: the view
+                // forgets the old address before the new probe answers.
                 self.cluster.report_connect_failure(
                     id,
+                    new.generation,
                     format!("the member moved from {} to {}", old.address, new.address),
                 );
             }

@@ -363,7 +363,20 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
         });
         let mut failed = false;
         last_error = None;
-        if let Some((member, entry)) = choice.and_then(|m| Some((m, cluster.roster.get(m)?))) {
+        // The view's verdict holds for the address it was probed at: a
+        // member that moved since is not used until its new address is.
+        let chosen = choice.and_then(|m| Some((m, cluster.roster.get(m)?)));
+        let confirmed = chosen.as_ref().is_some_and(|(m, entry)| {
+            snapshot.members.get(*m).map(|v| v.generation) == Some(entry.generation)
+        });
+        if let (Some((member, _)), false) = (&chosen, confirmed) {
+            failed = true;
+            last_error = Some(format!(
+                "member {} moved; waiting for its probe at the new address",
+                cluster.member_name(*member)
+            ));
+        }
+        if let (Some((member, entry)), true) = (chosen, confirmed) {
             match backend::connect(
                 cluster.config.protocol,
                 &entry.address,
@@ -397,7 +410,11 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
                     let hard = crate::probe::classify_io(&err).hard;
                     tracing::warn!(endpoint = %config.name, %peer, member = cluster.member_name(member), error = %err, hard, "connect to member failed");
                     if hard {
-                        cluster.report_connect_failure(member, format!("data-path connect: {err}"));
+                        cluster.report_connect_failure(
+                            member,
+                            entry.generation,
+                            format!("data-path connect: {err}"),
+                        );
                     }
                 }
             }

@@ -5,6 +5,7 @@
 //! member's address follows what the DCS advertises.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -41,6 +42,9 @@ pub struct MemberEntry {
     /// `address`, resolved: to recognise the member when a replica names
     /// its upstream.
     pub resolved: Vec<SocketAddr>,
+    /// Grows each time the slot's entry changes: what the view knows of the
+    /// member is about one generation (see [`crate::view::Report`]).
+    pub generation: u64,
 }
 
 /// What [`Roster::learn`] did.
@@ -61,6 +65,8 @@ pub enum Learned {
 /// The member slots of one cluster.
 pub struct Roster {
     slots: Vec<watch::Sender<Option<Arc<MemberEntry>>>>,
+    /// The last generation handed out.
+    generations: AtomicU64,
 }
 
 impl Roster {
@@ -74,11 +80,13 @@ impl Roster {
                 api: m.api.clone(),
                 origin: Origin::Config,
                 resolved: known.resolved,
+                generation: 0,
             }))
         });
         let free = (cluster.members.len()..cluster.member_slots()).map(|_| None);
         Roster {
             slots: configured.chain(free).map(watch::Sender::new).collect(),
+            generations: AtomicU64::new(0),
         }
     }
 
@@ -145,12 +153,13 @@ impl Roster {
     /// first free slot, a learned member's address follows the DCS, a
     /// configured member keeps its configured address.
     pub fn learn(&self, name: &str, address: KnownAddress, api: Option<String>) -> Learned {
-        let entry = MemberEntry {
+        let entry = || MemberEntry {
             name: name.to_string(),
-            address: address.configured,
-            api,
+            address: address.configured.clone(),
+            api: api.clone(),
             origin: Origin::Dcs,
-            resolved: address.resolved,
+            resolved: address.resolved.clone(),
+            generation: self.generations.fetch_add(1, Ordering::Relaxed) + 1,
         };
         if let Some(id) = self.id_of(name) {
             let mut outcome = Learned::Unchanged(id);
@@ -159,11 +168,11 @@ impl Roster {
                     outcome = Learned::Configured(id);
                     false
                 }
-                Some(current) if current.address == entry.address && current.api == entry.api => {
+                Some(current) if current.address == address.configured && current.api == api => {
                     false
                 }
                 _ => {
-                    *slot = Some(Arc::new(entry.clone()));
+                    *slot = Some(Arc::new(entry()));
                     outcome = Learned::Moved(id);
                     true
                 }
@@ -174,7 +183,7 @@ impl Roster {
             let mut taken = false;
             slot.send_if_modified(|current| {
                 if current.is_none() {
-                    *current = Some(Arc::new(entry.clone()));
+                    *current = Some(Arc::new(entry()));
                     taken = true;
                 }
                 taken
@@ -285,7 +294,10 @@ mod tests {
         assert_eq!(learn(&roster, "b", "127.0.0.1:2", None), Learned::Added(1));
         assert!(slot.has_changed().unwrap_or(false));
         slot.mark_unchanged();
+        let first = roster.get(1).map_or(0, |m| m.generation);
         assert_eq!(learn(&roster, "b", "127.0.0.1:9", None), Learned::Moved(1));
+        let moved = roster.get(1).map_or(0, |m| m.generation);
+        assert!(moved > first && first > 0, "{first} then {moved}");
         assert!(slot.has_changed().unwrap_or(false));
         assert_eq!(roster.member_at("127.0.0.1", 9), Some(1));
         assert_eq!(roster.member_at("127.0.0.1", 2), None);

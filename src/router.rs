@@ -143,6 +143,7 @@ mod tests {
             position: None,
             lag_bytes,
             delay: delay_ms.map(std::time::Duration::from_millis),
+            generation: 0,
         }
     }
 

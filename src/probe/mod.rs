@@ -119,6 +119,8 @@ pub struct ProbeContext {
     pub member: MemberId,
     pub name: String,
     pub address: String,
+    /// The roster entry's generation, stamped on every report.
+    pub generation: u64,
     pub settings: ProbeSettings,
     pub roster: Arc<Roster>,
     pub duration: Histogram,
@@ -149,6 +151,7 @@ impl ProbeContext {
             member,
             name: name.to_string(),
             address: entry.address.clone(),
+            generation: entry.generation,
             settings,
             roster,
         }
@@ -190,6 +193,7 @@ pub async fn run<P: Prober>(
         }
         let report = Report {
             member: ctx.member,
+            generation: ctx.generation,
             at: std::time::SystemTime::now(),
             outcome,
         };

@@ -385,6 +385,7 @@ mod tests {
         for (member, seen) in [(0, primary), (1, replica)] {
             view.apply(Report {
                 member,
+                generation: 0,
                 at: SystemTime::UNIX_EPOCH,
                 outcome: Outcome::Observed(seen),
             });

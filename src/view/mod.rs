@@ -149,6 +149,10 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
     pub member: MemberId,
+    /// Which incarnation of the member (its address) the report is about:
+    /// it grows when the member moves. A newer one makes the view forget
+    /// what it knew of the member; an older one is stale and ignored.
+    pub generation: u64,
     /// When the probe finished; kept for display, never compared to a clock.
     pub at: SystemTime,
     pub outcome: Outcome,
@@ -187,6 +191,8 @@ pub struct MemberView {
     /// Bytes behind the leader, from the last reports of both.
     pub lag_bytes: Option<u64>,
     pub delay: Option<std::time::Duration>,
+    /// The incarnation everything above is about (see [`Report`]).
+    pub generation: u64,
 }
 
 /// What a DCS says about a cluster, as its watcher last saw it.
@@ -306,6 +312,22 @@ struct MemberState {
     last_error: Option<String>,
     /// Fence reason last reported, so each is logged once.
     fenced: Option<FenceReason>,
+    generation: u64,
+}
+
+impl MemberState {
+    fn fresh(generation: u64) -> MemberState {
+        MemberState {
+            health: Health::Unknown,
+            ok_streak: 0,
+            fail_streak: 0,
+            seen: None,
+            last_report: None,
+            last_error: None,
+            fenced: None,
+            generation,
+        }
+    }
 }
 
 /// The membership view of one cluster.
@@ -331,15 +353,7 @@ pub struct View {
 
 impl View {
     pub fn new(member_count: usize, thresholds: Thresholds) -> View {
-        let fresh = MemberState {
-            health: Health::Unknown,
-            ok_streak: 0,
-            fail_streak: 0,
-            seen: None,
-            last_report: None,
-            last_error: None,
-            fenced: None,
-        };
+        let fresh = MemberState::fresh(0);
         View {
             thresholds: Thresholds {
                 rise: thresholds.rise.max(1),
@@ -414,10 +428,23 @@ impl View {
     pub fn apply(&mut self, report: Report) -> Vec<Transition> {
         let mut out = Vec::new();
         let Thresholds { rise, fall } = self.thresholds;
-        if report.member >= self.members.len() {
+        let Some(state) = self.members.get_mut(report.member) else {
+            return out;
+        };
+        if report.generation < state.generation {
             return out;
         }
-        self.members[report.member].last_report = Some(report.at);
+        if report.generation > state.generation {
+            // The member moved: nothing known of the old address holds.
+            if state.health == Health::Up {
+                out.push(Transition::MemberDown {
+                    member: report.member,
+                    hard: true,
+                });
+            }
+            *state = MemberState::fresh(report.generation);
+        }
+        state.last_report = Some(report.at);
         match report.outcome {
             Outcome::Observed(seen) => {
                 if let Some(Term::Lineage {
@@ -801,6 +828,7 @@ impl View {
                         _ => None,
                     },
                     delay: m.seen.as_ref().and_then(|s| s.delay),
+                    generation: m.generation,
                 })
                 .collect(),
         }

@@ -54,9 +54,42 @@ fn soft() -> Outcome {
 fn feed(view: &mut View, member: MemberId, outcome: Outcome) -> Vec<Transition> {
     view.apply(Report {
         member,
+        generation: 0,
         at: at(0),
         outcome,
     })
+}
+
+#[test]
+fn a_moved_member_is_forgotten_and_stale_reports_are_ignored() {
+    let mut v = steady();
+    let moved = |generation, outcome| Report {
+        member: 0,
+        generation,
+        at: at(1),
+        outcome,
+    };
+    // The leader's entry moved (generation 1): one report under it, even a
+    // good one, starts the member afresh, so it no longer leads.
+    let t = v.apply(moved(1, primary(Some(lineage("x", None)))));
+    assert!(
+        t.contains(&Transition::MemberDown {
+            member: 0,
+            hard: true
+        }),
+        "{t:?}"
+    );
+    assert!(t.contains(&Transition::LeaderLost { member: 0 }), "{t:?}");
+    assert_eq!(v.leader(), None);
+    assert_eq!(v.snapshot().members[0].generation, 1);
+    assert_eq!(v.snapshot().members[0].health, Health::Unknown);
+    // A late report about the old address changes nothing.
+    let stale = v.snapshot();
+    assert!(feed(&mut v, 0, primary(Some(lineage("x", None)))).is_empty());
+    assert_eq!(v.snapshot(), stale);
+    // Confirmed at the new address, it leads again.
+    v.apply(moved(1, primary(Some(lineage("x", None)))));
+    assert_eq!(v.leader(), Some(0));
 }
 
 /// Two members, `0` leading with term `x`, `1` replicating from it.
@@ -362,7 +395,7 @@ proptest! {
         for step in steps {
             let before = v.leader();
             match step {
-                Step::Probe(member, outcome) => { v.apply(Report { member, at: at(0), outcome }); }
+                Step::Probe(member, outcome) => { v.apply(Report { member, generation: 0, at: at(0), outcome }); }
                 Step::Dcs(report) => {
                     if let DcsReport::Named { leader, .. } = &report {
                         named = *leader;
@@ -415,7 +448,7 @@ proptest! {
                     reported_by_leaders.push(t.clone());
                 }
             }
-            v.apply(Report { member, at: at(i as u64), outcome });
+            v.apply(Report { member, generation: 0, at: at(i as u64), outcome });
             let s = v.snapshot();
 
             // The epoch never goes back, and moves exactly when routing changes.
@@ -474,6 +507,41 @@ proptest! {
     }
 
     #[test]
+    fn only_the_newest_generation_counts((n, steps) in (2usize..4).prop_flat_map(|n| (Just(n), prop::collection::vec((0..n, 0u64..4, outcome_strategy(n)), 1..120)))) {
+        // Each step reports about generation `g` of a member: a member moves
+        // whenever `g` exceeds every generation seen for it before, and a
+        // report about an older one is stale.
+        let mut v = View::new(n, Thresholds { rise: 1, fall: 1 });
+        let mut newest = vec![0u64; n];
+        for (member, generation, outcome) in steps {
+            let before = v.snapshot();
+            let stale = generation < newest[member];
+            let moved = generation > newest[member];
+            let was_up = before.members[member].health == Health::Up;
+            let t = v.apply(Report { member, generation, at: at(0), outcome });
+            let s = v.snapshot();
+            if stale {
+                prop_assert!(t.is_empty());
+                prop_assert_eq!(&s, &before);
+                continue;
+            }
+            newest[member] = generation;
+            if moved && was_up {
+                let down = Transition::MemberDown { member, hard: true };
+                prop_assert!(t.contains(&down), "{:?}", t);
+            }
+            for (id, m) in s.members.iter().enumerate() {
+                prop_assert_eq!(m.generation, newest[id]);
+            }
+            if let Some(l) = s.leader {
+                // What makes it leader was reported about its newest address.
+                prop_assert_eq!(s.members[l].role, Role::Primary);
+                prop_assert_eq!(s.members[l].health, Health::Up);
+            }
+        }
+    }
+
+    #[test]
     fn two_eligible_unordered_claimants_never_both_lead((n, steps) in (2usize..4).prop_flat_map(|n| (Just(n), prop::collection::vec((0..n, outcome_strategy(n)), 1..80)))) {
         // With rise 1 every claimant is eligible at once; at any time the
         // leader, if any, must be provably newer than or the incumbent over
@@ -484,7 +552,7 @@ proptest! {
             if let Outcome::Observed(Observation { term: Some(Term::Lineage { id, previous: Some(p) }), .. }) = &outcome {
                 edges.push((id.clone(), p.clone()));
             }
-            v.apply(Report { member, at: at(0), outcome });
+            v.apply(Report { member, generation: 0, at: at(0), outcome });
             let s = v.snapshot();
             if let Some(l) = s.leader {
                 for (id, m) in s.members.iter().enumerate() {
