@@ -116,10 +116,10 @@ impl Cluster {
         cluster
     }
 
-    /// Tells the view that the data path could not reach `member` (at the
-    /// address of `generation`): a hard failure, as if its probe had been
-    /// refused.
-    pub fn report_connect_failure(&self, member: usize, generation: u64, error: String) {
+    /// Tells the view that `member` (at the address of `generation`) cannot
+    /// be reached, as if its probe had been refused: the data path failed to
+    /// connect, the member moved, or it cannot be probed at all.
+    pub fn report_hard_failure(&self, member: usize, generation: u64, error: String) {
         let report = Report {
             member,
             generation,
@@ -185,7 +185,7 @@ impl Probes {
                 tracing::info!(cluster = %self.name, member = %new.name, from = %old.address, to = %new.address, "member moved; probing its new address");
                 // Reported at once under the new generation: the view
                 // forgets the old address before the new probe answers.
-                self.cluster.report_connect_failure(
+                self.cluster.report_hard_failure(
                     id,
                     new.generation,
                     format!("the member moved from {} to {}", old.address, new.address),
@@ -222,7 +222,10 @@ impl Probes {
             )),
             Protocol::Postgres if cluster.config.probe.check == Check::Patroni => {
                 let Some(api) = entry.api.as_deref() else {
-                    tracing::warn!(cluster = %self.name, member = %entry.name, "no Patroni REST address (api_url) for this member; it is not probed");
+                    let error =
+                        "no Patroni REST address (api_url) for this member; it is not probed";
+                    tracing::warn!(cluster = %self.name, member = %entry.name, error);
+                    cluster.report_hard_failure(id, entry.generation, error.to_string());
                     return None;
                 };
                 Box::pin(probe::run(

@@ -410,7 +410,7 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
                     let hard = crate::probe::classify_io(&err).hard;
                     tracing::warn!(endpoint = %config.name, %peer, member = cluster.member_name(member), error = %err, hard, "connect to member failed");
                     if hard {
-                        cluster.report_connect_failure(
+                        cluster.report_hard_failure(
                             member,
                             entry.generation,
                             format!("data-path connect: {err}"),
