@@ -131,21 +131,16 @@ impl Roster {
     /// resolved address.
     pub fn member_at(&self, host: &str, port: u16) -> Option<MemberId> {
         let text = format!("{host}:{port}");
-        let wanted = host
-            .parse::<IpAddr>()
-            .ok()
-            .map(|ip| SocketAddr::new(ip, port));
-        let matches =
-            |m: &MemberEntry| m.address == text || wanted.is_some_and(|w| m.resolved.contains(&w));
-        // The text first: two entries may resolve alike (a name and its IP).
-        let by_text = self
-            .slots
-            .iter()
-            .position(|s| s.borrow().as_ref().is_some_and(|m| m.address == text));
-        by_text.or_else(|| {
+        let position = |matches: &dyn Fn(&MemberEntry) -> bool| {
             self.slots
                 .iter()
-                .position(|s| s.borrow().as_ref().is_some_and(|m| matches(m)))
+                .position(|s| s.borrow().as_deref().is_some_and(matches))
+        };
+        // The text first: two entries may resolve alike (a name and its IP).
+        position(&|m| m.address == text).or_else(|| {
+            let ip: IpAddr = host.parse().ok()?;
+            let wanted = SocketAddr::new(ip, port);
+            position(&|m| m.resolved.contains(&wanted))
         })
     }
 
