@@ -2,27 +2,28 @@
 # The portal demo: two portals in front of real database servers, a failover,
 # and the old primary coming back.
 #
-#   bash tests/demo.sh            # both parts: Redis, then PostgreSQL
+#   bash tests/demo.sh            # all three parts: Redis, PostgreSQL, Patroni
 #   bash tests/demo.sh redis      # a Redis primary and replica only
 #   bash tests/demo.sh postgres   # a PostgreSQL primary and streaming standby only
+#   bash tests/demo.sh patroni    # etcd + Patroni; portals that learn the members from etcd
 #
-# Installs what is missing (redis-server, redis-tools, postgresql, curl,
-# python3) with apt-get, builds the release binary, then runs everything on
-# loopback ports handed out by the OS, in a temporary directory that is
-# removed at the end, also when a step fails or the demo is interrupted.
-# Every step prints the command it runs and that command's real output; every
-# client command runs under `timeout`.
+# Installs what is missing (redis-server, redis-tools, postgresql, etcd-server,
+# etcd-client, patroni, curl, python3) with apt-get, builds the release
+# binary, then runs everything on loopback ports handed out by the OS, in a
+# temporary directory that is removed at the end, also when a step fails or
+# the demo is interrupted. Every step prints the command it runs and that
+# command's real output; every client command runs under `timeout`.
 set -euo pipefail
 
 MODE=${1:-all}
 case $MODE in
-redis | postgres | all) ;;
+redis | postgres | patroni | all) ;;
 -h | --help)
-    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
 *)
-    echo "usage: bash tests/demo.sh [redis|postgres|all]   (default: all)" >&2
+    echo "usage: bash tests/demo.sh [redis|postgres|patroni|all]   (default: all)" >&2
     exit 2
     ;;
 esac
@@ -32,10 +33,11 @@ cd "$REPO"
 
 STARTED=$(date +%s)
 
-# Nothing from the caller's environment changes where libpq connects or how.
+# Nothing from the caller's environment changes where libpq connects or how,
+# nor what etcd or etcdctl do (they read ETCD_* / ETCDCTL_* as flags).
 while read -r var; do
     unset "$var"
-done < <(compgen -e | grep '^PG' || true)
+done < <(compgen -e | grep -E '^(PG|ETCD)' || true)
 
 say() { printf '\n== %s\n' "$*"; }
 note() { printf '   %s\n' "$*"; }
@@ -104,15 +106,30 @@ pg_bindir() {
     done
 }
 
+# Debian's Patroni (the demo runs these two, not another patroni on PATH).
+PATRONI_BIN=/usr/bin/patroni
+PATRONICTL=/usr/bin/patronictl
+
 install_missing() {
     local missing=() sudo=()
-    if [ "$MODE" != postgres ]; then
+    case $MODE in
+    redis | all)
         command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
         command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
-    fi
-    if [ "$MODE" != redis ]; then
+        ;;
+    esac
+    case $MODE in
+    postgres | patroni | all)
         [ -n "$(pg_bindir)" ] || missing+=(postgresql)
-    fi
+        ;;
+    esac
+    case $MODE in
+    patroni | all)
+        command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+        command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
+        [ -x "$PATRONI_BIN" ] && [ -x "$PATRONICTL" ] || missing+=(patroni)
+        ;;
+    esac
     command -v curl >/dev/null 2>&1 || missing+=(curl)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
     ((${#missing[@]} > 0)) || return 0
@@ -135,19 +152,72 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/portal-demo.XXXXXX")
 # PostgreSQL runs as user postgres when we are root: it must be able to
 # reach its own directories below this one (but not list or read it).
 chmod 711 "$WORK"
-PIDS=()        # portals, Redis servers, background writers
-PG_DATADIRS=() # PostgreSQL data directories that may have a running server
+PIDS=()         # portals, Redis servers, background writers
+PG_DATADIRS=()  # PostgreSQL data directories that may have a running server
+ETCD_PIDS=()    # etcd members
+PATRONI_PIDS=() # Patroni agents
+PT_DATADIRS=()  # data directories of Patroni-managed PostgreSQL servers
+
+# proc_alive PID: the process exists and is not a zombie.
+proc_alive() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [ "${stat%% *}" != Z ]
+}
+
+# postmaster_pids DATA: the postmaster running on DATA (from postmaster.pid,
+# when that process still names DATA on its command line) and its children.
+postmaster_pids() {
+    local pm
+    pm=$(head -n 1 "$1/postmaster.pid" 2>/dev/null) || return 0
+    [[ $pm =~ ^[0-9]+$ ]] || return 0
+    tr '\0' ' ' 2>/dev/null <"/proc/$pm/cmdline" | grep -qF -- "$1" || return 0
+    echo "$pm"
+    ps -o pid= --ppid "$pm" 2>/dev/null | tr -d ' ' || true
+}
+
+# kill9_wait PID...: SIGKILL, reap those that are our children, and wait up
+# to 10 s until every one is gone (stderr closed: no "Killed" from bash).
+kill9_wait() {
+    local pid deadline=$(($(date +%s%N) + 10000000000))
+    {
+        kill -9 "$@" || true
+        for pid in "$@"; do
+            wait "$pid" || true
+        done
+    } 2>/dev/null
+    for pid in "$@"; do
+        while proc_alive "$pid" && (($(date +%s%N) < deadline)); do sleep 0.02; done
+    done
+}
+
+# Processes whose command line names a path below $WORK: etcd, and whatever
+# Patroni started (postgres, initdb, pg_basebackup, pg_rewind). The regex
+# does not match itself, so grep does not find its own command line.
+pids_in_work() {
+    grep -laE -- "${WORK//./[.]}/" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3 || true
+}
 
 cleanup() {
     local status=$?
     trap - EXIT
     if ((status != 0)) && [ -d "$WORK" ]; then
-        for log in "$WORK"/*/portal*.log "$WORK"/redis-*.log "$WORK"/pg-*/server.log; do
+        for log in "$WORK"/*/portal*.log "$WORK"/redis-*.log "$WORK"/pg-*/server.log \
+            "$WORK"/pt-*/patroni.log "$WORK"/etcd/*.log; do
             [ -f "$log" ] || continue
             printf '\n--- last lines of %s\n' "${log#"$WORK"/}" >&2
             tail -n 30 "$log" >&2
         done
     fi
+    # Patroni first (SIGKILL, so that no agent restarts its PostgreSQL or
+    # waits on etcd), then each postmaster it left and that one's children.
+    local pids=() data
+    ((${#PATRONI_PIDS[@]} == 0)) || kill9_wait "${PATRONI_PIDS[@]}"
+    for data in "${PT_DATADIRS[@]}"; do
+        mapfile -t pids < <(postmaster_pids "$data")
+        ((${#pids[@]} == 0)) || kill9_wait "${pids[@]}"
+    done
     for pid in "${PIDS[@]}"; do
         kill "$pid" 2>/dev/null || true
     done
@@ -157,6 +227,15 @@ cleanup() {
     for data in "${PG_DATADIRS[@]}"; do
         [ -f "$data/postmaster.pid" ] || continue
         as_pg pg_ctl stop -m immediate -w -t 30 -D "$data" >/dev/null 2>&1 || true
+    done
+    # etcd last, and SIGKILL: a leader stopped with SIGTERM first tries to
+    # hand its leadership to peers that are stopping too.
+    ((${#ETCD_PIDS[@]} == 0)) || kill9_wait "${ETCD_PIDS[@]}"
+    # Anything still running from the temporary directory.
+    for _ in 1 2 3; do
+        mapfile -t pids < <(pids_in_work)
+        ((${#pids[@]} > 0)) || break
+        kill9_wait "${pids[@]}"
     done
     rm -rf "$WORK"
     exit "$status"
@@ -734,15 +813,521 @@ EOF
     note "libpq found nothing on port $LISTEN_1, tried port $LISTEN_2 and reached pg-b through portal 2."
 }
 
+# ---- Patroni: etcd, Patroni, and portals that learn the members --------------
+
+PT_SCOPE=portal-demo # Patroni's scope; also PostgreSQL's cluster_name
+PT_SU_PASSWORD=portal-demo-su
+PT_REPL_PASSWORD=portal-demo-repl
+declare -A PT_PID=() # member name -> its Patroni agent's pid
+
+# pt_yaml NAME PG_PORT API_PORT: a member's Patroni configuration, as the
+# integration tests write it (tests/common/patroni.rs): etcd3 as the DCS,
+# ttl 10 s and loop_wait 1 s, PostgreSQL and the REST API on loopback,
+# passwords for TCP logins, its socket in its own directory.
+pt_yaml() {
+    local dir=$WORK/pt-$1
+    cat <<EOF
+scope: $PT_SCOPE
+namespace: /service
+name: $1
+log:
+  level: INFO
+restapi:
+  listen: 127.0.0.1:$3
+  connect_address: 127.0.0.1:$3
+etcd3:
+  hosts: $ETCD_HOSTS
+bootstrap:
+  dcs:
+    ttl: 10
+    loop_wait: 1
+    retry_timeout: 5
+    maximum_lag_on_failover: 104857600
+    postgresql:
+      use_pg_rewind: true
+      parameters:
+        wal_level: replica
+        hot_standby: 'on'
+        max_wal_senders: 8
+        max_replication_slots: 8
+        wal_keep_size: 128MB
+        wal_log_hints: 'on'
+  initdb:
+  - encoding: UTF8
+  - no-sync
+  pg_hba:
+  - local all all trust
+  - host all all 127.0.0.1/32 md5
+  - host replication replicator 127.0.0.1/32 md5
+postgresql:
+  listen: 127.0.0.1:$2
+  connect_address: 127.0.0.1:$2
+  data_dir: $dir/data
+  bin_dir: $PGBIN
+  pgpass: $dir/pgpass
+  authentication:
+    superuser:
+      username: postgres
+      password: $PT_SU_PASSWORD
+    replication:
+      username: replicator
+      password: $PT_REPL_PASSWORD
+    rewind:
+      username: postgres
+      password: $PT_SU_PASSWORD
+  parameters:
+    unix_socket_directories: '$dir'
+    shared_buffers: 16MB
+    max_connections: 60
+    fsync: 'off'
+    log_min_messages: warning
+EOF
+}
+
+# start_patroni NAME: the member's Patroni agent in the background, as user
+# postgres when we are root (PostgreSQL refuses root), in pt-NAME/.
+start_patroni() {
+    local dir=$WORK/pt-$1 cmd=("$PATRONI_BIN" "$WORK/pt-$1/patroni.yml") who=""
+    if [ "$(id -u)" -eq 0 ]; then
+        cmd=(setpriv --reuid=postgres --regid=postgres --init-groups -- "${cmd[@]}")
+        who="   # as user postgres"
+    fi
+    printf '   $ %s\n' "$PATRONI_BIN pt-$1/patroni.yml >>pt-$1/patroni.log 2>&1 &$who"
+    (cd "$dir" && exec "${cmd[@]}") </dev/null >>"$dir/patroni.log" 2>&1 &
+    PT_PID[$1]=$!
+    PATRONI_PIDS+=("$!")
+}
+
+# without PID ARRAY_NAME: removes PID from the named array (a process that
+# is gone; its pid may be reused).
+without() {
+    local -n arr=$2
+    local kept=() p
+    for p in "${arr[@]}"; do
+        [ "$p" = "$1" ] || kept+=("$p")
+    done
+    arr=("${kept[@]}")
+}
+
+# Patroni's REST API of the member whose API listens on $1: GET $2 answers 200.
+pt_rest_ok() { "${CURL[@]}" -o /dev/null "http://127.0.0.1:$1$2"; }
+
+# The Patroni part's summary of a portal's /status: the cluster's leader,
+# leader_term and DCS view, then per member where it was learned from and
+# where the portal reaches it.
+pt_status_summary() {
+    "${CURL[@]}" "http://127.0.0.1:$1/status" | python3 -c '
+import json, sys
+c = json.load(sys.stdin)["clusters"][0]
+d = c["dcs"] or {}
+print("leader=%s leader_term=%s epoch=%d" % (json.dumps(c["leader"]), json.dumps(c["leader_term"]), c["epoch"]))
+print("dcs: source=%s state=%s leader=%s term=%s" % (
+    d.get("source"), d.get("state"), json.dumps(d.get("leader")), json.dumps(d.get("term"))))
+for m in c["members"]:
+    fenced = " fenced=%s" % m["fenced"] if m.get("fenced") else ""
+    print("  %s from=%s address=%s api=%s role=%-7s health=%-4s term=%s%s" % (
+        m["name"], m["from"], m["address"], m["api"], m["role"], m["health"], m["term"] or "-", fenced))
+'
+}
+show_pt_status() {
+    printf '   $ curl -s http://127.0.0.1:%s/status   (portal %s, summarised)\n' "$1" "$2"
+    pt_status_summary "$1" | sed 's/^/     /'
+}
+
+# pt_agreement ADMIN_PORT: "LEADER LEADER_TERM DCS_STATE DCS_LEADER DCS_TERM",
+# what two portals of one configuration must agree on.
+pt_agreement() {
+    "${CURL[@]}" "http://127.0.0.1:$1/status" | python3 -c '
+import json, sys
+c = json.load(sys.stdin)["clusters"][0]
+d = c["dcs"] or {}
+print(c["leader"], c["leader_term"], d.get("state"), d.get("leader"), d.get("term"))
+'
+}
+
+# portals_agree LEADER LEADER_TERM_ABOVE DCS_TERM_ABOVE: both portals name
+# LEADER with the same leader_term and dcs.term, above the given ones, and
+# their DCS view is reachable and names LEADER too. Sets AGREED_LT, AGREED_DT.
+portals_agree() {
+    local a1 a2 leader lt state dleader dt
+    a1=$(pt_agreement "$ADMIN_1") && a2=$(pt_agreement "$ADMIN_2") || return 1
+    [ "$a1" = "$a2" ] || return 1
+    read -r leader lt state dleader dt <<<"$a1"
+    [ "$leader" = "$1" ] && [ "$dleader" = "$1" ] && [ "$state" = reachable ] || return 1
+    [[ $lt =~ ^[0-9]+$ && $dt =~ ^[0-9]+$ ]] || return 1
+    ((lt > $2 && dt > $3)) || return 1
+    AGREED_LT=$lt
+    AGREED_DT=$dt
+}
+expect_agreement() { # LEADER LEADER_TERM_ABOVE DCS_TERM_ABOVE
+    wait_until 30 portals_agree "$@" ||
+        fail "the portals do not agree on leader $1 (leader_term > $2, dcs.term > $3):" \
+            "portal 1 says '$(pt_agreement "$ADMIN_1" || true)'," \
+            "portal 2 says '$(pt_agreement "$ADMIN_2" || true)' (leader leader_term dcs.state dcs.leader dcs.term)"
+    note "Both portals agree: leader $1, leader_term $AGREED_LT, dcs.term $AGREED_DT (the DCS, reachable, names $1 too)."
+}
+
+# members_learned ADMIN_PORT: /status lists a and b, both learned from etcd,
+# at the PostgreSQL and REST addresses Patroni published.
+members_learned() {
+    "${CURL[@]}" "http://127.0.0.1:$1/status" | python3 -c '
+import json, sys
+ms = json.load(sys.stdin)["clusters"][0]["members"]
+want = {"a": ["dcs", "127.0.0.1:" + sys.argv[1], "127.0.0.1:" + sys.argv[2]],
+        "b": ["dcs", "127.0.0.1:" + sys.argv[3], "127.0.0.1:" + sys.argv[4]]}
+got = {m["name"]: [m["from"], m["address"], m["api"]] for m in ms}
+sys.exit(0 if got == want else 1)
+' "$PG_A" "$API_A" "$PG_B" "$API_B"
+}
+
+# replica_is ADMIN_PORT NAME: the portal's replicas are exactly [NAME].
+replica_is() {
+    "${CURL[@]}" "http://127.0.0.1:$1/status" |
+        python3 -c 'import json, sys; sys.exit(json.load(sys.stdin)["clusters"][0]["replicas"] != [sys.argv[1]])' "$2"
+}
+
+# poll_pt_write NAME CONNINFO PORT SECONDS: one psql per attempt, an insert
+# that returns the server's port, until one lands on the member whose
+# PostgreSQL listens on PORT. Writes NAME.done (nanosecond time), NAME.tries,
+# NAME.failed (the first line of each attempt that did not land there).
+poll_pt_write() {
+    local name=$1 conninfo=$2 want=$3 tries=0 out now first
+    local deadline=$(($(date +%s%N) + $4 * 1000000000))
+    while (($(date +%s%N) < deadline)); do
+        tries=$((tries + 1))
+        out=$("${PSQL[@]}" "$conninfo" -At -c \
+            "insert into demo (note) values ('via ${name##*/}') returning inet_server_port()" 2>&1) || true
+        now=$(date +%s%N)
+        first=$(head -n 1 <<<"$out")
+        if [ "$first" = "$want" ]; then
+            echo "$now" >"$name.done"
+            echo "$tries" >"$name.tries"
+            return 0
+        fi
+        if [[ $first =~ ^[0-9]+$ ]]; then
+            echo "written on port $first" >>"$name.failed"
+        else
+            echo "$first" >>"$name.failed"
+        fi
+        sleep 0.05
+    done
+    echo "$tries" >"$name.tries"
+    return 1
+}
+
+# poll_report NAME N MEMBER REF_NS REF_TEXT [REF2_NS REF2_TEXT]: when the
+# first write through portal N landed on MEMBER, relative to REF (and REF2).
+poll_report() {
+    local name=$1 n=$2 member=$3 done_at when also=""
+    # relative NS TEXT: "N ms after TEXT" or "N ms before TEXT".
+    relative() {
+        local ms=$(((done_at - $1) / 1000000))
+        if ((ms >= 0)); then echo "$ms ms after $2"; else echo "$((-ms)) ms before $2"; fi
+    }
+    if [ ! -f "$name.done" ]; then
+        note "portal $n: no write landed on $member ($(cat "$name.tries") attempts)"
+    else
+        done_at=$(cat "$name.done")
+        when=$(relative "$4" "$5")
+        (($# < 7)) || also=", $(relative "$6" "$7")"
+        note "portal $n: the first write on $member landed $when$also (attempt $(cat "$name.tries"))"
+    fi
+    if [ -f "$name.failed" ]; then
+        note "  the attempts before it (first line of each, counted):"
+        sort "$name.failed" | uniq -c | sed 's/^/       /'
+    fi
+}
+
+patroni_demo() {
+    PGBIN=$(pg_bindir)
+    [ -n "$PGBIN" ] || fail "the PostgreSQL server is not installed (apt-get install postgresql)"
+    if [ ! -x "$PATRONI_BIN" ] || [ ! -x "$PATRONICTL" ]; then
+        fail "Patroni is not installed (apt-get install patroni)"
+    fi
+    command -v etcd >/dev/null 2>&1 || fail "etcd is not installed (apt-get install etcd-server)"
+    export PATH="$PGBIN:$PATH"
+    export PGCONNECT_TIMEOUT=20 # longer than db-rw's hold_timeout
+    local E0 E1 E2 EP0 EP1 EP2 PG_A API_A PG_B API_B RO_1 RO_2
+    read -r E0 E1 E2 EP0 EP1 EP2 PG_A API_A PG_B API_B LISTEN_1 RO_1 ADMIN_1 LISTEN_2 RO_2 ADMIN_2 \
+        < <(free_ports 16)
+    mkdir -p patroni etcd
+
+    say "Patroni step 0: a three-member etcd cluster, where Patroni keeps the leader key"
+    note "working directory: $WORK"
+    local i args client peer cports=("$E0" "$E1" "$E2") pports=("$EP0" "$EP1" "$EP2")
+    local initial="etcd0=http://127.0.0.1:$EP0,etcd1=http://127.0.0.1:$EP1,etcd2=http://127.0.0.1:$EP2"
+    for i in 0 1 2; do
+        client=http://127.0.0.1:${cports[i]}
+        peer=http://127.0.0.1:${pports[i]}
+        # As tests/common/etcd.rs: fast heartbeats and elections, a small
+        # backend quota, logs on stderr.
+        args=(--name "etcd$i" --data-dir "$WORK/etcd/etcd$i"
+            --listen-client-urls "$client" --advertise-client-urls "$client"
+            --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer"
+            --initial-cluster "$initial" --initial-cluster-token "portal-demo-$$"
+            --initial-cluster-state new --heartbeat-interval 50 --election-timeout 500
+            --snapshot-count 10000 --quota-backend-bytes 104857600
+            --logger zap --log-outputs stderr)
+        printf '   $ etcd %s >etcd/etcd%s.log 2>&1 &\n' "${args[*]}" "$i"
+        etcd "${args[@]}" </dev/null >"etcd/etcd$i.log" 2>&1 &
+        ETCD_PIDS+=("$!")
+    done
+    for i in 0 1 2; do
+        wait_until 30 timeout 10 etcdctl --endpoints="127.0.0.1:${cports[i]}" --dial-timeout=3s \
+            --command-timeout=5s endpoint health || fail "etcd$i did not become healthy within 30 s"
+    done
+    note "etcd0: clients on 127.0.0.1:$E0, peers on 127.0.0.1:$EP0"
+    note "etcd1: clients on 127.0.0.1:$E1, peers on 127.0.0.1:$EP1"
+    note "etcd2: clients on 127.0.0.1:$E2, peers on 127.0.0.1:$EP2"
+    ETCD_HOSTS="127.0.0.1:$E0,127.0.0.1:$E1,127.0.0.1:$E2"
+    local ETCDCTL=(timeout 10 etcdctl --endpoints="$ETCD_HOSTS" --dial-timeout=3s --command-timeout=5s)
+    note "ETCD=$ETCD_HOSTS"
+    show_as "timeout 10 etcdctl --endpoints=\$ETCD endpoint status -w table" "${ETCDCTL[@]}" endpoint status -w table
+
+    say "Patroni step 1: two Patroni members: a bootstraps and leads, b is cloned from a"
+    note "PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') from $PGBIN, Patroni $("$PATRONI_BIN" --version 2>&1 | awk '{print $2}')"
+    pg_dir pt-a
+    pg_dir pt-b
+    pt_yaml a "$PG_A" "$API_A" >pt-a/patroni.yml
+    pt_yaml b "$PG_B" "$API_B" >pt-b/patroni.yml
+    note "pt-a/patroni.yml (pt-b/patroni.yml differs only in its name, ports and directory):"
+    sed 's/^/     | /' pt-a/patroni.yml
+    echo
+    PT_DATADIRS+=("$WORK/pt-a/data" "$WORK/pt-b/data")
+    local T0
+    T0=$(date +%s)
+    start_patroni a
+    wait_until 90 pt_rest_ok "$API_A" /primary || fail "Patroni a did not bootstrap and lead within 90 s"
+    note "(a leads after $(($(date +%s) - T0)) s: initdb, the leader key in etcd, PostgreSQL up)"
+    T0=$(date +%s)
+    start_patroni b
+    wait_until 90 pt_rest_ok "$API_B" /replica || fail "Patroni b did not come up as a replica within 90 s"
+    note "(b runs as a replica after $(($(date +%s) - T0)) s: pg_basebackup from a, then streaming)"
+    note "a: PostgreSQL on 127.0.0.1:$PG_A, Patroni REST API on 127.0.0.1:$API_A"
+    note "b: PostgreSQL on 127.0.0.1:$PG_B, Patroni REST API on 127.0.0.1:$API_B"
+    show_as "timeout 30 patronictl -c pt-a/patroni.yml list" timeout 30 "$PATRONICTL" -c pt-a/patroni.yml list
+    echo
+    note "Patroni's keys in etcd; each member key holds the member's conn_url and api_url:"
+    etcd_keys() { "${ETCDCTL[@]}" get --prefix --keys-only "$1" | sed '/^$/d'; }
+    show_as "timeout 10 etcdctl --endpoints=\$ETCD get --prefix --keys-only /service/$PT_SCOPE/" \
+        etcd_keys "/service/$PT_SCOPE/"
+    show_as "timeout 10 etcdctl --endpoints=\$ETCD get --print-value-only /service/$PT_SCOPE/members/b" \
+        "${ETCDCTL[@]}" get --print-value-only "/service/$PT_SCOPE/members/b"
+
+    say "Patroni step 2: two portals with no members list: they learn a and b from etcd"
+    write_pt_config() { # FILE RW_PORT RO_PORT ADMIN_PORT
+        cat >"$1" <<EOF
+admin:
+  listen: 127.0.0.1:$4
+certs_dir: ../certs
+shutdown:
+  drain_timeout: 1s
+clusters:
+  - name: db
+    protocol: postgres
+    dcs:
+      etcd:
+        endpoints: ["127.0.0.1:$E0", "127.0.0.1:$E1", "127.0.0.1:$E2"]
+        prefix: /service
+        scope: $PT_SCOPE
+        timeout: 2s
+    probe:
+      check: patroni
+      interval: 500ms
+      fast_interval: 50ms
+      timeout: 1s
+      rise: 2
+      fall: 2
+    # No members: the portal learns them from Patroni's member keys in etcd.
+    endpoints:
+      - name: db-rw
+        listen: 127.0.0.1:$2
+        route: leader
+        tls: auto
+        hold_timeout: 15s
+      - name: db-ro
+        listen: 127.0.0.1:$3
+        route: replicas
+        tls: auto
+        hold_timeout: 10s
+EOF
+    }
+    write_pt_config patroni/portal1.yaml "$LISTEN_1" "$RO_1" "$ADMIN_1"
+    write_pt_config patroni/portal2.yaml "$LISTEN_2" "$RO_2" "$ADMIN_2"
+    note "patroni/portal1.yaml (portal2.yaml differs only in its ports $LISTEN_2, $RO_2 and $ADMIN_2):"
+    sed 's/^/     | /' patroni/portal1.yaml
+    echo
+    show "$PORTAL" check -c patroni/portal1.yaml
+    start_portals patroni
+    note "portal 1: TLS on 127.0.0.1:$LISTEN_1 (db-rw) and 127.0.0.1:$RO_1 (db-ro), admin on 127.0.0.1:$ADMIN_1"
+    note "portal 2: TLS on 127.0.0.1:$LISTEN_2 (db-rw) and 127.0.0.1:$RO_2 (db-ro), admin on 127.0.0.1:$ADMIN_2"
+    wait_until 15 members_learned "$ADMIN_1" || fail "portal 1 did not learn a and b from etcd"
+    wait_until 15 members_learned "$ADMIN_2" || fail "portal 2 did not learn a and b from etcd"
+    expect_agreement a 0 0
+    local LT=$AGREED_LT DT=$AGREED_DT
+    wait_until 15 replica_is "$ADMIN_1" b || fail "portal 1 does not route db-ro to b"
+    wait_until 15 replica_is "$ADMIN_2" b || fail "portal 2 does not route db-ro to b"
+    show_pt_status "$ADMIN_1" 1
+    show_pt_status "$ADMIN_2" 2
+    note "Every member is \"from\": \"dcs\", at the address of its conn_url and the REST API of its api_url;"
+    note "dcs.term is the create revision of the leader key, which etcd shows too:"
+    leader_key() { "${ETCDCTL[@]}" get "/service/$PT_SCOPE/leader" -w fields | grep -E '"(CreateRevision|Value)"'; }
+    show_as "timeout 10 etcdctl --endpoints=\$ETCD get /service/$PT_SCOPE/leader -w fields | grep -E '\"(CreateRevision|Value)\"'" \
+        leader_key
+
+    local AUTH="user=postgres password=$PT_SU_PASSWORD dbname=postgres"
+    local TLS="sslmode=verify-full sslrootcert=certs/ca.crt"
+    local P1="host=localhost port=$LISTEN_1 $TLS $AUTH"
+    local P2="host=localhost port=$LISTEN_2 $TLS $AUTH"
+    local R1="host=localhost port=$RO_1 $TLS $AUTH"
+    local R2="host=localhost port=$RO_2 $TLS $AUTH"
+    PSQL=(timeout 30 psql -X -w)
+    local WHERE="select inet_server_port(), pg_is_in_recovery()"
+
+    say "Patroni step 3: psql through both portals, TLS verified against the portal's CA"
+    note "P1=\"$P1\""
+    note "P2=\"$P2\"   (R1, R2: the same on the db-ro ports $RO_1 and $RO_2)"
+    show_as "timeout 30 psql \"\$P1\" -c 'create table demo (...)' -c 'insert ...' -c '$WHERE'" \
+        "${PSQL[@]}" "$P1" -c \
+        "create table demo (id serial primary key, note text, at_port int default inet_server_port())" \
+        -c "insert into demo (note) values ('written through portal 1')" -c "$WHERE"
+    show_as "timeout 30 psql \"\$P2\" -c 'insert ...' -c '$WHERE'" "${PSQL[@]}" "$P2" \
+        -c "insert into demo (note) values ('written through portal 2')" -c "$WHERE"
+    local out
+    for out in "$P1" "$P2"; do
+        [ "$("${PSQL[@]}" "$out" -At -c "$WHERE")" = "$PG_A|f" ] || fail "a write session did not reach a (port $PG_A)"
+    done
+    note "Both run on a (port $PG_A), not in recovery: the leader. The db-ro endpoints reach the replica b:"
+    replica_has_rows() { [ "$("${PSQL[@]}" "$R1" -At -c 'select count(*) from demo')" = 2 ]; }
+    wait_until 15 replica_has_rows || fail "the replica b did not show the two rows through db-ro"
+    show_as "timeout 30 psql \"\$R1\" -c '$WHERE, (select count(*) from demo) as demo_rows'" \
+        "${PSQL[@]}" "$R1" -c "$WHERE, (select count(*) from demo) as demo_rows"
+    show_as "timeout 30 psql \"\$R2\" -At -c '$WHERE'" "${PSQL[@]}" "$R2" -At -c "$WHERE"
+    [ "$("${PSQL[@]}" "$R2" -At -c "$WHERE")" = "$PG_B|t" ] || fail "db-ro of portal 2 did not reach b (port $PG_B)"
+
+    say "Patroni step 4: patronictl switchover from a to b"
+    note "(writers start through both portals just before the switchover: one psql per attempt,"
+    note " an insert returning inet_server_port(), until one lands on b, port $PG_B)"
+    local T_START T_RET POLL_1 POLL_2 sw_out sw_status=0 ok=1
+    T_START=$(date +%s%N)
+    poll_pt_write patroni/switch1 "$P1" "$PG_B" 60 &
+    POLL_1=$!
+    PIDS+=("$POLL_1")
+    poll_pt_write patroni/switch2 "$P2" "$PG_B" 60 &
+    POLL_2=$!
+    PIDS+=("$POLL_2")
+    printf '   $ %s\n' "timeout 60 patronictl -c pt-a/patroni.yml switchover --leader a --candidate b --force"
+    sw_out=$(timeout 60 "$PATRONICTL" -c pt-a/patroni.yml switchover --leader a --candidate b --force 2>&1) ||
+        sw_status=$?
+    T_RET=$(date +%s%N)
+    tr -d '\r' <<<"$sw_out" | sed 's/^/     /'
+    if ((sw_status != 0)) || ! grep -q 'Successfully switched over' <<<"$sw_out"; then
+        fail "patronictl switchover failed (exit status $sw_status)"
+    fi
+    note "(patronictl returned after $(((T_RET - T_START) / 1000000)) ms)"
+    wait "$POLL_1" || ok=0
+    wait "$POLL_2" || ok=0
+    without "$POLL_1" PIDS
+    without "$POLL_2" PIDS
+    poll_report patroni/switch1 1 "b (port $PG_B)" "$T_RET" "patronictl returned" "$T_START" "it was started"
+    poll_report patroni/switch2 2 "b (port $PG_B)" "$T_RET" "patronictl returned" "$T_START" "it was started"
+    note "(times include starting psql and its TLS handshake; one run on this machine; a connection"
+    note " that arrives while the portal has no leader is held up to hold_timeout, 15s on db-rw)"
+    ((ok == 1)) || fail "a portal did not send a write to b after the switchover"
+    expect_agreement b "$LT" "$DT"
+    LT=$AGREED_LT
+    DT=$AGREED_DT
+    note "(Patroni restarts a as a replica of b; the portals take it back once it reports so)"
+    wait_until 60 pt_rest_ok "$API_A" /replica || fail "a did not come back as a replica of b within 60 s"
+    wait_until 15 replica_is "$ADMIN_1" a || fail "portal 1 does not route db-ro to a"
+    wait_until 15 replica_is "$ADMIN_2" a || fail "portal 2 does not route db-ro to a"
+    show_as "timeout 30 patronictl -c pt-a/patroni.yml list" timeout 30 "$PATRONICTL" -c pt-a/patroni.yml list
+    show_pt_status "$ADMIN_1" 1
+    show_pt_status "$ADMIN_2" 2
+    portals_agree b $((LT - 1)) $((DT - 1)) || fail "the portals no longer agree on leader b, leader_term $LT, dcs.term $DT"
+    show_as "timeout 30 psql \"\$P2\" -At -c '$WHERE'" "${PSQL[@]}" "$P2" -At -c "$WHERE"
+    show_as "timeout 30 psql \"\$R1\" -At -c '$WHERE'" "${PSQL[@]}" "$R1" -At -c "$WHERE"
+    note "Writes land on b (port $PG_B), the new leader; db-ro now reaches a (port $PG_A), a replica again."
+    echo
+    note "What portal 1 logged:"
+    grep -E 'member (up|down)|leader (lost|elected)|dcs' patroni/portal1.log | tail -n 12 | sed 's/^/     /' || true
+
+    say "Patroni step 5: kill -9 the leader b: its Patroni agent and its PostgreSQL"
+    local PM_B T_KILL T_PROMOTED
+    mapfile -t PM_B < <(postmaster_pids "$WORK/pt-b/data")
+    ((${#PM_B[@]} > 0)) || fail "found no postmaster running on pt-b/data"
+    note "$ kill -9 ${PT_PID[b]} ${PM_B[*]}   # b's Patroni agent, its postmaster (${PM_B[0]}) and the postmaster's children"
+    T_KILL=$(date +%s%N)
+    kill9_wait "${PT_PID[b]}" "${PM_B[@]}"
+    without "${PT_PID[b]}" PATRONI_PIDS
+    note "(writers start through both portals right after the kill, until a write lands on a, port $PG_A;"
+    note " Patroni on a promotes only once b's leader key expires: ttl 10 s)"
+    poll_pt_write patroni/fail1 "$P1" "$PG_A" 90 &
+    POLL_1=$!
+    PIDS+=("$POLL_1")
+    poll_pt_write patroni/fail2 "$P2" "$PG_A" 90 &
+    POLL_2=$!
+    PIDS+=("$POLL_2")
+    wait_until 90 pt_rest_ok "$API_A" /primary || fail "Patroni did not promote a within 90 s of the kill"
+    T_PROMOTED=$(date +%s%N)
+    note "a's REST API answered GET /primary with 200 $(((T_PROMOTED - T_KILL) / 1000000)) ms after the kill"
+    ok=1
+    wait "$POLL_1" || ok=0
+    wait "$POLL_2" || ok=0
+    without "$POLL_1" PIDS
+    without "$POLL_2" PIDS
+    poll_report patroni/fail1 1 "a (port $PG_A)" "$T_KILL" "the kill" "$T_PROMOTED" "a answered /primary"
+    poll_report patroni/fail2 2 "a (port $PG_A)" "$T_KILL" "the kill" "$T_PROMOTED" "a answered /primary"
+    if [ "$(cat patroni/fail1.tries)" = 1 ] && [ "$(cat patroni/fail2.tries)" = 1 ]; then
+        note "(attempt 1 each: the portals held those first connections, TLS done, while there was no"
+        note " leader, and sent them to a once its probe confirmed it; db-rw's hold_timeout is 15s,"
+        note " longer than Patroni's ttl of 10 s)"
+    fi
+    ((ok == 1)) || fail "a portal did not send a write to a after the failover"
+    expect_agreement a "$LT" "$DT"
+    show_pt_status "$ADMIN_1" 1
+    show_pt_status "$ADMIN_2" 2
+    show_as "timeout 30 patronictl -c pt-a/patroni.yml list" timeout 30 "$PATRONICTL" -c pt-a/patroni.yml list
+    local ROWS="select note, at_port, count(*) as rows from demo group by note, at_port order by min(id)"
+    note "ROWS=\"$ROWS\""
+    show_as "timeout 30 psql \"\$P1\" -c 'insert ...' -c \"\$ROWS\"" "${PSQL[@]}" "$P1" \
+        -c "insert into demo (note) values ('written through portal 1 after the failover')" -c "$ROWS"
+    note "Every row is still there: written on a (port $PG_A), on b (port $PG_B) after the switchover"
+    note "and streamed to a, then on a again; at_port says where each was written."
+
+    say "Patroni step 6: portal 2 dies; the multi-host string goes on through portal 1"
+    local BOTH="host=localhost,localhost port=$LISTEN_2,$LISTEN_1 target_session_attrs=read-write $TLS $AUTH"
+    note "$ kill -9 $PORTAL_PID_2   # portal 2"
+    kill9_wait "$PORTAL_PID_2"
+    without "$PORTAL_PID_2" PIDS
+    show_refused "curl -sS -m 5 http://127.0.0.1:$ADMIN_2/ready" curl -sS -m 5 "http://127.0.0.1:$ADMIN_2/ready"
+    note "BOTH=\"$BOTH\""
+    note "(portal 2 is named first, so libpq has to skip it)"
+    show_as "timeout 30 psql \"\$BOTH\" -At -c 'insert ... returning inet_server_port(), pg_is_in_recovery()'" \
+        "${PSQL[@]}" "$BOTH" -At -c \
+        "insert into demo (note) values ('written through BOTH') returning inet_server_port(), pg_is_in_recovery()"
+    [ "$("${PSQL[@]}" "$BOTH" -At -c "$WHERE")" = "$PG_A|f" ] || fail "the multi-host string did not reach a through portal 1"
+    note "libpq found nothing on port $LISTEN_2, tried port $LISTEN_1 and wrote on a through portal 1."
+}
+
 case $MODE in
 redis) redis_demo ;;
 postgres) postgres_demo ;;
+patroni) patroni_demo ;;
 all)
     redis_demo
     say "Stopping the Redis part (portals and servers)"
     stop_pids "${PIDS[@]}"
     PIDS=()
     postgres_demo
+    say "Stopping the PostgreSQL part (portals and servers)"
+    stop_pids "${PIDS[@]}"
+    PIDS=()
+    for data in "${PG_DATADIRS[@]}"; do
+        as_pg pg_ctl stop -m fast -w -t 30 -D "$data" >/dev/null 2>&1 || true
+    done
+    PG_DATADIRS=()
+    patroni_demo
     ;;
 esac
 
