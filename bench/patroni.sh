@@ -250,11 +250,7 @@ clusters:
     probe:
       username: postgres
       password_env: BENCH_PG_PASSWORD
-    members:
-      - name: pg0
-        address: 127.0.0.1:${PGPORT[0]}
-      - name: pg1
-        address: 127.0.0.1:${PGPORT[1]}
+    # No members: they are learned from Patroni's member keys (conn_url).
     endpoints:
       - name: rw
         listen: 127.0.0.1:$PORTAL_PORT
@@ -291,7 +287,7 @@ SETUP=$(
 - portal: git $git_rev ($git_dirty uncommitted paths), cargo build --release
 - 3 etcd members (--heartbeat-interval 50 --election-timeout 500), 2 Patroni members (ttl 10, loop_wait 1, retry_timeout 5), PostgreSQL ssl on (fsync off, synchronous_commit off); all on 127.0.0.1
 - HAProxy (Patroni docs): mode tcp (PostgreSQL's TLS passed through), \`option httpchk OPTIONS /primary\`, \`http-check expect status 200\`, \`default-server inter 3s fall 3 rise 2 on-marked-down shutdown-sessions\`, \`check port\` = each member's REST port, timeout connect 4s, timeout check 5s, nbthread $NBTHREAD
-- portal: route leader, TLS terminated, DCS source \`dcs: { etcd: { endpoints: [3 members], prefix: /service, scope } }\`, native PostgreSQL probe (username postgres + password, default interval 1s / fast_interval 50ms / timeout 500ms / rise 2 / fall 2), on_leader_change close, hold_timeout default, RUST_LOG=$PORTAL_LOG
+- portal: route leader, TLS terminated, DCS source \`dcs: { etcd: { endpoints: [3 members], prefix: /service, scope } }\` with no \`members:\` (learned from Patroni's member keys), native PostgreSQL probe (username postgres + password, default interval 1s / fast_interval 50ms / timeout 500ms / rise 2 / fall 2), on_leader_change close, hold_timeout default, RUST_LOG=$PORTAL_LOG
 - measured by bench/patroni_switchover_window.rs: one TLS writer per proxy at once (tokio-postgres + rustls, verify chain and name; 5 ms backoff after an error; 5 s per-operation timeout), a direct plaintext writer polling the candidate every 1 ms from T0; T0 = start of \`patronictl switchover --leader A --candidate B --force\`; $SWITCHOVERS switchovers alternating direction, next one after both proxies route to the new leader, the old one streams again, and ${SETTLE_S}s
 EOF
 )
