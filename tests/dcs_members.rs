@@ -46,14 +46,7 @@ fn learning_yaml(config: &PgPortalConfig, etcd: &EtcdCluster) -> String {
          max_members: 4\n",
         etcd.client_address(0)
     );
-    let yaml = config.yaml();
-    let (head, rest) = yaml
-        .split_once("    members:\n")
-        .expect("the generated config lists members");
-    let endpoints = rest
-        .find("    endpoints:\n")
-        .expect("the generated config lists endpoints");
-    format!("{head}{dcs}{}", &rest[endpoints..])
+    replace_members(&config.yaml(), &dcs)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -763,6 +763,19 @@ impl PortalConfig {
     }
 }
 
+/// A generated configuration (one cluster) with its `members:` block
+/// replaced by `replacement` (e.g. a `dcs:` block the members are learned
+/// from).
+pub fn replace_members(yaml: &str, replacement: &str) -> String {
+    let (head, rest) = yaml
+        .split_once("    members:\n")
+        .expect("the generated config lists members");
+    let endpoints = rest
+        .find("    endpoints:\n")
+        .expect("the generated config lists endpoints");
+    format!("{head}{replacement}{}", &rest[endpoints..])
+}
+
 // ---- the portal process -----------------------------------------------------
 
 /// A running `portal run -c FILE`, its config and logs in a temporary

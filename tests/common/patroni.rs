@@ -477,14 +477,7 @@ impl PatroniCluster {
         rw: u16,
         ro: u16,
     ) -> String {
-        let yaml = self.portal_yaml_with_dcs(certs, admin, rw, ro);
-        let (head, rest) = yaml
-            .split_once("    members:\n")
-            .expect("the generated config lists members");
-        let endpoints = rest
-            .find("    endpoints:\n")
-            .expect("the generated config lists endpoints");
-        format!("{head}{}", &rest[endpoints..])
+        super::replace_members(&self.portal_yaml_with_dcs(certs, admin, rw, ro), "")
     }
 }
 
