@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Reporter, SourceContext, RECONNECT_PAUSE};
 use crate::config::{valid_host_port, EtcdDcs};
 use crate::probe::KnownAddress;
-use crate::roster::Learned;
+use crate::roster::{Learned, Origin};
 use crate::view::DcsReport;
 
 /// One key of the scope: its value and create revision.
@@ -72,7 +72,18 @@ impl Scope {
             }
             return;
         };
-        let address = KnownAddress::lookup(&advertised.address).await;
+        // Patroni rewrites its member key every loop: resolve only an
+        // address the roster will take (a new or moved learned member).
+        let current = ctx.roster.id_of(name).and_then(|id| ctx.roster.get(id));
+        let kept = current.is_some_and(|m| {
+            m.origin == Origin::Config
+                || (m.address == advertised.address && m.api == advertised.api)
+        });
+        let address = if kept {
+            KnownAddress::unresolved(&advertised.address)
+        } else {
+            KnownAddress::lookup(&advertised.address).await
+        };
         let learned = ctx.roster.learn(name, address, advertised.api.clone());
         let (address, api) = (advertised.address.as_str(), advertised.api.as_deref());
         match learned {

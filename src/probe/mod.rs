@@ -101,6 +101,14 @@ impl KnownAddress {
         }
     }
 
+    /// Not resolved: for an address that will only be compared as text.
+    pub fn unresolved(configured: &str) -> KnownAddress {
+        KnownAddress {
+            configured: configured.to_string(),
+            resolved: Vec::new(),
+        }
+    }
+
     /// Resolves on the runtime: for addresses learned while serving.
     pub async fn lookup(configured: &str) -> KnownAddress {
         KnownAddress {
