@@ -166,13 +166,17 @@ proc_alive() {
     [ "${stat%% *}" != Z ]
 }
 
-# postmaster_pids DATA: the postmaster running on DATA (from postmaster.pid,
-# when that process still names DATA on its command line) and its children.
-postmaster_pids() {
+# frozen_postmaster_pids DATA: the postmaster running on DATA (from
+# postmaster.pid, when that process still names DATA on its command line),
+# stopped with SIGSTOP so that it forks nothing more, and its children: the
+# list to SIGKILL. A live postmaster whose child dies first restarts its
+# children, and orphans not on the list would keep its shared memory.
+frozen_postmaster_pids() {
     local pm
     pm=$(head -n 1 "$1/postmaster.pid" 2>/dev/null) || return 0
     [[ $pm =~ ^[0-9]+$ ]] || return 0
     tr '\0' ' ' 2>/dev/null <"/proc/$pm/cmdline" | grep -qF -- "$1" || return 0
+    kill -STOP "$pm" 2>/dev/null || return 0
     echo "$pm"
     ps -o pid= --ppid "$pm" 2>/dev/null | tr -d ' ' || true
 }
@@ -215,7 +219,7 @@ cleanup() {
     local pids=() data
     ((${#PATRONI_PIDS[@]} == 0)) || kill9_wait "${PATRONI_PIDS[@]}"
     for data in "${PT_DATADIRS[@]}"; do
-        mapfile -t pids < <(postmaster_pids "$data")
+        mapfile -t pids < <(frozen_postmaster_pids "$data")
         ((${#pids[@]} == 0)) || kill9_wait "${pids[@]}"
     done
     for pid in "${PIDS[@]}"; do
@@ -1254,9 +1258,9 @@ EOF
 
     say "Patroni step 5: kill -9 the leader b: its Patroni agent and its PostgreSQL"
     local PM_B T_KILL T_PROMOTED
-    mapfile -t PM_B < <(postmaster_pids "$WORK/pt-b/data")
+    mapfile -t PM_B < <(frozen_postmaster_pids "$WORK/pt-b/data")
     ((${#PM_B[@]} > 0)) || fail "found no postmaster running on pt-b/data"
-    note "$ kill -9 ${PT_PID[b]} ${PM_B[*]}   # b's Patroni agent, its postmaster (${PM_B[0]}) and the postmaster's children"
+    note "$ kill -STOP ${PM_B[0]}; kill -9 ${PT_PID[b]} ${PM_B[*]}   # b's Patroni agent, its postmaster (${PM_B[0]}, frozen first) and the postmaster's children"
     T_KILL=$(date +%s%N)
     kill9_wait "${PT_PID[b]}" "${PM_B[@]}"
     without "${PT_PID[b]}" PATRONI_PIDS
