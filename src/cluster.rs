@@ -18,7 +18,9 @@ use crate::frontend::postgres::CancelKeys;
 use crate::metrics::Metrics;
 use crate::probe::{self, ProbeContext};
 use crate::roster::{MemberEntry, Roster};
-use crate::view::{DcsReport, MemberId, Outcome, Report, Snapshot, Thresholds, Transition, View};
+use crate::view::{
+    DcsReport, FenceReason, MemberId, Outcome, Report, Snapshot, Thresholds, Transition, View,
+};
 
 /// Live PostgreSQL sessions whose cancel keys are remembered, per cluster.
 const CANCEL_KEYS_CAPACITY: usize = 100_000;
@@ -369,6 +371,17 @@ async fn supervise(
                 Transition::SplitBrainResolved => {
                     split_gauge.set(0);
                     tracing::info!(cluster = name, "split brain resolved");
+                }
+                Transition::Fenced {
+                    member: m,
+                    reason: reason @ FenceReason::BehindLeaderTerm,
+                } => {
+                    tracing::warn!(
+                        cluster = name,
+                        member = member(m),
+                        reason = reason.as_str(),
+                        "replica is on a term older than the leader's: no reads until it follows"
+                    );
                 }
                 Transition::Fenced { member: m, reason } => {
                     tracing::warn!(

@@ -145,10 +145,26 @@ async fn writes_resume_after_a_hard_kill_of_the_leader() {
         .await;
     assert_eq!(member(&status, "a")["health"], "down", "{status:#}");
 
-    // The killed member comes back (Patroni rewinds it) as a replica.
+    // The killed member comes back (Patroni rewinds it) as a replica. It
+    // may first run as a replica on its old timeline, before `pg_rewind`
+    // (Patroni's `/replica` answers 200 then): the portal sends it no reads
+    // until it reports b's timeline.
     block_in_place(|| s.cluster.restart(0));
-    block_in_place(|| s.cluster.wait_all_running());
-    wait_roles_within(&s.portal, "b", &["a"], FAILOVER_DEADLINE).await;
+    let back = s
+        .portal
+        .wait_for_within("a back as a replica of b", FAILOVER_DEADLINE, |st| {
+            let replicas = replica_names(st);
+            if replicas.iter().any(|r| r == "a") {
+                assert_eq!(
+                    member(st, "a")["term"],
+                    member(st, "b")["term"],
+                    "a takes reads on another timeline than the leader's: {st:#}"
+                );
+            }
+            leader(st).as_deref() == Some("b") && replicas == ["a"]
+        })
+        .await;
+    assert_eq!(member(&back, "a")["fenced"], serde_json::Value::Null);
     let ro = connect(s.ro, &s.certs).await.expect("session through ro");
     assert_eq!(
         server_port_of(&ro).await.expect("port"),

@@ -1,7 +1,8 @@
 //! PostgreSQL failover through the portal: when the primary dies and the
 //! standby is promoted, sessions on the old primary end, new sessions reach
 //! the promoted member, and the old primary, restarted on its older
-//! timeline still believing it is the primary, gets no connection.
+//! timeline still believing it is the primary, gets no connection; back as
+//! a standby on that timeline, it gets no read either.
 
 mod common;
 
@@ -109,6 +110,57 @@ async fn promoted_standby_takes_over_and_the_restarted_old_primary_is_fenced() {
         s.primary
             .psql("select count(*) from pg_tables where tablename = 'after_failover'"),
         "0"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_primary_back_as_a_standby_on_its_old_timeline_serves_no_reads() {
+    let mut s = setup().await;
+    s.primary.stop_immediate();
+    s.standby.promote();
+    assert_eq!(s.standby.timeline(), 2);
+    wait_pg_reached(s.ports.rw, &s.certs, s.standby.port()).await;
+
+    // a restarts in recovery, as a failover manager restarts a former
+    // primary, but nothing has rewound it or pointed it at b: a replica on
+    // timeline 1, whose WAL may hold writes b never had.
+    s.primary.signal_standby();
+    s.primary.start();
+    assert!(s.primary.is_in_recovery());
+    assert_eq!(s.primary.timeline(), 1);
+    s.portal
+        .wait_for(
+            "a probed as a replica behind b's timeline and fenced",
+            |st| {
+                let a = member(st, "a");
+                a["role"] == "replica"
+                    && a["health"] == "up"
+                    && a["term"] == "1"
+                    && a["fenced"] == "behind_leader_term"
+            },
+        )
+        .await;
+
+    // No read reaches it: the replicas endpoint has no replica and falls
+    // back to the leader.
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut sessions = 0;
+    while Instant::now() < until {
+        assert_eq!(
+            pg_reached(s.ports.ro, &s.certs).await,
+            Ok(s.standby.port()),
+            "a read session went somewhere other than the leader"
+        );
+        sessions += 1;
+        let status = s.portal.status().await;
+        assert_eq!(replica_names(&status), Vec::<String>::new(), "{status:#}");
+        assert_eq!(leader(&status).as_deref(), Some("b"), "{status:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(sessions > 0);
+    assert!(
+        s.portal.stderr_log().contains("behind_leader_term"),
+        "the fence is logged"
     );
 }
 

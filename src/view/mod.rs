@@ -26,6 +26,11 @@
 //!    fence it. Other claimants are fenced (`not_dcs_leader`). While the DCS
 //!    is unreachable the last leader keeps the role only as long as its
 //!    probes confirm it; no new leader is named until the DCS is back.
+//! 7. A replica whose term is provably older than the leader's serves no
+//!    reads (`behind_leader_term`): a former primary back before
+//!    `pg_rewind` (its timeline may hold writes the cluster lost), or a
+//!    replica that has not followed the promotion yet. It takes reads again
+//!    once it reports the leader's term.
 //!
 //! Every change of the leader or of the replica set bumps `epoch`.
 
@@ -185,7 +190,8 @@ pub struct MemberView {
     pub upstream: Option<MemberId>,
     pub last_report: Option<SystemTime>,
     pub last_error: Option<String>,
-    /// Why the member's claim to be primary is ignored, if it is.
+    /// Why the member's claim to be primary is ignored, or why a replica
+    /// serves no reads, if either is so.
     pub fenced: Option<FenceReason>,
     pub position: Option<u64>,
     /// Bytes behind the leader, from the last reports of both.
@@ -282,6 +288,8 @@ pub enum FenceReason {
     Incumbent,
     /// A DCS is configured and does not name this member leader.
     NotDcsLeader,
+    /// A replica on a term provably older than the leader's (rule 7).
+    BehindLeaderTerm,
 }
 
 impl FenceReason {
@@ -291,6 +299,7 @@ impl FenceReason {
             FenceReason::Contradicted => "contradicted_by_replicas",
             FenceReason::Incumbent => "incumbent_leads",
             FenceReason::NotDcsLeader => "not_dcs_leader",
+            FenceReason::BehindLeaderTerm => "behind_leader_term",
         }
     }
 }
@@ -466,9 +475,6 @@ impl View {
                 state.ok_streak = state.ok_streak.saturating_add(1);
                 state.fail_streak = 0;
                 state.last_error = None;
-                if seen.role != Role::Primary {
-                    state.fenced = None;
-                }
                 state.seen = Some(seen);
                 if state.health != Health::Up && state.ok_streak >= rise {
                     state.health = Health::Up;
@@ -553,6 +559,14 @@ impl View {
 
     fn newer(&self, a: &Term, b: &Term) -> bool {
         self.order(a, b) == Some(Ordering::Greater)
+    }
+
+    /// Whether `term` is provably older than the current (or last) leader's.
+    fn behind_leader(&self, term: Option<&Term>) -> bool {
+        match (term, &self.leader_term) {
+            (Some(term), Some(last)) => self.order(term, last) == Some(Ordering::Less),
+            _ => false,
+        }
     }
 
     /// A claimant that proves a term newer than the last leader's may lead
@@ -711,17 +725,6 @@ impl View {
             }
         };
 
-        // `fenced` is exactly this decision's set; each new reason is reported once.
-        for (id, state) in self.members.iter_mut().enumerate() {
-            let now = fenced_now.iter().find(|(f, _)| *f == id).map(|(_, r)| *r);
-            if let Some(reason) = now {
-                if state.fenced != now {
-                    out.push(Transition::Fenced { member: id, reason });
-                }
-            }
-            state.fenced = now;
-        }
-
         if split != self.split_brain {
             self.split_brain = split;
             out.push(if split {
@@ -767,17 +770,31 @@ impl View {
             }
         }
 
-        let replicas: Vec<MemberId> = self
-            .members
-            .iter()
-            .enumerate()
-            .filter(|(id, m)| {
-                Some(*id) != leader
-                    && m.health == Health::Up
-                    && m.seen.as_ref().is_some_and(|s| s.role == Role::Replica)
-            })
-            .map(|(id, _)| id)
-            .collect();
+        // Replicas: eligible members in the replica role, but for those on a
+        // term older than the (new) leader's (rule 7).
+        let mut replicas: Vec<MemberId> = Vec::new();
+        for (id, m) in self.members.iter().enumerate() {
+            let Some(seen) = m.seen.as_ref().filter(|s| s.role == Role::Replica) else {
+                continue;
+            };
+            if self.behind_leader(seen.term.as_ref()) {
+                fenced_now.push((id, FenceReason::BehindLeaderTerm));
+            } else if Some(id) != leader && m.health == Health::Up {
+                replicas.push(id);
+            }
+        }
+
+        // `fenced` is exactly this decision's set; each new reason is reported once.
+        for (id, state) in self.members.iter_mut().enumerate() {
+            let now = fenced_now.iter().find(|(f, _)| *f == id).map(|(_, r)| *r);
+            if let Some(reason) = now {
+                if state.fenced != now {
+                    out.push(Transition::Fenced { member: id, reason });
+                }
+            }
+            state.fenced = now;
+        }
+
         if replicas != self.replicas {
             self.replicas = replicas;
             changed = true;

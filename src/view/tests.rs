@@ -37,6 +37,16 @@ fn replica(of: Option<MemberId>) -> Outcome {
     })
 }
 
+fn replica_on(term: Term, of: Option<MemberId>) -> Outcome {
+    Outcome::Observed(Observation {
+        role: Role::Replica,
+        term: Some(term),
+        upstream: of,
+        position: None,
+        delay: None,
+    })
+}
+
 fn hard() -> Outcome {
     Outcome::Failed {
         hard: true,
@@ -341,10 +351,15 @@ fn term_pool() -> Vec<Term> {
 
 fn outcome_strategy(members: usize) -> impl Strategy<Value = Outcome> {
     let pool = term_pool();
+    let pool_for_replicas = term_pool();
     prop_oneof![
         (0..pool.len()).prop_map(move |i| primary(Some(pool[i].clone()))),
         Just(primary(None)),
         (0..members + 1).prop_map(move |m| replica((m < members).then_some(m))),
+        (0..members + 1, 0..pool_for_replicas.len()).prop_map(move |(m, i)| replica_on(
+            pool_for_replicas[i].clone(),
+            (m < members).then_some(m)
+        )),
         any::<bool>().prop_map(|hard| Outcome::Failed {
             hard,
             error: "e".into()
@@ -491,10 +506,23 @@ proptest! {
                     last_leader_term = Some(term.clone());
                 }
             }
-            // Replicas are eligible and in the replica role.
+            // Replicas are eligible, in the replica role, and never on a
+            // term older than the leader's (rule 7); a replica left out
+            // for that says so.
             for &r in &s.replicas {
                 prop_assert_eq!(s.members[r].health, Health::Up);
                 prop_assert_eq!(s.members[r].role, Role::Replica);
+                prop_assert_eq!(s.members[r].fenced, None);
+                if let (Some(lead), Some(term)) = (&s.leader_term, &s.members[r].term) {
+                    prop_assert!(!oracle_newer(lead, term, &edges),
+                        "replica {} on term {} behind the leader's {}", r, term, lead);
+                }
+            }
+            for (id, m) in s.members.iter().enumerate() {
+                if m.health == Health::Up && m.role == Role::Replica && !s.replicas.contains(&id) {
+                    prop_assert_eq!(m.fenced, Some(FenceReason::BehindLeaderTerm),
+                        "up replica {} left out without a reason: {:?}", id, s);
+                }
             }
             // Split brain means no one was provably newest: if it is set
             // without a leader, at least two members claim primary.
@@ -565,6 +593,74 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_former_primary_back_on_an_older_timeline_serves_no_reads() {
+    let mut v = View::new(3, Thresholds { rise: 1, fall: 1 });
+    feed(&mut v, 0, pg(1));
+    feed(&mut v, 1, replica_on(Term::Number(1), Some(0)));
+    feed(&mut v, 2, replica_on(Term::Number(1), Some(0)));
+    assert_eq!(v.snapshot().replicas, vec![1, 2]);
+
+    // 0 dies (2's WAL receiver stops streaming), 1 is promoted onto
+    // timeline 2.
+    feed(&mut v, 0, hard());
+    feed(&mut v, 2, replica_on(Term::Number(1), None));
+    feed(&mut v, 1, pg(2));
+    let s = v.snapshot();
+    assert_eq!(s.leader, Some(1));
+    // 2 has not followed yet: still on timeline 1, so no reads.
+    assert_eq!(s.replicas, Vec::<MemberId>::new());
+    assert_eq!(s.members[2].fenced, Some(FenceReason::BehindLeaderTerm));
+
+    // 0 comes back as a replica before pg_rewind, on its old timeline.
+    let t = feed(&mut v, 0, replica_on(Term::Number(1), None));
+    assert!(t.contains(&Transition::Fenced {
+        member: 0,
+        reason: FenceReason::BehindLeaderTerm
+    }));
+    assert_eq!(v.snapshot().replicas, Vec::<MemberId>::new());
+    // Reported again, the reason is not reported again.
+    let t = feed(&mut v, 0, replica_on(Term::Number(1), None));
+    assert!(
+        !t.iter().any(|t| matches!(t, Transition::Fenced { .. })),
+        "{t:?}"
+    );
+
+    // Each takes reads once it reports the leader's timeline.
+    feed(&mut v, 2, replica_on(Term::Number(2), Some(1)));
+    assert_eq!(v.snapshot().replicas, vec![2]);
+    assert_eq!(v.snapshot().members[2].fenced, None);
+    feed(&mut v, 0, replica_on(Term::Number(2), Some(1)));
+    let s = v.snapshot();
+    assert_eq!(s.replicas, vec![0, 2]);
+    assert_eq!(s.members[0].fenced, None);
+}
+
+#[test]
+fn a_replica_still_on_the_old_primary_history_serves_no_reads() {
+    let mut v = View::new(3, T);
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(lineage("x", None))));
+        feed(&mut v, 1, replica_on(lineage("x", None), Some(0)));
+        feed(&mut v, 2, replica_on(lineage("x", None), Some(0)));
+    }
+    assert_eq!(v.snapshot().replicas, vec![1, 2]);
+    // 0 is cut off (2's link to it is down); 1 is promoted (REPLICAOF NO
+    // ONE): history y after x.
+    feed(&mut v, 2, replica_on(lineage("x", None), None));
+    feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+    assert_eq!(v.leader(), Some(1));
+    // 2 still carries x, which the leader has moved past.
+    assert_eq!(v.snapshot().replicas, Vec::<MemberId>::new());
+    // Once it replicates from 1 (PSYNC continues: y after x), it reads again.
+    feed(&mut v, 2, replica_on(lineage("y", Some("x")), Some(1)));
+    assert_eq!(v.snapshot().replicas, vec![2]);
+    // A replica whose history cannot be ordered against the leader's is
+    // not provably behind: it stays.
+    feed(&mut v, 2, replica_on(lineage("z", None), Some(1)));
+    assert_eq!(v.snapshot().replicas, vec![2]);
 }
 
 #[test]

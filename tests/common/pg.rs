@@ -377,6 +377,18 @@ impl PgServer {
         self.running = false;
     }
 
+    /// Makes the stopped server start next time as a standby
+    /// (`standby.signal`) with nothing to stream from: a former primary
+    /// back in recovery on its own timeline, before anyone rewinds it.
+    pub fn signal_standby(&self) {
+        assert!(!self.running, "postgres on port {} runs", self.port);
+        let path = self.data().join("standby.signal");
+        std::fs::write(&path, "").expect("write standby.signal");
+        if let Some((uid, gid)) = run_as() {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid)).expect("chown standby.signal");
+        }
+    }
+
     /// `pg_ctl promote -w`: returns once the standby accepts writes.
     pub fn promote(&self) {
         run(
