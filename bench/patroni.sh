@@ -180,8 +180,16 @@ start_patroni() { # index
 rest() { curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:${APIPORT[$1]}$2" || true; }
 is_primary() { [[ $(rest "$1" /primary) == 200 ]]; }
 is_replica() { [[ $(rest "$1" /replica) == 200 ]]; }
-# Streaming from the leader, as Patroni reports it.
-replica_streaming() { curl -s --max-time 2 "http://127.0.0.1:${APIPORT[$1]}/patroni" | grep -q '"state": *"running"' && is_replica "$1"; }
+# Member $1 answers /replica and the other member (the leader) lists its WAL
+# receiver as streaming in GET /patroni. /replica alone answers 200 before
+# streaming starts, and a switchover then would lose recent writes.
+replica_streaming() {
+  is_replica "$1" && curl -s --max-time 2 "http://127.0.0.1:${APIPORT[1 - $1]}/patroni" | python3 -c '
+import json, sys
+replication = json.load(sys.stdin).get("replication") or []
+sys.exit(not any(r.get("application_name") == sys.argv[1] and r.get("state") == "streaming"
+                 for r in replication))' "${NAMES[$1]}"
+}
 start_patroni 0
 wait_until 90 "pg0 leading" is_primary 0
 start_patroni 1

@@ -916,6 +916,18 @@ without() {
 # Patroni's REST API of the member whose API listens on $1: GET $2 answers 200.
 pt_rest_ok() { "${CURL[@]}" -o /dev/null "http://127.0.0.1:$1$2"; }
 
+# pt_streams_to API NAME: the member whose REST API is on port API lists a
+# WAL receiver named NAME (Patroni names them after members) as streaming in
+# its GET /patroni. Patroni's /replica check answers 200 before that, and a
+# switchover to a replica that does not stream yet loses recent writes.
+pt_streams_to() {
+    "${CURL[@]}" "http://127.0.0.1:$1/patroni" | python3 -c '
+import json, sys
+replication = json.load(sys.stdin).get("replication") or []
+sys.exit(not any(r.get("application_name") == sys.argv[1] and r.get("state") == "streaming"
+                 for r in replication))' "$2"
+}
+
 # The Patroni part's summary of a portal's /status: the cluster's leader,
 # leader_term and DCS view, then per member where it was learned from and
 # where the portal reaches it.
@@ -1106,6 +1118,7 @@ patroni_demo() {
     T0=$(date +%s)
     start_patroni b
     wait_until 90 pt_rest_ok "$API_B" /replica || fail "Patroni b did not come up as a replica within 90 s"
+    wait_until 30 pt_streams_to "$API_A" b || fail "b does not stream from a"
     note "(b runs as a replica after $(($(date +%s) - T0)) s: pg_basebackup from a, then streaming)"
     note "a: PostgreSQL on 127.0.0.1:$PG_A, Patroni REST API on 127.0.0.1:$API_A"
     note "b: PostgreSQL on 127.0.0.1:$PG_B, Patroni REST API on 127.0.0.1:$API_B"
@@ -1243,6 +1256,7 @@ EOF
     DT=$AGREED_DT
     note "(Patroni restarts a as a replica of b; the portals take it back once it reports so)"
     wait_until 60 pt_rest_ok "$API_A" /replica || fail "a did not come back as a replica of b within 60 s"
+    wait_until 30 pt_streams_to "$API_B" a || fail "a does not stream from b"
     wait_until 15 replica_is "$ADMIN_1" a || fail "portal 1 does not route db-ro to a"
     wait_until 15 replica_is "$ADMIN_2" a || fail "portal 2 does not route db-ro to a"
     show_as "timeout 30 patronictl -c pt-a/patroni.yml list" timeout 30 "$PATRONICTL" -c pt-a/patroni.yml list

@@ -312,17 +312,42 @@ impl PatroniCluster {
     }
 
     /// Waits until every running member is `running` and, but for the
-    /// leader, answers Patroni's `/replica` check.
+    /// leader, answers Patroni's `/replica` check and streams from the
+    /// leader. `/replica` alone is not enough: a replica that has not
+    /// started streaming yet (its slot is created a moment later) answers
+    /// 200 too, and a switchover to it then loses what the leader committed
+    /// since the base backup.
     pub fn wait_all_running(&self) {
-        self.wait_until("every member running", || {
-            let leader = self.leader();
-            leader.is_some()
-                && (0..self.members.len()).all(|i| {
-                    self.members[i].agent.is_none()
-                        || Some(i) == leader
-                        || self.rest_status(i, "/replica") == Some(200)
-                })
+        self.wait_until("every member running and streaming", || {
+            let Some(leader) = self.leader() else {
+                return false;
+            };
+            let streaming = self.streaming_from(leader);
+            (0..self.members.len()).all(|i| {
+                self.members[i].agent.is_none()
+                    || i == leader
+                    || (self.rest_status(i, "/replica") == Some(200)
+                        && streaming.contains(&self.members[i].name))
+            })
         });
+    }
+
+    /// The members whose WAL receivers stream from member `i`, by the
+    /// `replication` list of its `GET /patroni` (Patroni names each
+    /// receiver's `application_name` after its member).
+    fn streaming_from(&self, i: usize) -> Vec<String> {
+        let Some(status) = self.rest_json(i) else {
+            return Vec::new();
+        };
+        status["replication"]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .filter(|r| r["state"] == "streaming")
+                    .filter_map(|r| r["application_name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     fn wait_until(&self, what: &str, mut ok: impl FnMut() -> bool) {
