@@ -95,6 +95,8 @@ mod tests {
             leader_term: None,
             dcs: crate::view::DcsView::Absent,
             members: Vec::new(),
+            no_leader: None,
+            peer_terms: Vec::new(),
         }
     }
 
@@ -144,6 +146,7 @@ mod tests {
             lag_bytes,
             delay: delay_ms.map(std::time::Duration::from_millis),
             generation: 0,
+            missed: 0,
         }
     }
 

@@ -3,21 +3,26 @@
 //!
 //! No I/O, no clock, no locks: the caller feeds [`Report`]s (stamped with the
 //! time they were taken) to [`View::apply`] and publishes [`View::snapshot`].
-//! The rules (see `shared/design.md`):
+//! The rules:
 //!
-//! 1. A member is eligible after `rise` consecutive good reports and stops
-//!    being so after `fall` failed ones; a *hard* failure (the probe's
-//!    connection refused or reset, or a data-path connect failure) makes it
-//!    ineligible at once.
-//! 2. Among eligible members claiming primary, the confirmed leader (the
-//!    incumbent) keeps the role while it stays eligible and still claims it;
-//!    a rival displaces it only by proving a strictly newer [`Term`].
+//! 1. A member is *up* (eligible) after `rise` consecutive good reports. A
+//!    *soft* failure (a probe that timed out) makes it *suspect*: it keeps
+//!    its last claim (role, term, upstream) and its place, and nothing is
+//!    decided because of it: no leader is lost or chosen, no replica leaves
+//!    the set, no session is closed. It goes *down*, and its claim is
+//!    forgotten, after `fall` consecutive failures, or at once on a *hard*
+//!    failure (the probe's connection refused or reset, or a data-path
+//!    connect failure). A report that changes its claim acts at once.
+//! 2. Among claimants of primary, the confirmed leader (the incumbent)
+//!    keeps the role while it is up and still claims it; a rival displaces
+//!    it only by proving a strictly newer [`Term`].
 //! 3. Without an incumbent, the claimant provably newer than every other
-//!    claimant (rising ones included) leads once eligible. If terms cannot
-//!    order them there is no leader and `split_brain` is set.
+//!    claimant (rising ones included) leads once up. If terms cannot order
+//!    them there is no leader and `split_brain` is set.
 //! 4. A claimant whose term is older than, or superseded by, a previous
-//!    leader's is fenced. A claimant that proves a term newer than the last
-//!    leader's needs no `rise`: that is the fast path of a promotion.
+//!    leader's (or a term a peer portal proved, see [`View::apply_peer`]) is
+//!    fenced. A claimant that proves a term newer than the last leader's
+//!    needs no `rise`: that is the fast path of a promotion.
 //! 5. A claimant contradicted by a majority of the replicas that report whom
 //!    they follow is not leader.
 //! 6. With a DCS (Patroni's keys in etcd, Redis Sentinel), the DCS names the
@@ -31,6 +36,13 @@
 //!    `pg_rewind` (its timeline may hold writes the cluster lost), or a
 //!    replica that has not followed the promotion yet. It takes reads again
 //!    once it reports the leader's term.
+//! 8. Once a leader has been seen, a claimant whose history is unrelated to
+//!    the last leader's (its term neither descends from it nor is ordered
+//!    against it, or it reports no term) never leads on its own
+//!    (`unrelated_history`), even after that leader is gone: a Redis master
+//!    restarted empty, a member rebuilt from scratch. Then there is no
+//!    leader and clients are held and refused. A DCS that names it (rule 6)
+//!    or an operator ([`Override`]) lets it lead.
 //!
 //! Every change of the leader or of the replica set bumps `epoch`.
 
@@ -49,6 +61,8 @@ pub type MemberId = usize;
 const LINEAGE_MEMORY: usize = 64;
 /// How many terms of past leaders the view remembers for fencing.
 const PAST_LEADERS_MEMORY: usize = 16;
+/// How many terms proven by peers the view remembers.
+const PEER_TERMS_MEMORY: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -199,6 +213,9 @@ pub struct MemberView {
     pub delay: Option<std::time::Duration>,
     /// The incarnation everything above is about (see [`Report`]).
     pub generation: u64,
+    /// Consecutive failed probes: above 0 while up, the member is suspect
+    /// (rule 1) and keeps its last claim.
+    pub missed: u32,
 }
 
 /// What a DCS says about a cluster, as its watcher last saw it.
@@ -248,6 +265,68 @@ pub struct Snapshot {
     pub leader_term: Option<Term>,
     pub dcs: DcsView,
     pub members: Vec<MemberView>,
+    /// Why there is no leader, when there is none.
+    pub no_leader: Option<NoLeader>,
+    /// Terms peer portals proved (rule 4), newest last.
+    pub peer_terms: Vec<Term>,
+}
+
+/// Why a snapshot has no leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoLeader {
+    /// No up member claims primary.
+    NoClaimant,
+    /// A claimant is waiting for `rise` good reports.
+    Rising,
+    /// Claimants whose terms cannot be ordered, and no incumbent (rule 3).
+    SplitBrain,
+    /// Every claimant is fenced (rules 4, 5, 8).
+    Fenced,
+    /// A DCS is configured and names no confirmed leader (rule 6).
+    Dcs,
+}
+
+impl NoLeader {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoLeader::NoClaimant => "no_member_claims_primary",
+            NoLeader::Rising => "claimant_rising",
+            NoLeader::SplitBrain => "split_brain",
+            NoLeader::Fenced => "every_claimant_fenced",
+            NoLeader::Dcs => "dcs_names_no_confirmed_leader",
+        }
+    }
+}
+
+/// An operator's decision that the rules cannot make on their own (rule 8):
+/// after a deliberate rebuild, or terms that went backwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Override {
+    /// Accept this member, which must claim primary now, as the start of a
+    /// new history: the remembered terms are forgotten and its term becomes
+    /// the one later claimants are ordered against.
+    AcceptLeader(MemberId),
+    /// Forget every remembered term (past leaders, lineage, peer terms): the
+    /// rules then decide as on a fresh start.
+    ForgetTerms,
+}
+
+/// Why an [`Override`] was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OverrideError {
+    #[error("no such member")]
+    UnknownMember,
+    #[error("the member does not claim primary now (its last probe says {0})")]
+    NotClaiming(&'static str),
+}
+
+/// What a peer portal proved about the same cluster: the newest term it has
+/// seen a leader hold, and the lineage steps it observed (so that Redis
+/// replication ids can be ordered here too).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerTerms {
+    pub term: Term,
+    pub lineage: Vec<(String, String)>,
 }
 
 /// A change the view made, for logs and metrics.
@@ -290,6 +369,10 @@ pub enum FenceReason {
     NotDcsLeader,
     /// A replica on a term provably older than the leader's (rule 7).
     BehindLeaderTerm,
+    /// A claimant whose history is unrelated to the last leader's (rule 8).
+    UnrelatedHistory,
+    /// A claimant older than a term a peer portal proved (rule 4).
+    OlderThanPeer,
 }
 
 impl FenceReason {
@@ -300,6 +383,8 @@ impl FenceReason {
             FenceReason::Incumbent => "incumbent_leads",
             FenceReason::NotDcsLeader => "not_dcs_leader",
             FenceReason::BehindLeaderTerm => "behind_leader_term",
+            FenceReason::UnrelatedHistory => "unrelated_history",
+            FenceReason::OlderThanPeer => "older_than_peer_term",
         }
     }
 }
@@ -315,7 +400,8 @@ struct MemberState {
     health: Health,
     ok_streak: u32,
     fail_streak: u32,
-    /// Latest observation; `None` after a failure.
+    /// Latest observation; kept while the member is suspect, `None` once
+    /// it is down.
     seen: Option<Observation>,
     last_report: Option<SystemTime>,
     last_error: Option<String>,
@@ -354,8 +440,11 @@ pub struct View {
     lineage: VecDeque<(String, String)>,
     /// Terms that have led: a claimant older than any of them is fenced.
     past_leaders: VecDeque<Term>,
+    /// Terms peer portals proved: a claimant older than any is fenced.
+    peer_terms: VecDeque<Term>,
     replicas: Vec<MemberId>,
     split_brain: bool,
+    no_leader: Option<NoLeader>,
     epoch: u64,
     dcs: DcsView,
 }
@@ -373,8 +462,10 @@ impl View {
             leader_term: None,
             lineage: VecDeque::new(),
             past_leaders: VecDeque::new(),
+            peer_terms: VecDeque::new(),
             replicas: Vec::new(),
             split_brain: false,
+            no_leader: Some(NoLeader::NoClaimant),
             epoch: 0,
             dcs: DcsView::Absent,
         }
@@ -461,13 +552,7 @@ impl View {
                     previous: Some(previous),
                 }) = &seen.term
                 {
-                    let step = (id.clone(), previous.clone());
-                    if !self.lineage.contains(&step) {
-                        self.lineage.push_back(step);
-                        if self.lineage.len() > LINEAGE_MEMORY {
-                            self.lineage.pop_front();
-                        }
-                    }
+                    self.learn_step(id.clone(), previous.clone());
                 }
                 let Some(state) = self.members.get_mut(report.member) else {
                     return out;
@@ -490,20 +575,119 @@ impl View {
                 state.ok_streak = 0;
                 state.fail_streak = state.fail_streak.saturating_add(1);
                 state.last_error = Some(error);
-                state.seen = None;
-                state.fenced = None;
-                let down = hard || state.fail_streak >= fall;
-                if down && state.health != Health::Down {
-                    state.health = Health::Down;
-                    out.push(Transition::MemberDown {
-                        member: report.member,
-                        hard,
-                    });
+                // Rule 1: below `fall` soft failures the member is suspect
+                // and keeps its claim; only down forgets it.
+                if hard || state.fail_streak >= fall {
+                    state.seen = None;
+                    state.fenced = None;
+                    if state.health != Health::Down {
+                        state.health = Health::Down;
+                        out.push(Transition::MemberDown {
+                            member: report.member,
+                            hard,
+                        });
+                    }
                 }
             }
         }
         self.decide(&mut out);
         out
+    }
+
+    fn learn_step(&mut self, id: String, previous: String) {
+        let step = (id, previous);
+        if !self.lineage.contains(&step) {
+            self.lineage.push_back(step);
+            if self.lineage.len() > LINEAGE_MEMORY {
+                self.lineage.pop_front();
+            }
+        }
+    }
+
+    /// Applies what a peer portal proved (rule 4) and returns the changes it
+    /// caused. Proven terms only grow, so peers' answers can arrive in any
+    /// order: a term already known, or older than one known, adds nothing.
+    pub fn apply_peer(&mut self, peer: PeerTerms) -> Vec<Transition> {
+        let mut out = Vec::new();
+        for (id, previous) in peer.lineage.into_iter().take(LINEAGE_MEMORY) {
+            self.learn_step(id, previous);
+        }
+        let term = peer.term;
+        let known = self.peer_terms.iter().any(|t| {
+            matches!(
+                self.order(&term, t),
+                Some(Ordering::Equal | Ordering::Less)
+            )
+        });
+        if !known {
+            // Terms the new one supersedes add nothing any more.
+            let kept: VecDeque<Term> = self
+                .peer_terms
+                .iter()
+                .filter(|t| !self.newer(&term, t))
+                .cloned()
+                .collect();
+            self.peer_terms = kept;
+            self.peer_terms.push_back(term.clone());
+            if self.peer_terms.len() > PEER_TERMS_MEMORY {
+                self.peer_terms.pop_front();
+            }
+        }
+        // A fresh portal (a restart) has no leader of its own to order
+        // claimants against: the peer's leader is that reference (rule 8).
+        if self.leader_term.is_none() && self.dcs == DcsView::Absent {
+            self.leader_term = Some(term);
+        }
+        self.decide(&mut out);
+        out
+    }
+
+    /// Applies an operator's decision (rule 8) and returns the changes it
+    /// caused.
+    pub fn apply_override(&mut self, decision: &Override) -> Result<Vec<Transition>, OverrideError> {
+        let mut out = Vec::new();
+        match decision {
+            Override::AcceptLeader(member) => {
+                let state = self
+                    .members
+                    .get(*member)
+                    .ok_or(OverrideError::UnknownMember)?;
+                let role = state.seen.as_ref().map_or(Role::Unknown, |s| s.role);
+                if role != Role::Primary {
+                    return Err(OverrideError::NotClaiming(role.as_str()));
+                }
+                let term = state.seen.as_ref().and_then(|s| s.term.clone());
+                self.forget_terms();
+                // The accepted member displaces any other incumbent.
+                if self.leader != Some(*member) {
+                    if let Some(old) = self.leader.take() {
+                        out.push(Transition::LeaderLost { member: old });
+                        let before = self.epoch;
+                        if let Some(t) = term {
+                            self.set_leader_term(t);
+                        }
+                        self.decide(&mut out);
+                        if self.epoch == before {
+                            self.epoch += 1;
+                        }
+                        return Ok(out);
+                    }
+                }
+                if let Some(t) = term {
+                    self.set_leader_term(t);
+                }
+            }
+            Override::ForgetTerms => self.forget_terms(),
+        }
+        self.decide(&mut out);
+        Ok(out)
+    }
+
+    fn forget_terms(&mut self) {
+        self.leader_term = None;
+        self.past_leaders.clear();
+        self.lineage.clear();
+        self.peer_terms.clear();
     }
 
     /// The term a member currently claims, if it claims primary.
@@ -637,6 +821,7 @@ impl View {
         let claims: Vec<(MemberId, Option<&Term>)> = (0..self.members.len())
             .filter_map(|id| self.claim(id).map(|term| (id, term)))
             .collect();
+        let anyone_claims = !claims.is_empty();
         for &(id, term) in &claims {
             // Older than a past leader, or than another live claim: fenced,
             // so a write never goes to a member with an older term. While a
@@ -652,10 +837,30 @@ impl View {
                             .iter()
                             .any(|(_, other)| other.is_some_and(|o| self.newer(o, t))))
             });
+            let older_than_peer = term.is_some_and(|t| {
+                self.peer_terms
+                    .iter()
+                    .any(|p| self.order(t, p) == Some(Ordering::Less))
+            });
+            // Rule 8: unless a DCS answers (and names whom it names), a
+            // claim must continue the last leader's history. The incumbent
+            // reporting no term keeps its role: it is not a newcomer.
+            let unrelated = !dcs_answers
+                && match (term, &self.leader_term) {
+                    (_, None) => false,
+                    (Some(t), Some(last)) => self.order(t, last).is_none(),
+                    (None, Some(_)) => self.leader != Some(id),
+                };
+            // Reasons that do not depend on who leads now come first, so
+            // that deciding again on the same reports gives the same reason.
             if older {
                 fenced_now.push((id, FenceReason::OlderTerm));
+            } else if older_than_peer {
+                fenced_now.push((id, FenceReason::OlderThanPeer));
             } else if self.contradicted(id) {
                 fenced_now.push((id, FenceReason::Contradicted));
+            } else if unrelated {
+                fenced_now.push((id, FenceReason::UnrelatedHistory));
             } else {
                 claimants.push(Claimant {
                     id,
@@ -725,6 +930,14 @@ impl View {
             }
         };
 
+        self.no_leader = match leader {
+            Some(_) => None,
+            None if split => Some(NoLeader::SplitBrain),
+            None if self.dcs != DcsView::Absent => Some(NoLeader::Dcs),
+            None if !claimants.is_empty() => Some(NoLeader::Rising),
+            None if !anyone_claims => Some(NoLeader::NoClaimant),
+            None => Some(NoLeader::Fenced),
+        };
         if split != self.split_brain {
             self.split_brain = split;
             out.push(if split {
@@ -748,6 +961,12 @@ impl View {
                     self.set_leader_term(t.clone());
                 }
                 self.members[new].fenced = None;
+                // Elected on the fast path (rule 4) before `rise` reports:
+                // it is eligible now, and says so.
+                if self.members[new].health != Health::Up {
+                    self.members[new].health = Health::Up;
+                    out.push(Transition::MemberUp { member: new });
+                }
                 out.push(Transition::LeaderElected {
                     member: new,
                     term,
@@ -826,6 +1045,8 @@ impl View {
             split_brain: self.split_brain,
             leader_term: self.leader_term.clone(),
             dcs: self.dcs.clone(),
+            no_leader: self.no_leader,
+            peer_terms: self.peer_terms.iter().cloned().collect(),
             members: self
                 .members
                 .iter()
@@ -846,6 +1067,11 @@ impl View {
                     },
                     delay: m.seen.as_ref().and_then(|s| s.delay),
                     generation: m.generation,
+                    missed: if m.health == Health::Down {
+                        0
+                    } else {
+                        m.fail_streak
+                    },
                 })
                 .collect(),
         }

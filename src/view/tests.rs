@@ -152,14 +152,224 @@ fn a_hard_failure_demotes_at_once() {
 
 #[test]
 fn soft_failures_demote_after_fall() {
+    let mut v = View::new(3, Thresholds { rise: 2, fall: 3 });
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(lineage("x", None))));
+        feed(&mut v, 1, replica(Some(0)));
+        feed(&mut v, 2, replica(Some(0)));
+    }
+    let steady = v.snapshot();
+    assert_eq!((steady.leader, steady.replicas.clone()), (Some(0), vec![1, 2]));
+    // Below `fall`, leader and replica are suspect: they keep their claims
+    // and places, nothing changes, no transition but none at all.
+    for missed in 1..3 {
+        assert!(feed(&mut v, 0, soft()).is_empty());
+        assert!(feed(&mut v, 1, soft()).is_empty());
+        let s = v.snapshot();
+        assert_eq!(s.leader, Some(0), "after {missed} missed probes");
+        assert_eq!(s.replicas, vec![1, 2]);
+        assert_eq!(s.epoch, steady.epoch);
+        assert_eq!(s.members[0].missed, missed);
+        assert_eq!(s.members[0].role, Role::Primary);
+        assert_eq!(s.members[0].term, Some(lineage("x", None)));
+        assert_eq!(s.members[0].health, Health::Up);
+    }
+    // A good report clears the suspicion.
+    feed(&mut v, 1, replica(Some(0)));
+    assert_eq!(v.snapshot().members[1].missed, 0);
+    // The `fall`-th failure demotes: the claim is forgotten.
+    let t = feed(&mut v, 0, soft());
+    assert!(t.contains(&Transition::MemberDown {
+        member: 0,
+        hard: false
+    }));
+    assert!(t.contains(&Transition::LeaderLost { member: 0 }));
+    let s = v.snapshot();
+    assert_eq!(s.leader, None);
+    assert_eq!(s.members[0].health, Health::Down);
+    assert_eq!(s.members[0].role, Role::Unknown);
+}
+
+#[test]
+fn a_suspect_leader_is_not_replaced_by_an_unrelated_master() {
+    // The scenario: b leads after a promotion, a comes back empty,
+    // then b misses one probe (a stall shorter than `fall` probes).
     let mut v = steady();
-    feed(&mut v, 0, soft());
-    // One soft failure: the member is not Up-and-claiming any more, so it
-    // cannot lead, but it is not marked down yet.
-    assert_eq!(v.snapshot().members[0].health, Health::Up);
-    feed(&mut v, 0, soft());
-    assert_eq!(v.snapshot().members[0].health, Health::Down);
+    feed(&mut v, 0, hard());
+    feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+    assert_eq!(v.leader(), Some(1));
+    for _ in 0..3 {
+        feed(&mut v, 0, primary(Some(lineage("z", None))));
+    }
+    let t = feed(&mut v, 1, soft());
+    assert!(t.is_empty(), "{t:?}");
+    for _ in 0..3 {
+        feed(&mut v, 0, primary(Some(lineage("z", None))));
+        assert_eq!(v.leader(), Some(1));
+    }
+    feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+    assert_eq!(v.leader(), Some(1));
+    assert_eq!(
+        v.snapshot().members[0].fenced,
+        Some(FenceReason::UnrelatedHistory)
+    );
+}
+
+#[test]
+fn an_unrelated_master_never_leads_on_its_own_even_once_the_leader_is_gone() {
+    let mut v = steady();
+    for _ in 0..3 {
+        feed(&mut v, 1, primary(Some(lineage("z", None))));
+    }
+    assert_eq!(v.leader(), Some(0));
+    // The leader dies for good: nobody leads, and the snapshot says why.
+    feed(&mut v, 0, hard());
+    for _ in 0..5 {
+        feed(&mut v, 1, primary(Some(lineage("z", None))));
+        assert_eq!(v.leader(), None);
+    }
+    let s = v.snapshot();
+    assert_eq!(s.no_leader, Some(NoLeader::Fenced));
+    assert_eq!(s.members[1].fenced, Some(FenceReason::UnrelatedHistory));
+    assert!(!s.split_brain);
+    // A claimant without any term is no proof either.
+    let mut w = steady();
+    feed(&mut w, 0, hard());
+    for _ in 0..3 {
+        feed(&mut w, 1, primary(None));
+    }
+    assert_eq!(w.leader(), None);
+    // The old leader's history, continued, leads at once.
+    feed(&mut v, 0, primary(Some(lineage("x", None))));
+    feed(&mut v, 0, primary(Some(lineage("x", None))));
+    assert_eq!(v.leader(), Some(0));
+}
+
+#[test]
+fn an_operator_accepts_an_unrelated_master_or_forgets_the_terms() {
+    let mut v = steady();
+    feed(&mut v, 0, hard());
+    for _ in 0..2 {
+        feed(&mut v, 1, primary(Some(lineage("z", None))));
+    }
     assert_eq!(v.leader(), None);
+    // Only a member that claims primary can be accepted.
+    assert_eq!(
+        v.apply_override(&Override::AcceptLeader(0)),
+        Err(OverrideError::NotClaiming("unknown"))
+    );
+    assert_eq!(
+        v.apply_override(&Override::AcceptLeader(9)),
+        Err(OverrideError::UnknownMember)
+    );
+    let before = v.epoch();
+    let t = v
+        .apply_override(&Override::AcceptLeader(1))
+        .expect("1 claims primary");
+    assert!(matches!(
+        t.as_slice(),
+        [Transition::LeaderElected { member: 1, .. }]
+    ));
+    assert_eq!(v.leader(), Some(1));
+    assert!(v.epoch() > before);
+    // The old history is now the unrelated one.
+    feed(&mut v, 0, primary(Some(lineage("x", None))));
+    feed(&mut v, 0, primary(Some(lineage("x", None))));
+    assert_eq!(v.leader(), Some(1));
+    assert_eq!(
+        v.snapshot().members[0].fenced,
+        Some(FenceReason::UnrelatedHistory)
+    );
+
+    // Forgetting the terms: the rules decide as on a fresh start, here a
+    // lone claimant that is up (it was, as a replica).
+    let mut w = steady();
+    feed(&mut w, 0, hard());
+    feed(&mut w, 1, primary(Some(lineage("z", None))));
+    assert_eq!(w.leader(), None);
+    w.apply_override(&Override::ForgetTerms).expect("always");
+    assert_eq!(w.leader(), Some(1));
+    assert_eq!(w.snapshot().leader_term, Some(lineage("z", None)));
+}
+
+#[test]
+fn accepting_a_member_displaces_an_incumbent_of_another_history() {
+    let mut v = steady();
+    for _ in 0..2 {
+        feed(&mut v, 1, primary(Some(lineage("z", None))));
+    }
+    assert_eq!(v.leader(), Some(0));
+    let t = v
+        .apply_override(&Override::AcceptLeader(1))
+        .expect("1 claims primary");
+    assert!(t.contains(&Transition::LeaderLost { member: 0 }), "{t:?}");
+    assert_eq!(v.leader(), Some(1));
+    assert_eq!(
+        v.snapshot().members[0].fenced,
+        Some(FenceReason::UnrelatedHistory)
+    );
+}
+
+#[test]
+fn a_term_a_peer_proved_fences_an_older_claimant_here() {
+    // This portal cannot reach the promoted member 1; the old primary 0
+    // keeps claiming its old history. A peer proved y (after x).
+    let mut v = steady();
+    feed(&mut v, 1, hard());
+    assert_eq!(v.leader(), Some(0));
+    let t = v.apply_peer(PeerTerms {
+        term: lineage("y", Some("x")),
+        lineage: vec![("y".into(), "x".into())],
+    });
+    assert!(t.contains(&Transition::LeaderLost { member: 0 }), "{t:?}");
+    assert!(t.contains(&Transition::Fenced {
+        member: 0,
+        reason: FenceReason::OlderThanPeer
+    }));
+    assert_eq!(v.leader(), None);
+    // An older or equal peer term adds nothing; the same answer twice
+    // changes nothing.
+    assert!(v
+        .apply_peer(PeerTerms {
+            term: lineage("x", None),
+            lineage: vec![],
+        })
+        .is_empty());
+    assert_eq!(v.snapshot().peer_terms, vec![lineage("y", Some("x"))]);
+    // Once this portal reaches member 1, it leads at its first report.
+    feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+    assert_eq!(v.leader(), Some(1));
+    // Numbers: a peer's newer timeline fences the older primary.
+    let mut w = View::new(2, Thresholds { rise: 1, fall: 1 });
+    feed(&mut w, 0, primary(Some(Term::Number(3))));
+    assert_eq!(w.leader(), Some(0));
+    w.apply_peer(PeerTerms {
+        term: Term::Number(4),
+        lineage: vec![],
+    });
+    assert_eq!(w.leader(), None);
+}
+
+#[test]
+fn a_restarted_portal_orders_claimants_by_its_peer_term() {
+    // A fresh view (a restarted portal) sees the real primary y and an
+    // unrelated empty master z: by itself that is a split brain; the peer's
+    // proven term settles it.
+    let mut v = View::new(2, T);
+    v.apply_peer(PeerTerms {
+        term: lineage("y", Some("x")),
+        lineage: vec![("y".into(), "x".into())],
+    });
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(lineage("z", None))));
+        feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+    }
+    assert_eq!(v.leader(), Some(1));
+    assert!(!v.snapshot().split_brain);
+    assert_eq!(
+        v.snapshot().members[0].fenced,
+        Some(FenceReason::UnrelatedHistory)
+    );
 }
 
 #[test]
@@ -194,15 +404,20 @@ fn a_restarted_empty_master_does_not_displace_the_incumbent() {
     feed(&mut v, 0, hard());
     feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
     assert_eq!(v.leader(), Some(1));
-    // Member 0 comes back empty, claiming primary with a fresh id.
-    for _ in 0..5 {
+    // Member 0 comes back empty, claiming primary with a fresh id; the
+    // incumbent misses one probe in two (fall 2: it stays suspect).
+    for i in 0..6 {
         feed(&mut v, 0, primary(Some(lineage("z", None))));
-        feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+        if i % 2 == 0 {
+            assert!(feed(&mut v, 1, soft()).is_empty());
+        } else {
+            feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+        }
         assert_eq!(v.leader(), Some(1));
     }
     let s = v.snapshot();
     assert!(!s.split_brain, "the incumbent settles it");
-    assert_eq!(s.members[0].fenced, Some(FenceReason::Incumbent));
+    assert_eq!(s.members[0].fenced, Some(FenceReason::UnrelatedHistory));
     assert_eq!(s.members[1].fenced, None);
 }
 
@@ -238,8 +453,13 @@ fn split_brain_clears_when_one_stops_claiming() {
 fn a_restarted_old_primary_does_not_block_a_promotion() {
     let mut v = steady();
     feed(&mut v, 0, hard());
-    // The old primary is back first, empty, with a fresh id...
-    feed(&mut v, 0, primary(Some(lineage("z", None))));
+    // The old primary is back first, empty, with a fresh id, for longer
+    // than `rise`: it does not lead...
+    for _ in 0..4 {
+        feed(&mut v, 0, primary(Some(lineage("z", None))));
+    }
+    assert_eq!(v.snapshot().members[0].health, Health::Up);
+    assert_eq!(v.leader(), None);
     // ...then the replica is promoted: its lineage continues the last leader's.
     feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
     assert_eq!(v.leader(), Some(1));
@@ -336,46 +556,78 @@ fn oracle_newer(a: &Term, b: &Term, edges: &[(String, String)]) -> bool {
     }
 }
 
-/// A chain of lineages t0 <- t1 <- t2, plus two unrelated ones.
-fn term_pool() -> Vec<Term> {
-    vec![
-        lineage("t0", None),
-        lineage("t1", Some("t0")),
-        lineage("t2", Some("t1")),
-        lineage("u", None),
-        lineage("v", Some("u")),
-        Term::Number(1),
-        Term::Number(2),
+/// Terms as the probes report them: numbers; one Redis history `r0 <- r1
+/// <- ... <- r11` (an id always has the same predecessor, as a replication
+/// id does); fresh ids from a large space, as a master restarted empty
+/// makes (`f<n>`); and forks `g<n>` that continue `r<n mod 12>`.
+fn term_strategy() -> impl Strategy<Value = Term> {
+    prop_oneof![
+        (0u64..6).prop_map(Term::Number),
+        (0usize..12).prop_map(|i| {
+            let previous = i.checked_sub(1).map(|p| format!("r{p}"));
+            lineage(&format!("r{i}"), previous.as_deref())
+        }),
+        any::<u32>().prop_map(|n| lineage(&format!("f{n}"), None)),
+        (0u32..64).prop_map(|n| lineage(&format!("g{n}"), Some(&format!("r{}", n % 12)))),
     ]
 }
 
 fn outcome_strategy(members: usize) -> impl Strategy<Value = Outcome> {
-    let pool = term_pool();
-    let pool_for_replicas = term_pool();
     prop_oneof![
-        (0..pool.len()).prop_map(move |i| primary(Some(pool[i].clone()))),
-        Just(primary(None)),
-        (0..members + 1).prop_map(move |m| replica((m < members).then_some(m))),
-        (0..members + 1, 0..pool_for_replicas.len()).prop_map(move |(m, i)| replica_on(
-            pool_for_replicas[i].clone(),
+        3 => term_strategy().prop_map(|t| primary(Some(t))),
+        1 => Just(primary(None)),
+        2 => (0..members + 1).prop_map(move |m| replica((m < members).then_some(m))),
+        2 => (0..members + 1, term_strategy()).prop_map(move |(m, t)| replica_on(
+            t,
             (m < members).then_some(m)
         )),
-        any::<bool>().prop_map(|hard| Outcome::Failed {
+        3 => any::<bool>().prop_map(|hard| Outcome::Failed {
             hard,
             error: "e".into()
         }),
     ]
 }
 
-fn scenario() -> impl Strategy<Value = (usize, u32, u32, Vec<(usize, Outcome)>)> {
+/// The step of the main property: a probe report or a peer portal's term.
+#[derive(Debug, Clone)]
+enum Event {
+    Probe(usize, Outcome),
+    Peer(Term),
+}
+
+fn scenario() -> impl Strategy<Value = (usize, u32, u32, Vec<Event>)> {
     (2usize..5, 1u32..4, 1u32..4).prop_flat_map(|(n, rise, fall)| {
+        let event = prop_oneof![
+            12 => (0..n, outcome_strategy(n)).prop_map(|(m, o)| Event::Probe(m, o)),
+            1 => term_strategy().prop_map(Event::Peer),
+        ];
         (
             Just(n),
             Just(rise),
             Just(fall),
-            prop::collection::vec((0..n, outcome_strategy(n)), 1..120),
+            prop::collection::vec(event, 1..150),
         )
     })
+}
+
+/// The lineage step a term carries, if any.
+fn edge_of(term: &Term) -> Option<(String, String)> {
+    match term {
+        Term::Lineage {
+            id,
+            previous: Some(p),
+        } => Some((id.clone(), p.clone())),
+        _ => None,
+    }
+}
+
+/// `a` is the same term as `b` (lineages by id) or provably newer.
+fn same_or_newer(a: &Term, b: &Term, edges: &[(String, String)]) -> bool {
+    let same = match (a, b) {
+        (Term::Lineage { id: x, .. }, Term::Lineage { id: y, .. }) => x == y,
+        _ => a == b,
+    };
+    same || oracle_newer(a, b, edges)
 }
 
 /// A probe report or a DCS report, for the DCS property.
@@ -403,8 +655,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
     #[test]
-    fn with_a_dcs_only_the_named_member_leads((n, steps) in dcs_scenario()) {
-        let mut v = View::new(n, Thresholds { rise: 1, fall: 1 }).with_dcs();
+    fn with_a_dcs_only_the_named_member_leads((n, steps) in dcs_scenario(), rise in 1u32..4, fall in 1u32..4) {
+        let mut v = View::new(n, Thresholds { rise, fall }).with_dcs();
         let mut named: Option<MemberId> = None;
         let mut reachable = false;
         for step in steps {
@@ -436,8 +688,8 @@ proptest! {
             prop_assert!(!s.split_brain);
             for (id, m) in s.members.iter().enumerate() {
                 if Some(id) != s.leader && m.fenced.is_none() && m.role == Role::Primary && m.health == Health::Up {
-                    // With rise 1 a named, confirmed primary leads at once;
-                    // any other up primary must carry a fence reason.
+                    // A named, confirmed, up primary leads at once; any
+                    // other up primary must carry a fence reason.
                     prop_assert!(false, "member {} claims primary, is neither leader nor fenced: {:?}", id, s);
                 }
             }
@@ -445,16 +697,46 @@ proptest! {
     }
 
     #[test]
-    fn view_invariants_hold((n, rise, fall, steps) in scenario()) {
+    fn view_invariants_hold((n, rise, fall, events) in scenario()) {
         let mut v = View::new(n, Thresholds { rise, fall });
         let mut leaders_terms: Vec<Term> = Vec::new();
         let mut last_leader_term: Option<Term> = None;
         let mut reported_by_leaders: Vec<Term> = Vec::new();
         let mut edges: Vec<(String, String)> = Vec::new();
+        // The history every leader must continue (rule 8): the last
+        // leader's term, or a peer's before any leader was seen.
+        let mut reference: Option<Term> = None;
+        let mut peer_terms: Vec<Term> = Vec::new();
+        // Consecutive failed probes per member, counted by the test.
+        let mut misses = vec![0u32; n];
         let mut last = v.snapshot();
-        for (i, (member, outcome)) in steps.into_iter().enumerate() {
-            if let Outcome::Observed(Observation { term: Some(Term::Lineage { id, previous: Some(p) }), .. }) = &outcome {
-                edges.push((id.clone(), p.clone()));
+        for (i, event) in events.into_iter().enumerate() {
+            let (member, outcome) = match event {
+                Event::Peer(term) => {
+                    edges.extend(edge_of(&term));
+                    let lineage: Vec<(String, String)> = edge_of(&term).into_iter().collect();
+                    v.apply_peer(PeerTerms { term: term.clone(), lineage });
+                    if reference.is_none() {
+                        reference = Some(term.clone());
+                    }
+                    peer_terms.push(term);
+                    let s = v.snapshot();
+                    if let Some(l) = s.leader {
+                        if let Some(t) = &s.members[l].term {
+                            for p in &peer_terms {
+                                prop_assert!(!oracle_newer(p, t, &edges),
+                                    "leader {} on {} older than the peer term {}", l, t, p);
+                            }
+                        }
+                    }
+                    prop_assert!(s.epoch >= last.epoch);
+                    last = s;
+                    continue;
+                }
+                Event::Probe(member, outcome) => (member, outcome),
+            };
+            if let Outcome::Observed(Observation { term: Some(t), .. }) = &outcome {
+                edges.extend(edge_of(t));
             }
             // A term the sitting leader reports counts as a leader's term.
             if let Outcome::Observed(Observation { role: Role::Primary, term: Some(t), .. }) = &outcome {
@@ -463,23 +745,46 @@ proptest! {
                     reported_by_leaders.push(t.clone());
                 }
             }
-            v.apply(Report { member, generation: 0, at: at(i as u64), outcome });
+            let soft = matches!(outcome, Outcome::Failed { hard: false, .. });
+            misses[member] = match outcome {
+                Outcome::Observed(_) => 0,
+                Outcome::Failed { .. } => misses[member] + 1,
+            };
+            let transitions = v.apply(Report { member, generation: 0, at: at(i as u64), outcome });
             let s = v.snapshot();
 
             // The epoch never goes back, and moves exactly when routing changes.
             let routing_changed = s.leader != last.leader || s.replicas != last.replicas;
             prop_assert_eq!(s.epoch, last.epoch + u64::from(routing_changed));
 
+            // Rule 1: fewer than `fall` soft failures in a row decide nothing.
+            if soft && misses[member] < fall {
+                prop_assert!(transitions.is_empty(), "a suspect changed things: {:?}", transitions);
+                prop_assert!(!routing_changed, "a suspect changed routing");
+                prop_assert_eq!(&s.members[member].role, &last.members[member].role);
+                prop_assert_eq!(&s.members[member].term, &last.members[member].term);
+            }
+
             if let Some(l) = s.leader {
-                // The leader currently claims primary.
+                // The leader currently claims primary and is not down.
                 prop_assert_eq!(s.members[l].role, Role::Primary);
+                prop_assert!(s.members[l].health != Health::Down);
                 prop_assert!(!s.replicas.contains(&l));
-                // Never a leader with a term older than an earlier leader's.
+                // Never a leader with a term older than an earlier leader's
+                // or than a term a peer proved.
                 if let Some(term) = &s.members[l].term {
-                    for earlier in &leaders_terms {
+                    for earlier in leaders_terms.iter().chain(&peer_terms) {
                         prop_assert!(!oracle_newer(earlier, term, &edges),
-                            "leader term {} older than earlier leader term {}", term, earlier);
+                            "leader term {} older than earlier or peer term {}", term, earlier);
                     }
+                }
+                // Rule 8: every leader continues the reference history.
+                match (&reference, &s.members[l].term) {
+                    (Some(r), Some(t)) => prop_assert!(same_or_newer(t, r, &edges),
+                        "leader {} on {} does not continue {}", l, t, r),
+                    (Some(r), None) => prop_assert_eq!(last.leader, Some(l),
+                        "a newcomer with no term took over from history {}", r),
+                    (None, _) => {}
                 }
                 // A leader changed only to a member that is eligible or
                 // proves a newer term than its predecessor.
@@ -504,7 +809,10 @@ proptest! {
                         leaders_terms.push(term.clone());
                     }
                     last_leader_term = Some(term.clone());
+                    reference = Some(term.clone());
                 }
+            } else {
+                prop_assert!(s.no_leader.is_some(), "no leader and no reason");
             }
             // Replicas are eligible, in the replica role, and never on a
             // term older than the leader's (rule 7); a replica left out
@@ -519,7 +827,7 @@ proptest! {
                 }
             }
             for (id, m) in s.members.iter().enumerate() {
-                if m.health == Health::Up && m.role == Role::Replica && !s.replicas.contains(&id) {
+                if m.health == Health::Up && m.role == Role::Replica && !s.replicas.contains(&id) && s.leader != Some(id) {
                     prop_assert_eq!(m.fenced, Some(FenceReason::BehindLeaderTerm),
                         "up replica {} left out without a reason: {:?}", id, s);
                 }
@@ -535,11 +843,11 @@ proptest! {
     }
 
     #[test]
-    fn only_the_newest_generation_counts((n, steps) in (2usize..4).prop_flat_map(|n| (Just(n), prop::collection::vec((0..n, 0u64..4, outcome_strategy(n)), 1..120)))) {
+    fn only_the_newest_generation_counts((n, steps) in (2usize..4).prop_flat_map(|n| (Just(n), prop::collection::vec((0..n, 0u64..4, outcome_strategy(n)), 1..120))), rise in 1u32..4, fall in 1u32..4) {
         // Each step reports about generation `g` of a member: a member moves
         // whenever `g` exceeds every generation seen for it before, and a
         // report about an older one is stale.
-        let mut v = View::new(n, Thresholds { rise: 1, fall: 1 });
+        let mut v = View::new(n, Thresholds { rise, fall });
         let mut newest = vec![0u64; n];
         for (member, generation, outcome) in steps {
             let before = v.snapshot();
@@ -562,19 +870,20 @@ proptest! {
                 prop_assert_eq!(m.generation, newest[id]);
             }
             if let Some(l) = s.leader {
-                // What makes it leader was reported about its newest address.
+                // What makes it leader was reported about its newest address
+                // (up, or proving a newer term at its first report there).
                 prop_assert_eq!(s.members[l].role, Role::Primary);
-                prop_assert_eq!(s.members[l].health, Health::Up);
+                prop_assert!(s.members[l].health != Health::Down);
             }
         }
     }
 
     #[test]
-    fn two_eligible_unordered_claimants_never_both_lead((n, steps) in (2usize..4).prop_flat_map(|n| (Just(n), prop::collection::vec((0..n, outcome_strategy(n)), 1..80)))) {
-        // With rise 1 every claimant is eligible at once; at any time the
-        // leader, if any, must be provably newer than or the incumbent over
-        // every other claimant: i.e. no other claimant is provably newer.
-        let mut v = View::new(n, Thresholds { rise: 1, fall: 1 });
+    fn two_eligible_unordered_claimants_never_both_lead((n, steps) in (2usize..4).prop_flat_map(|n| (Just(n), prop::collection::vec((0..n, outcome_strategy(n)), 1..80))), rise in 1u32..4, fall in 1u32..4) {
+        // At any time the leader, if any, must be provably newer than or
+        // the incumbent over every other up claimant: i.e. no other
+        // claimant is provably newer.
+        let mut v = View::new(n, Thresholds { rise, fall });
         let mut edges: Vec<(String, String)> = Vec::new();
         for (member, outcome) in steps {
             if let Outcome::Observed(Observation { term: Some(Term::Lineage { id, previous: Some(p) }), .. }) = &outcome {
