@@ -1,5 +1,8 @@
 //! The admin HTTP listener (hyper): `/metrics`, `/status`, `/health`,
-//! `/ready`, and a status page at `/`.
+//! `/ready`, and a status page at `/`; with `admin.token` set, the
+//! operator's actions (`POST /clusters/NAME/accept-leader?member=M`,
+//! `POST /clusters/NAME/forget-terms`) and the peer exchange
+//! ([`crate::peers::PATH`]), both behind `Authorization: Bearer TOKEN`.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -10,7 +13,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -19,11 +22,12 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::Cluster;
-use crate::config;
+use crate::cluster::{ActionError, Cluster};
+use crate::config::{self, Secret};
 use crate::metrics::Metrics;
+use crate::peers;
 use crate::proxy::Endpoint;
-use crate::view::{DcsView, Snapshot};
+use crate::view::{DcsView, Override, OverrideError, Snapshot};
 
 /// What the admin pages read.
 pub struct AdminState {
@@ -32,6 +36,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set once shutdown starts: `/ready` then answers 503.
     pub draining: AtomicBool,
+    /// What the operator's actions and the peer exchange require.
+    pub token: Option<Secret>,
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: CancellationToken) {
@@ -52,7 +58,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: Cancel
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, &req)) }
+                async move { Ok::<_, Infallible>(handle(&state, &req).await) }
             });
             let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             tokio::select! {
@@ -74,15 +80,25 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
     response
 }
 
-fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() == Method::POST {
+        return operator_action(state, req).await;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return respond(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "GET only\n".into(),
+            "GET or HEAD, or POST for the operator's actions\n".into(),
         );
     }
     match req.uri().path() {
+        peers::PATH => unauthorized(state, req).unwrap_or_else(|| {
+            respond(
+                StatusCode::OK,
+                "application/json",
+                format!("{}\n", peers::terms_document(&state.clusters)),
+            )
+        }),
         "/health" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
         "/ready" => ready(state),
         "/metrics" => respond(
@@ -101,6 +117,102 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
             status_page(state),
         ),
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+/// The refusal of a request that does not carry the configured token
+/// (`None`: it does). Every such request is refused when no token is
+/// configured: the actions are then off.
+fn unauthorized(state: &AdminState, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    let Some(token) = &state.token else {
+        return Some(respond(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "disabled: set admin.token_file or admin.token_env to enable operator actions and peers\n"
+                .into(),
+        ));
+    };
+    let given = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), token.expose().as_bytes()) {
+        None
+    } else {
+        Some(respond(
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "missing or wrong bearer token\n".into(),
+        ))
+    }
+}
+
+/// Compares without an early exit, so the time taken does not tell how
+/// much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `POST /clusters/NAME/accept-leader?member=M` and
+/// `POST /clusters/NAME/forget-terms` (view rule 8).
+async fn operator_action(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(refusal) = unauthorized(state, req) {
+        return refusal;
+    }
+    let text = |status, body: String| respond(status, "text/plain", body);
+    let path = req.uri().path();
+    let Some((name, action)) = path
+        .strip_prefix("/clusters/")
+        .and_then(|rest| rest.split_once('/'))
+    else {
+        return text(StatusCode::NOT_FOUND, "not found\n".into());
+    };
+    let Some(cluster) = state.clusters.iter().find(|c| c.config.name == name) else {
+        return text(StatusCode::NOT_FOUND, format!("no cluster {name:?}\n"));
+    };
+    let decision = match action {
+        "forget-terms" => Override::ForgetTerms,
+        "accept-leader" => {
+            let member = req
+                .uri()
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("member="));
+            let Some(member) = member else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "accept-leader needs ?member=NAME\n".into(),
+                );
+            };
+            let Some(id) = cluster.roster.id_of(member) else {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    format!("no member {member:?} in {name}\n"),
+                );
+            };
+            Override::AcceptLeader(id)
+        }
+        _ => return text(StatusCode::NOT_FOUND, "not found\n".into()),
+    };
+    match cluster.apply_override(decision).await {
+        Ok(()) => {
+            let snapshot = cluster.status.load();
+            respond(
+                StatusCode::OK,
+                "application/json",
+                format!("{:#}\n", cluster_json(cluster, &snapshot, &state.endpoints)),
+            )
+        }
+        Err(ActionError::Refused(err @ OverrideError::NotClaiming(_))) => {
+            text(StatusCode::CONFLICT, format!("refused: {err}\n"))
+        }
+        Err(err) => text(StatusCode::SERVICE_UNAVAILABLE, format!("refused: {err}\n")),
     }
 }
 
@@ -159,6 +271,8 @@ fn cluster_json(cluster: &Cluster, snapshot: &Snapshot, endpoints: &[Arc<Endpoin
                 "last_probe": seen.and_then(|s| s.last_report).map(rfc3339),
                 "last_error": seen.and_then(|s| s.last_error.clone()),
                 "fenced": seen.and_then(|s| s.fenced).map(|f| f.as_str()),
+                "suspect": seen.is_some_and(|s| s.missed > 0),
+                "missed_probes": seen.map_or(0, |s| s.missed),
                 "position": seen.and_then(|s| s.position),
                 "lag_bytes": seen.and_then(|s| s.lag_bytes),
                 "replay_delay_ms": seen.and_then(|s| s.delay).map(|d| d.as_millis() as u64),
@@ -185,7 +299,9 @@ fn cluster_json(cluster: &Cluster, snapshot: &Snapshot, endpoints: &[Arc<Endpoin
         "leader": member_name(cluster, snapshot.leader),
         "replicas": snapshot.replicas.iter().map(|&r| member_name(cluster, Some(r))).collect::<Vec<_>>(),
         "split_brain": snapshot.split_brain,
+        "no_leader": snapshot.no_leader.map(|n| n.as_str()),
         "leader_term": snapshot.leader_term.as_ref().map(|t| t.to_string()),
+        "peer_terms": snapshot.peer_terms.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
         "dcs": dcs_json(cluster, &snapshot.dcs),
         "members": members,
         "endpoints": endpoints,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -19,8 +19,29 @@ use crate::metrics::Metrics;
 use crate::probe::{self, ProbeContext};
 use crate::roster::{MemberEntry, Roster};
 use crate::view::{
-    DcsReport, FenceReason, MemberId, Outcome, Report, Snapshot, Thresholds, Transition, View,
+    DcsReport, FenceReason, MemberId, Outcome, Override, OverrideError, PeerTerms, Report,
+    Snapshot, Thresholds, Transition, View,
 };
+
+/// What reaches the view besides probe and DCS reports.
+enum Control {
+    /// An operator's decision, answered once applied or refused.
+    Override {
+        decision: Override,
+        reply: oneshot::Sender<Result<(), OverrideError>>,
+    },
+    /// Terms a peer portal proved.
+    Peer(PeerTerms),
+}
+
+/// Why an operator's decision did not apply.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error(transparent)]
+    Refused(#[from] OverrideError),
+    #[error("the cluster is shutting down")]
+    Closed,
+}
 
 /// Live PostgreSQL sessions whose cancel keys are remembered, per cluster.
 const CANCEL_KEYS_CAPACITY: usize = 100_000;
@@ -42,6 +63,7 @@ pub struct Cluster {
     /// Who the members are and where they listen.
     pub roster: Arc<Roster>,
     reports: mpsc::Sender<Report>,
+    control: mpsc::Sender<Control>,
 }
 
 impl Cluster {
@@ -67,6 +89,7 @@ impl Cluster {
         let first = Arc::new(view.snapshot());
         let (routing_tx, routing) = watch::channel(first.clone());
         let (reports, reports_rx) = mpsc::channel(1024);
+        let (control, control_rx) = mpsc::channel(64);
         let (urgent_tx, urgent) = watch::channel(true);
         let poke = Arc::new(Notify::new());
 
@@ -77,6 +100,7 @@ impl Cluster {
             status: ArcSwap::new(first),
             routing,
             reports,
+            control,
             roster,
             config,
         });
@@ -107,8 +131,11 @@ impl Cluster {
         tasks.spawn(supervise(
             cluster.clone(),
             view,
-            reports_rx,
-            dcs_rx,
+            Inputs {
+                reports: reports_rx,
+                dcs: dcs_rx,
+                control: control_rx,
+            },
             routing_tx,
             urgent_tx,
             poke,
@@ -130,6 +157,28 @@ impl Cluster {
         };
         if self.reports.try_send(report).is_err() {
             tracing::debug!(cluster = %self.config.name, "report queue full; dropping a connect-failure report");
+        }
+    }
+
+    /// Applies an operator's decision to the view, once the view task has
+    /// taken it.
+    pub async fn apply_override(&self, decision: Override) -> Result<(), ActionError> {
+        let (reply, answer) = oneshot::channel();
+        self.control
+            .send(Control::Override { decision, reply })
+            .await
+            .map_err(|_| ActionError::Closed)?;
+        answer
+            .await
+            .map_err(|_| ActionError::Closed)?
+            .map_err(ActionError::from)
+    }
+
+    /// Hands what a peer portal proved to the view; dropped when the view
+    /// is busy (the peer is asked again soon).
+    pub fn apply_peer(&self, terms: PeerTerms) {
+        if self.control.try_send(Control::Peer(terms)).is_err() {
+            tracing::debug!(cluster = %self.config.name, "control queue full; dropping a peer answer");
         }
     }
 
@@ -273,12 +322,18 @@ impl Drop for SessionCount {
     }
 }
 
+/// The view task's inputs.
+struct Inputs {
+    reports: mpsc::Receiver<Report>,
+    dcs: mpsc::Receiver<DcsReport>,
+    control: mpsc::Receiver<Control>,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn supervise(
     cluster: Arc<Cluster>,
     mut view: View,
-    mut reports: mpsc::Receiver<Report>,
-    mut dcs: mpsc::Receiver<DcsReport>,
+    inputs: Inputs,
     routing: watch::Sender<Arc<Snapshot>>,
     urgent: watch::Sender<bool>,
     poke: Arc<Notify>,
@@ -290,10 +345,42 @@ async fn supervise(
     let epoch_gauge = metrics.epoch.with_label_values(&[name]);
     let split_gauge = metrics.split_brain.with_label_values(&[name]);
     let leader_changes = metrics.leader_changes.with_label_values(&[name]);
+    let Inputs {
+        mut reports,
+        mut dcs,
+        mut control,
+    } = inputs;
     let mut dcs_open = true;
     loop {
         let mut poke_all = false;
         let transitions = tokio::select! {
+            command = control.recv() => match command {
+                Some(Control::Override { decision, reply }) => {
+                    let (action, target) = match &decision {
+                        Override::AcceptLeader(m) => ("accept_leader", Some(member(*m))),
+                        Override::ForgetTerms => ("forget_terms", None),
+                    };
+                    let result = view.apply_override(&decision);
+                    let outcome = if result.is_ok() { "applied" } else { "refused" };
+                    metrics.operator_actions.with_label_values(&[name, action, outcome]).inc();
+                    let transitions = match result {
+                        Ok(transitions) => {
+                            tracing::warn!(cluster = name, action, member = target, epoch = view.epoch(), "operator decision applied");
+                            let _ = reply.send(Ok(()));
+                            transitions
+                        }
+                        Err(err) => {
+                            tracing::warn!(cluster = name, action, member = target, error = %err, "operator decision refused");
+                            let _ = reply.send(Err(err));
+                            Vec::new()
+                        }
+                    };
+                    poke_all = true;
+                    transitions
+                }
+                Some(Control::Peer(terms)) => view.apply_peer(terms),
+                None => return,
+            },
             report = reports.recv() => match report {
                 Some(report) => view.apply(report),
                 None => return,
@@ -376,6 +463,10 @@ async fn supervise(
                     member: m,
                     reason: reason @ FenceReason::BehindLeaderTerm,
                 } => {
+                    metrics
+                        .fenced
+                        .with_label_values(&[name, reason.as_str()])
+                        .inc();
                     tracing::warn!(
                         cluster = name,
                         member = member(m),
@@ -384,6 +475,10 @@ async fn supervise(
                     );
                 }
                 Transition::Fenced { member: m, reason } => {
+                    metrics
+                        .fenced
+                        .with_label_values(&[name, reason.as_str()])
+                        .inc();
                     tracing::warn!(
                         cluster = name,
                         member = member(m),

@@ -47,6 +47,15 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct Admin {
     pub listen: SocketAddr,
+    /// Bearer token that the operator actions (`POST /clusters/...`) and
+    /// the peer exchange (`/peer/terms`) require. Without one, both are
+    /// refused.
+    pub token: Option<Secret>,
+    /// The admin addresses of the other portals of the same clusters: each
+    /// is asked for the terms it proved (view rule 4).
+    pub peers: Vec<String>,
+    /// How often each peer is asked.
+    pub peer_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -356,14 +365,28 @@ struct RawConfig {
 struct RawAdmin {
     #[serde(default = "default_admin_listen")]
     listen: Spanned<String>,
+    token_file: Option<Spanned<String>>,
+    token_env: Option<Spanned<String>>,
+    #[serde(default)]
+    peers: Vec<Spanned<String>>,
+    #[serde(default = "default_peer_interval", deserialize_with = "de_duration")]
+    peer_interval: Duration,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
         RawAdmin {
             listen: default_admin_listen(),
+            token_file: None,
+            token_env: None,
+            peers: Vec::new(),
+            peer_interval: default_peer_interval(),
         }
     }
+}
+
+fn default_peer_interval() -> Duration {
+    Duration::from_millis(200)
 }
 
 fn default_admin_listen() -> Spanned<String> {
@@ -894,10 +917,62 @@ impl Validator<'_> {
             });
         }
 
+        let token = self.secret(
+            "admin",
+            "token",
+            raw.admin.token_file.as_ref(),
+            raw.admin.token_env.as_ref(),
+        )?;
+        if token.as_ref().is_some_and(|t| t.expose().is_empty()) {
+            let at = raw
+                .admin
+                .token_file
+                .as_ref()
+                .or(raw.admin.token_env.as_ref());
+            if let Some(at) = at {
+                return Err(self.error(at, "admin.token", "the token is empty"));
+            }
+        }
+        let mut peers = Vec::new();
+        for (i, peer) in raw.admin.peers.iter().enumerate() {
+            if !valid_host_port(&peer.value) {
+                return Err(self.error(
+                    peer,
+                    format!("admin.peers[{i}]"),
+                    format!(
+                        "{:?} is not host:port (a peer portal's admin address)",
+                        peer.value
+                    ),
+                ));
+            }
+            peers.push(peer.value.clone());
+        }
+        if !peers.is_empty() && token.is_none() {
+            if let Some(first) = raw.admin.peers.first() {
+                return Err(self.error(
+                    first,
+                    "admin.peers",
+                    "peers need a shared `admin.token_file` or `admin.token_env`: the exchange is authenticated",
+                ));
+            }
+        }
+        if raw.admin.peer_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                file: self.file.display().to_string(),
+                line: 0,
+                column: 0,
+                key: "admin.peer_interval".into(),
+                message: "must be above 0".into(),
+            });
+        }
+
         Ok(Config {
             file: self.file.to_path_buf(),
             admin: Admin {
                 listen: admin_listen,
+                token,
+                peers,
+                peer_interval: raw.admin.peer_interval,
             },
             shutdown: ShutdownSettings {
                 drain_timeout: raw.shutdown.drain_timeout,
@@ -914,6 +989,7 @@ impl Validator<'_> {
         }
         let password = self.secret(
             &format!("{at}.probe"),
+            "password",
             raw.password_file.as_ref(),
             raw.password_env.as_ref(),
         )?;
@@ -966,6 +1042,7 @@ impl Validator<'_> {
     fn secret(
         &self,
         at: &str,
+        stem: &str,
         file: Option<&Spanned<String>>,
         env: Option<&Spanned<String>>,
     ) -> Result<Option<Secret>, ConfigError> {
@@ -973,8 +1050,8 @@ impl Validator<'_> {
             (Some(_), Some(env)) => {
                 return Err(self.error(
                     env,
-                    format!("{at}.password_env"),
-                    "set password_file or password_env, not both",
+                    format!("{at}.{stem}_env"),
+                    format!("set {stem}_file or {stem}_env, not both"),
                 ))
             }
             (Some(file), None) => {
@@ -982,7 +1059,7 @@ impl Validator<'_> {
                 let text = std::fs::read_to_string(&path).map_err(|err| {
                     self.error(
                         file,
-                        format!("{at}.password_file"),
+                        format!("{at}.{stem}_file"),
                         format!("cannot read {}: {err}", path.display()),
                     )
                 })?;
@@ -992,7 +1069,7 @@ impl Validator<'_> {
                 let value = std::env::var(&env.value).map_err(|_| {
                     self.error(
                         env,
-                        format!("{at}.password_env"),
+                        format!("{at}.{stem}_env"),
                         format!("environment variable {} is not set", env.value),
                     )
                 })?;
@@ -1080,6 +1157,7 @@ impl Validator<'_> {
                     username: etcd.username.clone(),
                     password: self.secret(
                         &at,
+                        "password",
                         etcd.password_file.as_ref(),
                         etcd.password_env.as_ref(),
                     )?,
@@ -1109,6 +1187,7 @@ impl Validator<'_> {
                     username: sentinel.username.clone(),
                     password: self.secret(
                         &at,
+                        "password",
                         sentinel.password_file.as_ref(),
                         sentinel.password_env.as_ref(),
                     )?,

@@ -1,6 +1,6 @@
 //! portal: a TLS-terminating, leader-aware proxy for replicated databases.
 //!
-//! One module per concern (see `shared/design.md` for the picture):
+//! One module per concern (the README's "Project layout" has the picture):
 //! [`config`] is the typed configuration, [`view`] the pure membership view,
 //! [`probe`] asks members what they are, [`dcs`] watches where a leader is
 //! named (Patroni's keys in etcd, Sentinel), [`roster`] holds the members
@@ -8,7 +8,8 @@
 //! view and publishes snapshots, [`router`] picks members, [`proxy`] is the
 //! data path, [`frontend`] the protocol-specific openings and refusals,
 //! [`tls`] and [`certs`] the TLS material, [`admin`] and [`metrics`] the
-//! operator's side, [`server`] the wiring and shutdown, [`cli`] the commands.
+//! operator's side, [`peers`] the exchange of proven terms between
+//! portals, [`server`] the wiring and shutdown, [`cli`] the commands.
 
 pub mod admin;
 pub mod backend;
@@ -19,6 +20,7 @@ pub mod config;
 pub mod dcs;
 pub mod frontend;
 pub mod metrics;
+pub mod peers;
 pub mod probe;
 pub mod proxy;
 pub mod roster;

@@ -25,6 +25,9 @@ pub struct Metrics {
     pub member_is_leader: IntGaugeVec,
     pub dcs_up: IntGaugeVec,
     pub dcs_events: IntCounterVec,
+    pub operator_actions: IntCounterVec,
+    pub peer_exchanges: IntCounterVec,
+    pub fenced: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -173,6 +176,24 @@ impl Metrics {
                 "portal_dcs_events_total",
                 "Changes seen by the DCS watch (key events, Sentinel switch-master messages).",
                 &["cluster"],
+            ),
+            operator_actions: counter(
+                &r,
+                "portal_operator_actions_total",
+                "Operator decisions applied to a cluster's view (accept_leader, forget_terms), by outcome (applied, refused).",
+                &["cluster", "action", "outcome"],
+            ),
+            peer_exchanges: counter(
+                &r,
+                "portal_peer_exchanges_total",
+                "Answers asked of peer portals for their proven terms, by outcome (ok, failed).",
+                &["peer", "outcome"],
+            ),
+            fenced: counter(
+                &r,
+                "portal_fenced_total",
+                "Times a member was fenced, by reason (older_term, unrelated_history, older_than_peer_term, ...).",
+                &["cluster", "reason"],
             ),
             registry: r,
         }

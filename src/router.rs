@@ -97,6 +97,7 @@ mod tests {
             members: Vec::new(),
             no_leader: None,
             peer_terms: Vec::new(),
+            lineage: Vec::new(),
         }
     }
 

@@ -107,9 +107,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let state = Arc::new(AdminState {
         clusters,
         endpoints,
-        metrics,
+        metrics: metrics.clone(),
         draining: false.into(),
+        token: config.admin.token.clone(),
     });
+    if let Some(token) = &config.admin.token {
+        for peer in &config.admin.peers {
+            tracing::info!(peer = %peer, "asking a peer portal for its proven terms");
+            background.spawn(crate::peers::follow(
+                peer.clone(),
+                token.clone(),
+                config.admin.peer_interval,
+                state.clusters.clone(),
+                metrics.clone(),
+                stop_background.clone(),
+            ));
+        }
+    }
     tracing::info!(listen = %config.admin.listen, "admin listening");
     background.spawn(admin::serve(
         admin_listener,

@@ -90,27 +90,32 @@ async fn restarted_empty_old_primary_gets_no_traffic() {
         })
         .await;
 
-    let until = Instant::now() + Duration::from_secs(2);
-    let mut sessions = 0;
-    while Instant::now() < until {
-        assert_eq!(
-            reached(s.ports.rw, &s.certs).await,
-            Ok(s.b.port()),
-            "a new session went somewhere other than the promoted member"
-        );
-        sessions += 1;
-        let status = s.portal.status().await;
-        assert_eq!(leader(&status).as_deref(), Some("b"), "{status:#}");
-        // The incumbent settles it: the rival is fenced, no split-brain alarm.
-        assert_eq!(status["clusters"][0]["split_brain"], false, "{status:#}");
-        assert_eq!(
-            member(&status, "a")["fenced"],
-            "incumbent_leads",
-            "{status:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(sessions > 0);
+    // For 2 s every new session reaches b, though b misses probes once in
+    // the middle (a 400 ms stall): the empty a never gets the role.
+    let sample = async {
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            assert_eq!(
+                reached(s.ports.rw, &s.certs).await,
+                Ok(s.b.port()),
+                "a new session went somewhere other than the promoted member"
+            );
+            let status = s.portal.status().await;
+            assert_ne!(leader(&status).as_deref(), Some("a"), "{status:#}");
+            assert_eq!(status["clusters"][0]["split_brain"], false, "{status:#}");
+            assert_eq!(
+                member(&status, "a")["fenced"],
+                "unrelated_history",
+                "{status:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let stall = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        s.b.stall(Duration::from_millis(400)).await;
+    };
+    tokio::join!(sample, stall);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,4 +161,287 @@ async fn on_leader_change_keep_leaves_sessions_open() {
         Reply::Simple("PONG".into())
     );
     assert_eq!(old.server_port().await.expect("INFO"), s.a.port());
+}
+
+// ---- faults the rules must survive -------------------------------------------
+
+/// `yaml` with `lines` added to its `admin:` section.
+fn with_admin(yaml: &str, lines: &str) -> String {
+    yaml.replacen("\n\nshutdown:", &format!("\n{lines}\n\nshutdown:"), 1)
+}
+
+/// A portal configuration's text with a `token_file` holding `token`.
+fn with_token(yaml: &str, dir: &std::path::Path, token: &str) -> String {
+    let file = dir.join("admin.token");
+    std::fs::write(&file, format!("{token}\n")).expect("write the token file");
+    with_admin(yaml, &format!("  token_file: {}", file.display()))
+}
+
+/// a killed, b promoted, a restarted empty (a master with a fresh
+/// replication id): every portal must lead with b and fence a.
+async fn promote_b_and_restart_a_empty(a: &mut RedisServer, b: &RedisServer, portals: &[&Portal]) {
+    a.kill9();
+    b.promote();
+    for p in portals {
+        p.wait_for("b to lead", |s| leader(s).as_deref() == Some("b"))
+            .await;
+    }
+    a.restart();
+    for p in portals {
+        p.wait_for("the empty a to be probed as primary and fenced", |s| {
+            let m = member(s, "a");
+            m["role"] == "primary" && m["health"] == "up" && m["fenced"] == "unrelated_history"
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_leader_is_not_replaced_by_an_empty_restarted_master() {
+    // The operator's report: b leads after a promotion, a is back empty and
+    // claims master, then b stalls for 1.2 s (a GC pause, a slow fsync).
+    let (mut a, b) = primary_and_replica();
+    let certs = temp_certs();
+    let one = PortalConfig::new(&certs, &[a.port(), b.port()]);
+    let two = PortalConfig::new(&certs, &[a.port(), b.port()]);
+    // Portal 1 as configured in the report (fall 2: the stall takes b down
+    // there); portal 2 with fall 8, so that the stall leaves b suspect only.
+    let p1 = Portal::start(&one.yaml()).await;
+    let p2 = Portal::start(&two.yaml().replace("fall: 2", "fall: 8")).await;
+    for p in [&p1, &p2] {
+        p.wait_roles("a", &["b"]).await;
+    }
+    promote_b_and_restart_a_empty(&mut a, &b, &[&p1, &p2]).await;
+    let epoch2 = epoch(&p2.status().await);
+
+    // Sample both portals every 20 ms through the stall and 1 s after it.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let sampler = async {
+        let mut suspect_seen = false;
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            for (i, p) in [&p1, &p2].into_iter().enumerate() {
+                let s = p.status().await;
+                assert_ne!(
+                    leader(&s).as_deref(),
+                    Some("a"),
+                    "portal {} elected the empty master: {s:#}",
+                    i + 1
+                );
+            }
+            let s = p2.status().await;
+            assert_eq!(
+                leader(&s).as_deref(),
+                Some("b"),
+                "a suspect lost the role: {s:#}"
+            );
+            assert_eq!(epoch(&s), epoch2, "a suspect changed the routing: {s:#}");
+            suspect_seen |= member(&s, "b")["suspect"] == true;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        suspect_seen
+    };
+    let stall = async {
+        b.stall(Duration::from_millis(1200)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    let (suspect_seen, ()) = tokio::join!(sampler, stall);
+    assert!(
+        suspect_seen,
+        "portal 2 never showed b as suspect: the stall was not seen"
+    );
+
+    // After the stall both portals route new sessions to b, and agree.
+    for ports in [one.ports, two.ports] {
+        wait_reached(ports.rw, &certs, b.port()).await;
+    }
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        for ports in [one.ports, two.ports] {
+            assert_eq!(reached(ports.rw, &certs).await, Ok(b.port()));
+        }
+    }
+    let (s1, s2) = (p1.status().await, p2.status().await);
+    assert_eq!(leader(&s1), leader(&s2));
+    assert_eq!(
+        cluster(&s1)["leader_term"],
+        cluster(&s2)["leader_term"],
+        "{s1:#}\n{s2:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_accepts_the_restarted_master_once_the_leader_is_gone() {
+    let (mut a, mut b) = primary_and_replica();
+    let certs = temp_certs();
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let config = PortalConfig::new(&certs, &[a.port(), b.port()]).hold_timeout("500ms");
+    let portal = Portal::start(&with_token(&config.yaml(), dir.path(), "s3cret")).await;
+    portal.wait_roles("a", &["b"]).await;
+    promote_b_and_restart_a_empty(&mut a, &b, &[&portal]).await;
+
+    // b dies for good: the empty a does not take over on its own.
+    b.kill9();
+    let status = portal
+        .wait_for("b down and no leader", |s| {
+            member(s, "b")["health"] == "down" && leader(s).is_none()
+        })
+        .await;
+    assert_eq!(
+        cluster(&status)["no_leader"],
+        "every_claimant_fenced",
+        "{status:#}"
+    );
+    assert_eq!(
+        member(&status, "a")["fenced"],
+        "unrelated_history",
+        "{status:#}"
+    );
+    let mut rw = session(config.ports.rw, &certs).await;
+    let refused = rw.cmd(&["SET", "operator:key", "lost"]).await;
+    assert!(
+        refused.as_ref().map_or(true, Reply::is_error),
+        "a write was served without a leader: {refused:?}"
+    );
+    assert_eq!(a.cmd(&["EXISTS", "operator:key"]), "0");
+
+    // The operator's way out: authenticated, named, explicit.
+    let path = "/clusters/cache/accept-leader?member=a";
+    assert_eq!(portal.post(path, None).await.expect("POST").0, 401);
+    assert_eq!(portal.post(path, Some("guess")).await.expect("POST").0, 401);
+    let (code, body) = portal
+        .post("/clusters/cache/accept-leader?member=zz", Some("s3cret"))
+        .await
+        .expect("POST");
+    assert_eq!(code, 404, "{body}");
+    let (code, body) = portal
+        .post("/clusters/cache/accept-leader?member=b", Some("s3cret"))
+        .await
+        .expect("POST");
+    assert_eq!(code, 409, "b does not claim primary: {body}");
+    let (code, body) = portal.post(path, Some("s3cret")).await.expect("POST");
+    assert_eq!(code, 200, "{body}");
+    wait_reached(config.ports.rw, &certs, a.port()).await;
+    let mut rw = session(config.ports.rw, &certs).await;
+    assert_eq!(
+        rw.cmd(&["SET", "operator:key", "kept"]).await.expect("SET"),
+        Reply::Simple("OK".into())
+    );
+    assert_eq!(a.cmd(&["GET", "operator:key"]), "kept");
+    portal
+        .wait_metric(
+            "portal_operator_actions_total",
+            &[("action", "accept_leader"), ("outcome", "applied")],
+            |v| v == 1.0,
+        )
+        .await;
+    assert!(portal.stderr_log().contains("operator decision applied"));
+}
+
+/// A TCP relay on loopback that the test can cut: while cut, every relayed
+/// connection is closed and every new one is closed at once.
+struct Relay {
+    port: u16,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    async fn start(target: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let (cut, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if *watch.borrow() {
+                    continue;
+                }
+                let mut cut = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.wait_for(|c| *c) => {}
+                    }
+                });
+            }
+        });
+        Relay { port, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portal_cut_from_the_new_primary_fences_the_old_one_by_its_peer() {
+    let (a, b) = primary_and_replica();
+    let certs = temp_certs();
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    // Portal 1 reaches b only through a relay the test cuts; portal 2
+    // reaches both. Each names the other as its peer.
+    let relay = Relay::start(b.port()).await;
+    let one = PortalConfig::new(&certs, &[a.port(), relay.port]).hold_timeout("500ms");
+    let two = PortalConfig::new(&certs, &[a.port(), b.port()]);
+    let peer = |of: &PortalConfig| format!("  peers: [\"127.0.0.1:{}\"]", of.ports.admin);
+    let p1 = Portal::start(&with_admin(
+        &with_token(&one.yaml(), dir.path(), "t0k"),
+        &peer(&two),
+    ))
+    .await;
+    let p2 = Portal::start(&with_admin(
+        &with_token(&two.yaml(), dir.path(), "t0k"),
+        &peer(&one),
+    ))
+    .await;
+    for p in [&p1, &p2] {
+        p.wait_roles("a", &["b"]).await;
+    }
+    p1.wait_metric("portal_peer_exchanges_total", &[("outcome", "ok")], |v| {
+        v >= 1.0
+    })
+    .await;
+
+    // Portal 1 loses b; then b is promoted while a lives on, still a master
+    // that no one told: only portal 2 can see the new term.
+    relay.cut();
+    p1.wait_for("b down on portal 1", |s| member(s, "b")["health"] == "down")
+        .await;
+    b.promote();
+    p2.wait_for("b to lead on portal 2", |s| {
+        leader(s).as_deref() == Some("b")
+    })
+    .await;
+    let status = p1
+        .wait_for("portal 1 to fence a by its peer's term", |s| {
+            member(s, "a")["fenced"] == "older_than_peer_term"
+        })
+        .await;
+    assert_eq!(leader(&status), None, "{status:#}");
+
+    // Writes through portal 1 are refused, never sent to the stale a.
+    for i in 0..5 {
+        let mut rw = session(one.ports.rw, &certs).await;
+        let key = format!("peer:key:{i}");
+        let reply = rw.cmd(&["SET", &key, "stale"]).await;
+        assert!(
+            reply.as_ref().map_or(true, Reply::is_error),
+            "portal 1 served a write without a leader: {reply:?}"
+        );
+        assert_eq!(
+            a.cmd(&["EXISTS", &key]),
+            "0",
+            "a write reached the old primary"
+        );
+    }
+    assert!(
+        p1.stderr_log().contains("older_than_peer_term"),
+        "the fence is not in portal 1's log"
+    );
 }

@@ -269,6 +269,9 @@ pub struct Snapshot {
     pub no_leader: Option<NoLeader>,
     /// Terms peer portals proved (rule 4), newest last.
     pub peer_terms: Vec<Term>,
+    /// The lineage steps `(id, previous)` the view knows, oldest first:
+    /// what a peer needs to order Redis replication ids.
+    pub lineage: Vec<(String, String)>,
 }
 
 /// Why a snapshot has no leader.
@@ -613,12 +616,10 @@ impl View {
             self.learn_step(id, previous);
         }
         let term = peer.term;
-        let known = self.peer_terms.iter().any(|t| {
-            matches!(
-                self.order(&term, t),
-                Some(Ordering::Equal | Ordering::Less)
-            )
-        });
+        let known = self
+            .peer_terms
+            .iter()
+            .any(|t| matches!(self.order(&term, t), Some(Ordering::Equal | Ordering::Less)));
         if !known {
             // Terms the new one supersedes add nothing any more.
             let kept: VecDeque<Term> = self
@@ -644,7 +645,10 @@ impl View {
 
     /// Applies an operator's decision (rule 8) and returns the changes it
     /// caused.
-    pub fn apply_override(&mut self, decision: &Override) -> Result<Vec<Transition>, OverrideError> {
+    pub fn apply_override(
+        &mut self,
+        decision: &Override,
+    ) -> Result<Vec<Transition>, OverrideError> {
         let mut out = Vec::new();
         match decision {
             Override::AcceptLeader(member) => {
@@ -1047,6 +1051,7 @@ impl View {
             dcs: self.dcs.clone(),
             no_leader: self.no_leader,
             peer_terms: self.peer_terms.iter().cloned().collect(),
+            lineage: self.lineage.iter().cloned().collect(),
             members: self
                 .members
                 .iter()

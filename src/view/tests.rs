@@ -159,7 +159,10 @@ fn soft_failures_demote_after_fall() {
         feed(&mut v, 2, replica(Some(0)));
     }
     let steady = v.snapshot();
-    assert_eq!((steady.leader, steady.replicas.clone()), (Some(0), vec![1, 2]));
+    assert_eq!(
+        (steady.leader, steady.replicas.clone()),
+        (Some(0), vec![1, 2])
+    );
     // Below `fall`, leader and replica are suspect: they keep their claims
     // and places, nothing changes, no transition but none at all.
     for missed in 1..3 {

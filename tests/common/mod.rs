@@ -401,6 +401,27 @@ impl RedisServer {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stops the server with SIGSTOP for `pause`, then SIGCONT: a stall (a
+    /// GC pause, a slow disk) that the server does not notice.
+    pub async fn stall(&self, pause: Duration) {
+        let pid = self.pid().expect("the server runs").to_string();
+        let signal = |sig: &str| {
+            let status = Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill {sig} {pid}");
+        };
+        signal("-STOP");
+        tokio::time::sleep(pause).await;
+        signal("-CONT");
+    }
+
     /// SIGKILL, and wait for the process to be gone.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -879,13 +900,35 @@ impl Portal {
         assert!(status.success(), "kill -TERM {} failed", self.pid());
     }
 
+    /// The admin listener's address (`host:port`), as a peer names it.
+    pub fn admin_address(&self) -> String {
+        self.admin.to_string()
+    }
+
     /// An HTTP/1.0 GET on the admin listener: status code and body.
     pub async fn get(&self, path: &str) -> io::Result<(u16, String)> {
+        self.request("GET", path, None).await
+    }
+
+    /// An HTTP/1.0 POST on the admin listener, with a bearer token if given.
+    pub async fn post(&self, path: &str, token: Option<&str>) -> io::Result<(u16, String)> {
+        self.request("POST", path, token).await
+    }
+
+    async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+    ) -> io::Result<(u16, String)> {
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
         let attempt = async {
             let mut tcp = TcpStream::connect(self.admin).await?;
             tcp.write_all(
-                format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
+                format!(
+                    "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+                .as_bytes(),
             )
             .await?;
             let mut raw = Vec::new();
