@@ -10,10 +10,7 @@
 # HEALTHCHECK below looks.
 
 FROM rust:1-bookworm AS build
-# etcd-client compiles etcd's protobuf definitions at build time.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends protobuf-compiler \
-    && rm -rf /var/lib/apt/lists/*
+# No protoc needed: etcd's gRPC bindings are committed Rust (src/etcd_api).
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src

@@ -10,6 +10,8 @@
 //! [`tls`] and [`certs`] the TLS material, [`admin`] and [`metrics`] the
 //! operator's side, [`peers`] the exchange of proven terms between
 //! portals, [`server`] the wiring and shutdown, [`cli`] the commands.
+//! [`etcd_api`] is etcd's v3 gRPC client that the etcd probe and the etcd
+//! DCS source speak: generated code, committed (see `tools/gen-etcd-api`).
 
 pub mod admin;
 pub mod backend;
@@ -18,6 +20,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod dcs;
+pub mod etcd_api;
 pub mod frontend;
 pub mod metrics;
 pub mod peers;

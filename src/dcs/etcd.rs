@@ -7,14 +7,32 @@
 //! revision: a change of the leader key reaches the view as soon as etcd
 //! sends the event. The leader key's create revision is the DCS term: it
 //! changes exactly when a member acquires the key.
+//!
+//! The source speaks etcd's gRPC API through the generated clients of
+//! [`crate::etcd_api`] (KV `Range`, `Watch`, and `Authenticate` when the DCS
+//! has credentials) over one tonic channel balanced across the endpoints.
 
 use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
 
 use super::{Reporter, SourceContext, RECONNECT_PAUSE};
 use crate::config::{valid_host_port, EtcdDcs};
+use crate::etcd_api::etcdserverpb::auth_client::AuthClient;
+use crate::etcd_api::etcdserverpb::kv_client::KvClient;
+use crate::etcd_api::etcdserverpb::watch_client::WatchClient;
+use crate::etcd_api::etcdserverpb::watch_request::RequestUnion;
+use crate::etcd_api::etcdserverpb::{
+    AuthenticateRequest, RangeRequest, WatchCreateRequest, WatchRequest,
+};
+use crate::etcd_api::mvccpb::event::EventType;
 use crate::probe::KnownAddress;
 use crate::roster::{Learned, Origin};
 use crate::view::DcsReport;
@@ -164,6 +182,97 @@ pub async fn run(
     }
 }
 
+/// The clients of one session, over one channel.
+struct Clients {
+    kv: KvClient<InterceptedService<Channel, Token>>,
+    watch: WatchClient<InterceptedService<Channel, Token>>,
+}
+
+/// Adds etcd's auth token (when the DCS has credentials) to every request,
+/// as the `token` metadata etcd reads it from.
+#[derive(Clone)]
+struct Token(Option<AsciiMetadataValue>);
+
+impl Interceptor for Token {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            request.metadata_mut().insert("token", token.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A gRPC status as the session's errors show it.
+fn grpc(status: &Status) -> String {
+    format!("grpc request error: {status}")
+}
+
+/// The tonic endpoint of one configured etcd endpoint (`host:port`, as the
+/// configuration requires; the DCS connection is plaintext HTTP/2): connect
+/// timeout and HTTP/2 keepalive (also while idle, so a silent watch notices
+/// a dead member) of `timeout`.
+fn endpoint(address: &str, timeout: Duration) -> Result<Endpoint, String> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|err| format!("invalid uri: {err}"))?;
+    Ok(endpoint
+        .connect_timeout(timeout)
+        .http2_keep_alive_interval(timeout)
+        .keep_alive_timeout(timeout)
+        .keep_alive_while_idle(true))
+}
+
+/// The clients of one session: one channel balanced over every configured
+/// endpoint (as etcd-client's was: it connects lazily and reconnects on its
+/// own; a request the balancer sends to a member it cannot reach fails, and
+/// the session starts over), authenticated when the DCS has credentials.
+async fn connect(config: &EtcdDcs) -> Result<Clients, String> {
+    let endpoints = config
+        .endpoints
+        .iter()
+        .map(|address| endpoint(address, config.timeout))
+        .collect::<Result<Vec<_>, _>>()?;
+    if endpoints.is_empty() {
+        return Err("no endpoints".into());
+    }
+    let channel = Channel::balance_list(endpoints.into_iter());
+    let token = match (&config.username, &config.password) {
+        (Some(user), Some(password)) => {
+            let request = AuthenticateRequest {
+                name: user.clone(),
+                password: password.expose().to_string(),
+            };
+            let response = AuthClient::new(channel.clone())
+                .authenticate(request)
+                .await
+                .map_err(|status| grpc(&status))?;
+            let token = AsciiMetadataValue::try_from(response.into_inner().token)
+                .map_err(|err| format!("invalid metadata value: {err}"))?;
+            Some(token)
+        }
+        _ => None,
+    };
+    let token = Token(token);
+    Ok(Clients {
+        kv: KvClient::with_interceptor(channel.clone(), token.clone()),
+        watch: WatchClient::with_interceptor(channel, token),
+    })
+}
+
+/// The end of the key range that holds every key starting with `prefix`
+/// (etcd's `WithPrefix`): the prefix with its last byte below 0xff
+/// incremented and what follows dropped. A prefix of only 0xff bytes (or
+/// none) has no such key: `[0]`, which etcd reads as "to the end".
+fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
+    match prefix.iter().rposition(|&b| b < 0xff) {
+        Some(last) => {
+            let mut end = prefix[..=last].to_vec();
+            end[last] += 1;
+            end
+        }
+        None => vec![0],
+    }
+}
+
 /// One connection: read the scope, then follow its watch. Returns why it
 /// ended, or `None` when the view has gone away.
 async fn session(
@@ -172,34 +281,31 @@ async fn session(
     root: &str,
     reporter: &mut Reporter,
 ) -> Option<String> {
-    let mut options = ConnectOptions::new()
-        .with_connect_timeout(config.timeout)
-        .with_keep_alive(config.timeout, config.timeout)
-        .with_keep_alive_while_idle(true);
-    if let (Some(user), Some(password)) = (&config.username, &config.password) {
-        options = options.with_user(user.clone(), password.expose().to_string());
-    }
-    let connect = Client::connect(&config.endpoints, Some(options));
-    let mut client = match tokio::time::timeout(config.timeout, connect).await {
-        Ok(Ok(client)) => client,
+    let mut clients = match tokio::time::timeout(config.timeout, connect(config)).await {
+        Ok(Ok(clients)) => clients,
         Ok(Err(err)) => return Some(format!("connect: {err}")),
         Err(_) => return Some("connect: timed out".into()),
     };
-    let get = client.get(root, Some(GetOptions::new().with_prefix()));
+    let range_end = prefix_range_end(root.as_bytes());
+    let get = clients.kv.range(RangeRequest {
+        key: root.as_bytes().to_vec(),
+        range_end: range_end.clone(),
+        ..RangeRequest::default()
+    });
     let response = match tokio::time::timeout(config.timeout, get).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(err)) => return Some(format!("read {root}: {err}")),
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(status)) => return Some(format!("read {root}: {}", grpc(&status))),
         Err(_) => return Some(format!("read {root}: timed out")),
     };
-    let revision = response.header().map_or(0, |h| h.revision());
+    let revision = response.header.as_ref().map_or(0, |h| h.revision);
     let mut scope = Scope::default();
-    for kv in response.kvs() {
-        if let Some(key) = kv.key_str().ok().and_then(|k| k.strip_prefix(root)) {
+    for kv in response.kvs {
+        if let Some(key) = relative_key(&kv.key, root) {
             scope.keys.insert(
                 key.to_string(),
                 Entry {
-                    value: kv.value().to_vec(),
-                    created: kv.create_revision(),
+                    value: kv.value,
+                    created: kv.create_revision,
                 },
             );
         }
@@ -214,47 +320,57 @@ async fn session(
         return None;
     }
 
-    let watch = client.watch(
-        root,
-        Some(
-            WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(revision + 1),
-        ),
-    );
+    let create = WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: root.as_bytes().to_vec(),
+            range_end,
+            start_revision: revision + 1,
+            ..WatchCreateRequest::default()
+        })),
+    };
+    // The request stream stays open for the life of the watch: etcd ties
+    // the watcher to it.
+    let requests =
+        futures_util::stream::once(async move { create }).chain(futures_util::stream::pending());
+    let watch = clients.watch.watch(requests);
     let mut stream = match tokio::time::timeout(config.timeout, watch).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(err)) => return Some(format!("watch {root}: {err}")),
+        Ok(Ok(stream)) => stream.into_inner(),
+        Ok(Err(status)) => return Some(format!("watch {root}: {}", grpc(&status))),
         Err(_) => return Some(format!("watch {root}: timed out")),
     };
     loop {
         let message = match stream.message().await {
             Ok(Some(message)) => message,
             Ok(None) => return Some("watch stream ended".into()),
-            Err(err) => return Some(format!("watch: {err}")),
+            Err(status) => return Some(format!("watch: {}", grpc(&status))),
         };
-        if message.canceled() {
-            return Some(format!("watch canceled: {}", message.cancel_reason()));
+        if message.canceled {
+            // Also a start revision already compacted away: the next
+            // session reads the scope afresh.
+            return Some(format!("watch canceled: {}", message.cancel_reason));
         }
-        for event in message.events() {
-            let Some(kv) = event.kv() else { continue };
-            let Some(key) = kv.key_str().ok().and_then(|k| k.strip_prefix(root)) else {
+        for event in message.events {
+            let Some(kv) = event.kv else { continue };
+            let Some(key) = relative_key(&kv.key, root) else {
                 continue;
             };
             ctx.events.inc();
-            match event.event_type() {
-                EventType::Put => {
+            match EventType::try_from(event.r#type) {
+                Ok(EventType::Put) => {
                     scope.keys.insert(
                         key.to_string(),
                         Entry {
-                            value: kv.value().to_vec(),
-                            created: kv.create_revision(),
+                            value: kv.value,
+                            created: kv.create_revision,
                         },
                     );
                     scope.learn_member(ctx, key).await;
                 }
-                EventType::Delete => {
+                Ok(EventType::Delete) => {
                     scope.keys.remove(key);
+                }
+                Err(_) => {
+                    tracing::debug!(cluster = %ctx.cluster, key, event_type = event.r#type, "watch event of an unknown type; ignored");
                 }
             }
         }
@@ -264,9 +380,46 @@ async fn session(
     }
 }
 
+/// A key of the scope relative to `root`; `None` for a key outside it or
+/// not UTF-8.
+fn relative_key<'k>(key: &'k [u8], root: &str) -> Option<&'k str> {
+    std::str::from_utf8(key).ok()?.strip_prefix(root)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_range_ends_after_its_last_key() {
+        assert_eq!(
+            prefix_range_end(b"/service/main/"),
+            b"/service/main0".to_vec()
+        );
+        assert_eq!(prefix_range_end(b"a"), b"b".to_vec());
+        assert_eq!(prefix_range_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_range_end(b"a\xfe\xff\xff"), b"a\xff".to_vec());
+        assert_eq!(prefix_range_end(b"\xff\xff"), vec![0]);
+        assert_eq!(prefix_range_end(b""), vec![0]);
+    }
+
+    #[test]
+    fn endpoints_are_plain_http2() {
+        let timeout = Duration::from_secs(2);
+        let uri = |address: &str| endpoint(address, timeout).map(|e| e.uri().to_string());
+        assert_eq!(uri("127.0.0.1:2379"), Ok("http://127.0.0.1:2379/".into()));
+        assert_eq!(uri("[::1]:2379"), Ok("http://[::1]:2379/".into()));
+        assert_eq!(uri("etcd1:2379"), Ok("http://etcd1:2379/".into()));
+        assert!(uri("not a uri").is_err());
+    }
+
+    #[test]
+    fn keys_outside_the_scope_are_not_its_keys() {
+        let root = "/service/main/";
+        assert_eq!(relative_key(b"/service/main/leader", root), Some("leader"));
+        assert_eq!(relative_key(b"/service/mainx/leader", root), None);
+        assert_eq!(relative_key(b"/service/main/\xff", root), None);
+    }
 
     #[test]
     fn member_documents_give_the_database_and_api_addresses() {

@@ -1,5 +1,6 @@
-//! etcd probe: one persistent gRPC channel per member (etcd-client over a
-//! tonic channel), asking the Maintenance `Status` API.
+//! etcd probe: one persistent gRPC channel per member (a tonic channel),
+//! asking the Maintenance `Status` API through the generated client of
+//! [`crate::etcd_api`].
 //!
 //! A member's status names its own id (`header.member_id`), the id of the
 //! leader it knows (`leader`, 0 when it knows none) and its `raft_term`. The
@@ -21,7 +22,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, ConnectOptions, StatusResponse};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
@@ -29,6 +29,8 @@ use tokio::sync::Notify;
 use super::{classify_io, Failure, ProbeContext, Prober};
 use crate::backend::{self, Origination};
 use crate::config::Protocol;
+use crate::etcd_api::etcdserverpb::maintenance_client::MaintenanceClient;
+use crate::etcd_api::etcdserverpb::{StatusRequest, StatusResponse};
 use crate::stream::Stream;
 use crate::view::{MemberId, Observation, Outcome, Role, Term};
 
@@ -70,12 +72,13 @@ pub struct Status {
 impl Status {
     fn from_response(response: &StatusResponse) -> Result<Status, Failure> {
         let header = response
-            .header()
+            .header
+            .as_ref()
             .ok_or_else(|| Failure::soft("status answer without a header"))?;
         Ok(Status {
-            member_id: header.member_id(),
-            leader: response.leader(),
-            raft_term: response.raft_term(),
+            member_id: header.member_id,
+            leader: response.leader,
+            raft_term: response.raft_term,
         })
     }
 
@@ -105,7 +108,7 @@ impl Status {
 }
 
 struct Connection {
-    client: Client,
+    client: MaintenanceClient<tonic::transport::Channel>,
     /// Signalled when a connection of the channel closes.
     closed: Arc<Notify>,
 }
@@ -156,11 +159,10 @@ impl EtcdProber {
             .connect_with_connector(connector)
             .await
             .map_err(|err| failure_from_chain(&err, &err.to_string()))?;
-        let options = ConnectOptions::new().with_timeout(timeout);
-        let client = Client::from_channel(etcd_client::Channel::Tonic(channel), Some(options))
-            .await
-            .map_err(|err| etcd_failure(&err))?;
-        Ok(Connection { client, closed })
+        Ok(Connection {
+            client: MaintenanceClient::new(channel),
+            closed,
+        })
     }
 }
 
@@ -177,9 +179,10 @@ impl Prober for EtcdProber {
             return (Failure::soft("no connection").outcome(), None);
         };
         let timeout = ctx.settings.timeout;
-        let answer = match tokio::time::timeout(timeout, conn.client.status()).await {
-            Ok(Ok(response)) => Status::from_response(&response),
-            Ok(Err(err)) => Err(etcd_failure(&err)),
+        let answer = match tokio::time::timeout(timeout, conn.client.status(StatusRequest {})).await
+        {
+            Ok(Ok(response)) => Status::from_response(response.get_ref()),
+            Ok(Err(status)) => Err(etcd_failure(&status)),
             Err(_) => Err(Failure::soft(format!("no answer within {timeout:?}"))),
         };
         match answer {
@@ -209,15 +212,11 @@ impl Prober for EtcdProber {
     }
 }
 
-/// Refused or reset anywhere in the error chain is hard; a member that
-/// answers with a gRPC error (no leader, too many requests) is soft.
-fn etcd_failure(err: &etcd_client::Error) -> Failure {
-    match err {
-        etcd_client::Error::TransportError(e) => failure_from_chain(e, &err.to_string()),
-        etcd_client::Error::GRpcStatus(status) => failure_from_chain(status, &err.to_string()),
-        etcd_client::Error::IoError(io) => classify_io(io),
-        other => Failure::soft(other.to_string()),
-    }
+/// Refused or reset anywhere in the error chain is hard (a transport error
+/// travels as the gRPC status's source); a member that answers with a gRPC
+/// error (no leader, too many requests) is soft.
+fn etcd_failure(status: &tonic::Status) -> Failure {
+    failure_from_chain(status, &format!("grpc request error: {status}"))
 }
 
 fn failure_from_chain(err: &(dyn std::error::Error + 'static), text: &str) -> Failure {
@@ -343,5 +342,16 @@ mod tests {
         assert!(!failure_from_chain(&slow, "x").hard);
         let status = tonic::Status::unavailable("etcdserver: no leader");
         assert!(!failure_from_chain(&status, "x").hard);
+    }
+
+    #[test]
+    fn a_transport_error_under_a_status_is_classified_by_its_cause() {
+        let refused = io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
+        let status = tonic::Status::from_error(Box::new(refused));
+        let failure = etcd_failure(&status);
+        assert!(failure.hard, "{}", failure.error);
+        assert!(failure.error.starts_with("grpc request error: "));
+        let answered = tonic::Status::resource_exhausted("etcdserver: too many requests");
+        assert!(!etcd_failure(&answered).hard);
     }
 }
