@@ -28,6 +28,7 @@ async fn run_seeds(default_seeds: &[u64], default_faults: usize) -> Vec<Report> 
                 faults,
                 members,
                 writers_per_portal: 2,
+                rdb_rogues: std::env::var("CHAOS_RDB_ROGUES").is_ok_and(|v| v == "1"),
             })
             .await,
         );

@@ -34,7 +34,9 @@ use crate::common::{
     default_client_config, encode, query, temp_certs, tls_connect_with, Portal, PortalConfig,
     Reply, Resp,
 };
-use checker::{check, secs, History, Identity, Micros, Outcome, Reign, Sample, Verdict, Write};
+use checker::{
+    check, secs, short, History, Identity, Micros, Outcome, Reign, Sample, Verdict, Write,
+};
 use nemesis::{lock, schedule, Kind, Nemesis, PortalSlot, World};
 use redis::{info_field, Member};
 use relay::Relay;
@@ -72,6 +74,8 @@ pub struct Settings {
     pub faults: usize,
     pub members: usize,
     pub writers_per_portal: u32,
+    /// Let some rogue masters start from their last sync's RDB.
+    pub rdb_rogues: bool,
 }
 
 /// What one run found.
@@ -147,12 +151,30 @@ pub async fn admin_status(admin: SocketAddr) -> Option<Status> {
 /// request straddled a restart of the portal is thrown away.
 async fn sampler(world: Arc<World>, portal: usize, stop: CancellationToken) -> Vec<Sample> {
     let mut samples = Vec::new();
+    let mut last = None;
     let slot = &world.portals[portal];
     while !stop.is_cancelled() {
         let before = slot.incarnation.load(Ordering::SeqCst);
         let status = admin_status(slot.admin).await;
         let after = slot.incarnation.load(Ordering::SeqCst);
         if let (Some(s), true) = (status, before == after) {
+            let shown = (before, s.leader.clone(), s.term.clone());
+            if last.as_ref() != Some(&shown) {
+                world.log.line(
+                    &world.clock,
+                    &format!(
+                        "portal {} (process #{before}) shows leader {} term {} epoch {}",
+                        portal + 1,
+                        s.leader.as_deref().unwrap_or("none"),
+                        s.term
+                            .as_deref()
+                            .map(short_term)
+                            .unwrap_or_else(|| "none".into()),
+                        s.epoch
+                    ),
+                );
+                last = Some(shown);
+            }
             samples.push(Sample {
                 portal,
                 incarnation: before,
@@ -168,6 +190,28 @@ async fn sampler(world: Arc<World>, portal: usize, stop: CancellationToken) -> V
         }
     }
     samples
+}
+
+/// A Redis term with its ids shortened: `replid:1234abcd (after 5678ef01)`.
+fn short_term(term: &str) -> String {
+    term.split(' ')
+        .map(|word| {
+            let (head, id) = match word.split_once(':') {
+                Some((h, id)) => (format!("{h}:"), id),
+                None => (String::new(), word),
+            };
+            let tail = if id.ends_with(')') { ")" } else { "" };
+            let bare = id.trim_start_matches('(').trim_end_matches(')');
+            let lead = if id.starts_with('(') { "(" } else { "" };
+            format!("{head}{lead}{}{tail}", short(bare))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Where one seed's logs are saved: under the target directory.
+pub fn log_dir(seed: u64) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("chaos-seed-{seed}"))
 }
 
 /// Parses `run_id` and `tcp_port` from an `INFO server` reply.
@@ -308,7 +352,12 @@ pub async fn run_redis(settings: Settings) -> Report {
         seed: settings.seed,
         lines: Arc::default(),
     };
-    let steps = schedule(settings.seed, settings.faults, settings.members);
+    let steps = schedule(
+        settings.seed,
+        settings.faults,
+        settings.members,
+        settings.rdb_rogues,
+    );
     log.line(
         &clock,
         &format!(
@@ -380,7 +429,9 @@ pub async fn run_redis(settings: Settings) -> Report {
         truth: Mutex::new(Vec::new()),
         processes: Mutex::new(HashMap::new()),
         errors: Mutex::new(Vec::new()),
+        log_dir: log_dir(settings.seed),
     });
+    let _ = std::fs::remove_dir_all(&world.log_dir);
     for i in 0..settings.members {
         world.note_process(
             i,
@@ -483,6 +534,27 @@ pub async fn run_redis(settings: Settings) -> Report {
         }
     };
 
+    for (p, slot) in world.portals.iter().enumerate() {
+        if let Some(process) = lock(&slot.process).as_ref() {
+            world.save_log(
+                &format!(
+                    "portal-{}-process-{}.log",
+                    p + 1,
+                    slot.incarnation.load(Ordering::SeqCst)
+                ),
+                &process.stderr_log(),
+            );
+        }
+    }
+    for (i, name) in names.iter().enumerate() {
+        let tail = world.member(i).log_tail(100_000);
+        world.save_log(&format!("redis-{name}.log"), &tail);
+    }
+    log.line(
+        &clock,
+        &format!("logs saved in {}", world.log_dir.display()),
+    );
+
     let history = History {
         writes,
         truth: lock(&world.truth).clone(),
@@ -521,6 +593,7 @@ pub async fn run_redis(settings: Settings) -> Report {
     if !report.ok() {
         log.line(&clock, &report.failure_text());
     }
+    world.save_log("chaos.log", &lock(&log.lines).join("\n"));
     report
 }
 

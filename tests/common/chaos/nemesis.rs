@@ -107,6 +107,9 @@ pub struct Step {
     pub promote: usize,
     /// For path faults: cut (true) or stall.
     pub cut: bool,
+    /// For a rogue master: start it from the RDB file of its last sync
+    /// rather than empty (only when the schedule is asked for these).
+    pub keep_rdb: bool,
     /// From the start of this fault to the next step.
     pub pause: Duration,
 }
@@ -118,10 +121,11 @@ impl fmt::Display for Step {
         match self.kind {
             Kind::KillPromote | Kind::RogueMaster => write!(
                 f,
-                " down {}ms promote #{} for {}ms",
+                " down {}ms promote #{} for {}ms{}",
                 ms(self.down),
                 self.promote,
-                ms(self.duration)
+                ms(self.duration),
+                if self.keep_rdb { " from its RDB" } else { "" }
             )?,
             Kind::Path => write!(
                 f,
@@ -140,8 +144,10 @@ fn millis(rng: &mut StdRng, from: u64, to: u64) -> Duration {
 }
 
 /// The schedule for `seed`: `faults` steps against `members` members and two
-/// portals. Drawn from the RNG only.
-pub fn schedule(seed: u64, faults: usize, members: usize) -> Vec<Step> {
+/// portals. Drawn from the RNG only. `rdb_rogues` lets half the rogue masters
+/// start from their last sync's RDB (see `Member::restart`); the draws are
+/// the same either way.
+pub fn schedule(seed: u64, faults: usize, members: usize, rdb_rogues: bool) -> Vec<Step> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut steps: Vec<Step> = Vec::with_capacity(faults);
     const WEIGHTS: [(Kind, u32); 6] = [
@@ -191,6 +197,7 @@ pub fn schedule(seed: u64, faults: usize, members: usize) -> Vec<Step> {
                 promote: rng.random_range(0..members),
                 cut: false,
                 pause: millis(&mut rng, 300, 2000),
+                keep_rdb: false,
             },
             Kind::RogueMaster => Step {
                 kind,
@@ -204,6 +211,7 @@ pub fn schedule(seed: u64, faults: usize, members: usize) -> Vec<Step> {
                 promote: rng.random_range(0..members),
                 cut: false,
                 pause: millis(&mut rng, 200, 1000),
+                keep_rdb: rng.random_bool(0.5) && rdb_rogues,
             },
             Kind::Stall => Step {
                 kind,
@@ -213,6 +221,7 @@ pub fn schedule(seed: u64, faults: usize, members: usize) -> Vec<Step> {
                 promote: 0,
                 cut: false,
                 pause: millis(&mut rng, 200, 2000),
+                keep_rdb: false,
             },
             Kind::Path => Step {
                 kind,
@@ -222,6 +231,7 @@ pub fn schedule(seed: u64, faults: usize, members: usize) -> Vec<Step> {
                 promote: 0,
                 cut: !after_rogue && rng.random_bool(0.5),
                 pause: millis(&mut rng, 200, 2000),
+                keep_rdb: false,
             },
             Kind::DebugSleep => Step {
                 kind,
@@ -231,6 +241,7 @@ pub fn schedule(seed: u64, faults: usize, members: usize) -> Vec<Step> {
                 promote: 0,
                 cut: false,
                 pause: millis(&mut rng, 200, 2000),
+                keep_rdb: false,
             },
             Kind::PortalRestart => Step {
                 kind,
@@ -240,6 +251,7 @@ pub fn schedule(seed: u64, faults: usize, members: usize) -> Vec<Step> {
                 promote: 0,
                 cut: false,
                 pause: millis(&mut rng, 300, 2000),
+                keep_rdb: false,
             },
         };
         steps.push(step);
@@ -275,6 +287,8 @@ pub struct World {
     pub processes: Mutex<HashMap<String, String>>,
     /// Faults the harness failed to apply or heal.
     pub errors: Mutex<Vec<String>>,
+    /// Where the servers' and portals' logs are saved.
+    pub log_dir: std::path::PathBuf,
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -297,6 +311,12 @@ impl World {
             m.port
         );
         lock(&self.processes).insert(m.run_id.clone(), text);
+    }
+
+    /// Writes `text` to `name` in the run's log directory.
+    pub fn save_log(&self, name: &str, text: &str) {
+        let _ = std::fs::create_dir_all(&self.log_dir);
+        let _ = std::fs::write(self.log_dir.join(name), text);
     }
 
     pub fn error(&self, what: String) {
@@ -433,12 +453,30 @@ impl Nemesis {
                 };
                 let world = self.world.clone();
                 let name = world.names[victim].clone();
-                let result = world.member(victim).restart(None);
+                let result = world.member(victim).restart(None, !step.keep_rdb);
+                let what = if step.keep_rdb {
+                    "restarted as a master from its last sync's RDB (a rogue claiming a newer term)"
+                } else {
+                    "restarted empty, as a master (a rogue)"
+                };
                 match result {
                     Ok(()) => {
-                        world.note_process(victim, "restarted empty, as a master (a rogue)");
+                        world.note_process(victim, what);
+                        let term = world
+                            .member(victim)
+                            .cmd(&["INFO", "replication"], Duration::from_secs(2))
+                            .map(|info| {
+                                let field =
+                                    |f| super::redis::info_field(&info, f).unwrap_or_default();
+                                format!(
+                                    "master_replid {} master_replid2 {}",
+                                    short(&field("master_replid")),
+                                    short(&field("master_replid2"))
+                                )
+                            })
+                            .unwrap_or_default();
                         self.log(&format!(
-                            "{name} restarted empty as a master (run_id {}) for {}ms",
+                            "{name} {what}: run_id {}, {term}, for {}ms",
                             short(&world.member(victim).run_id),
                             step.duration.as_millis()
                         ));
@@ -568,8 +606,13 @@ impl Nemesis {
                 };
                 self.join(|r| r == Resource::Portal(p));
                 let slot = &self.world.portals[p];
-                slot.incarnation.fetch_add(1, Ordering::SeqCst);
-                drop(lock(&slot.process).take());
+                let incarnation = slot.incarnation.fetch_add(1, Ordering::SeqCst);
+                if let Some(process) = lock(&slot.process).take() {
+                    self.world.save_log(
+                        &format!("portal-{}-process-{incarnation}.log", p + 1),
+                        &process.stderr_log(),
+                    );
+                }
                 self.log(&format!("portal {} killed (SIGKILL)", p + 1));
                 let world = self.world.clone();
                 let d = step.duration;
@@ -595,7 +638,7 @@ impl Nemesis {
 /// its link.
 fn restart_as_replica(world: &World, old: usize, primary: usize) {
     let name = &world.names[old];
-    let result = world.member(old).restart(Some(world.ports[primary]));
+    let result = world.member(old).restart(Some(world.ports[primary]), false);
     match result {
         Ok(()) => {
             world.note_process(
@@ -755,15 +798,17 @@ mod tests {
 
     #[test]
     fn a_seed_replays_the_same_schedule() {
-        assert_eq!(schedule(7, 50, 3), schedule(7, 50, 3));
-        assert_ne!(schedule(7, 50, 3), schedule(8, 50, 3));
-        let s = schedule(1, 300, 3);
+        assert_eq!(schedule(7, 50, 3, false), schedule(7, 50, 3, false));
+        assert_ne!(schedule(7, 50, 3, false), schedule(8, 50, 3, false));
+        let s = schedule(1, 300, 3, true);
         for kind in Kind::ALL {
             assert!(
                 s.iter().any(|step| step.kind == kind),
                 "{kind:?} never drawn"
             );
         }
+        assert!(s.iter().any(|step| step.keep_rdb));
+        assert!(!schedule(1, 300, 3, false).iter().any(|step| step.keep_rdb));
         // The trap: a rogue master followed by a slow or stalled primary.
         assert!(s.windows(2).any(|w| w[0].kind == Kind::RogueMaster
             && w[1].target == Target::Primary

@@ -118,10 +118,23 @@ impl Member {
         }
     }
 
-    /// Kills the process (if any) and starts a new one, empty: a master, or
-    /// a replica of `replica_of`.
-    pub fn restart(&mut self, replica_of: Option<u16>) -> io::Result<()> {
+    /// Kills the process (if any) and starts a new one: a master, or a
+    /// replica of `replica_of`. Persistence is off, but a member that was
+    /// a replica keeps the RDB file of its last full sync in its directory
+    /// and loads it at start: a master started from it carries the old
+    /// primary's replication id as its `master_replid2`, so it looks like a
+    /// promoted successor. `empty` deletes the RDB files first, so the
+    /// process starts empty with a fresh replication id and no history.
+    pub fn restart(&mut self, replica_of: Option<u16>, empty: bool) -> io::Result<()> {
         self.kill9();
+        if empty {
+            for entry in std::fs::read_dir(self.dir.path())?.flatten() {
+                let name = entry.file_name();
+                if name.to_string_lossy().ends_with(".rdb") {
+                    std::fs::remove_file(entry.path())?;
+                }
+            }
+        }
         self.spawn(replica_of)
     }
 
