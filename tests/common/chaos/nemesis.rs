@@ -300,17 +300,21 @@ impl World {
         lock(&self.members[i])
     }
 
-    /// Notes what the current process of member `i` is.
+    /// Adds to the story of the current process of member `i`.
     pub fn note_process(&self, i: usize, what: &str) {
         let m = self.member(i);
-        let text = format!(
-            "{} process #{} (run_id {}, port {}): {what}",
-            m.name,
-            m.starts,
-            short(&m.run_id),
-            m.port
-        );
-        lock(&self.processes).insert(m.run_id.clone(), text);
+        let at = secs(self.clock.now());
+        let mut processes = lock(&self.processes);
+        let story = processes.entry(m.run_id.clone()).or_insert_with(|| {
+            format!(
+                "{} process #{} (run_id {}, port {}):",
+                m.name,
+                m.starts,
+                short(&m.run_id),
+                m.port
+            )
+        });
+        story.push_str(&format!(" {what} at {at};"));
     }
 
     /// Writes `text` to `name` in the run's log directory.
@@ -499,10 +503,7 @@ impl Nemesis {
                                         world.names[primary]
                                     ),
                                 );
-                                world.note_process(
-                                    victim,
-                                    "restarted empty as a master (a rogue), later a replica",
-                                );
+                                world.note_process(victim, "made a replica");
                             }
                             Err(err) => {
                                 world.error(format!("REPLICAOF on the rogue {name}: {err}"))
