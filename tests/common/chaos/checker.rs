@@ -160,6 +160,8 @@ pub struct Verdict {
     /// The headline: acknowledged by a server that was not the real primary
     /// at any moment of the write's `[sent, acked]` window. Must be empty.
     pub non_primary: Vec<String>,
+    /// How many of those went through each portal (index 0 = portal 1).
+    pub non_primary_by_portal: BTreeMap<usize, usize>,
     /// Acknowledged, missing from the final primary, and not explained by a
     /// `kill -9` of the primary that acknowledged it. Must be empty.
     pub lost_by_portal: Vec<String>,
@@ -194,7 +196,7 @@ impl Verdict {
     /// Every failure, a few of each kind, as text.
     pub fn failures(&self) -> String {
         let mut out = String::new();
-        let mut list = |title: &str, items: &[String]| {
+        fn list(out: &mut String, title: &str, items: &[String]) {
             if items.is_empty() {
                 return;
             }
@@ -205,12 +207,20 @@ impl Verdict {
             if items.len() > 8 {
                 let _ = writeln!(out, "  - ... and {} more", items.len() - 8);
             }
-        };
-        list("written to a non-primary", &self.non_primary);
-        list("lost by the portal", &self.lost_by_portal);
-        list("epoch went back", &self.epoch_regressions);
-        list("leader_term went back", &self.term_regressions);
-        list("portals did not agree", &self.agreement_failures);
+        }
+        list(&mut out, "written to a non-primary", &self.non_primary);
+        if !self.non_primary_by_portal.is_empty() {
+            let by: Vec<String> = self
+                .non_primary_by_portal
+                .iter()
+                .map(|(p, n)| format!("portal {}: {n}", p + 1))
+                .collect();
+            let _ = writeln!(out, "  (through {})", by.join(", "));
+        }
+        list(&mut out, "lost by the portal", &self.lost_by_portal);
+        list(&mut out, "epoch went back", &self.epoch_regressions);
+        list(&mut out, "leader_term went back", &self.term_regressions);
+        list(&mut out, "portals did not agree", &self.agreement_failures);
         if self.read_back_failed {
             out.push_str("the final read-back from the primary failed\n");
         }
@@ -232,7 +242,11 @@ pub fn check(history: &History) -> Verdict {
             }
         }
     }
-    verdict.non_primary = written_to_non_primary(&history.writes, &history.truth)
+    let non_primary = written_to_non_primary(&history.writes, &history.truth);
+    for w in &non_primary {
+        *verdict.non_primary_by_portal.entry(w.portal).or_default() += 1;
+    }
+    verdict.non_primary = non_primary
         .into_iter()
         .map(|w| describe_non_primary(w, history))
         .collect();
