@@ -956,15 +956,6 @@ impl Validator<'_> {
                 ));
             }
         }
-        if raw.admin.peer_interval.is_zero() {
-            return Err(ConfigError::Invalid {
-                file: self.file.display().to_string(),
-                line: 0,
-                column: 0,
-                key: "admin.peer_interval".into(),
-                message: "must be above 0".into(),
-            });
-        }
 
         Ok(Config {
             file: self.file.to_path_buf(),
@@ -1310,6 +1301,34 @@ clusters:
             }) => (line, key, message),
             other => panic!("expected an Invalid error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn admin_token_and_peers() {
+        let dir = certs();
+        std::fs::write(dir.path().join("token"), "s3cret\n").expect("write");
+        let with_admin = |admin: &str| format!("admin:\n{admin}{GOOD}");
+        let cfg = config(
+            dir.path(),
+            &with_admin("  token_file: token\n  peers: [\"127.0.0.1:9091\"]\n  peer_interval: 1s\n"),
+        )
+        .expect("valid");
+        assert_eq!(cfg.admin.token.as_ref().map(Secret::expose), Some("s3cret"));
+        assert_eq!(cfg.admin.peers, vec!["127.0.0.1:9091".to_string()]);
+        assert_eq!(cfg.admin.peer_interval, Duration::from_secs(1));
+        // Peers without a token: the exchange would be open to anyone.
+        let (line, key, message) = invalid(&with_admin("  peers: [\"127.0.0.1:9091\"]\n"));
+        assert_eq!((line, key.as_str()), (2, "admin.peers"), "{message}");
+        let (line, key, _) = invalid(&with_admin("  token_file: token\n  peers: [\"nope\"]\n"));
+        assert_eq!((line, key.as_str()), (3, "admin.peers[0]"));
+        let (line, key, message) = invalid(&with_admin("  token_file: missing\n"));
+        assert_eq!((line, key.as_str()), (2, "admin.token_file"));
+        assert!(message.contains("missing"), "{message}");
+        std::fs::write(dir.path().join("empty"), "\n").expect("write");
+        let (_, key, _) = invalid(&with_admin("  token_file: empty\n"));
+        assert_eq!(key, "admin.token");
+        let (_, key, _) = invalid(&with_admin("  peer_interval: 0s\n"));
+        assert_eq!(key, "admin.peer_interval");
     }
 
     #[test]

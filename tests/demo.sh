@@ -503,8 +503,8 @@ EOF
     show_status "$ADMIN_1" 1
     show_status "$ADMIN_2" 2
     note "redis-a is up and says role:master, but its new replication id does not descend"
-    note "from redis-b's history, so it cannot prove a newer term: the incumbent redis-b"
-    note "keeps the role and redis-a is fenced (incumbent_leads), not eligible. Portal logs:"
+    note "from redis-b's history: an unrelated history never leads on its own, even if"
+    note "redis-b stalls or dies; redis-a is fenced (unrelated_history), not eligible. Portal logs:"
     grep -H 'fenced\|split brain' redis/portal1.log redis/portal2.log | sed 's/^/     /' || true
     echo
     note "The whole /status document of portal 1 at this point:"
