@@ -1316,6 +1316,12 @@ clusters:
         assert_eq!(cfg.admin.token.as_ref().map(Secret::expose), Some("s3cret"));
         assert_eq!(cfg.admin.peers, vec!["127.0.0.1:9091".to_string()]);
         assert_eq!(cfg.admin.peer_interval, Duration::from_secs(1));
+        let invalid = |body: &str| match config(dir.path(), body) {
+            Err(ConfigError::Invalid {
+                line, key, message, ..
+            }) => (line, key, message),
+            other => panic!("expected an Invalid error, got {other:?}"),
+        };
         // Peers without a token: the exchange would be open to anyone.
         let (line, key, message) = invalid(&with_admin("  peers: [\"127.0.0.1:9091\"]\n"));
         assert_eq!((line, key.as_str()), (2, "admin.peers"), "{message}");

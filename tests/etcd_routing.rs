@@ -335,7 +335,9 @@ async fn plaintext_and_garbage_clients_are_dropped_while_a_session_works() {
     );
 
     // Garbage: no answer, closed.
-    let answer = exchange_raw(ports.leader, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 1 << 16).await;
+    let (answer, ending) =
+        exchange_raw(ports.leader, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 1 << 16).await;
+    assert_eq!(ending, Ending::Closed, "garbage was not dropped");
     assert!(
         answer.is_empty(),
         "garbage got an answer: {:?}",

@@ -297,6 +297,8 @@ async fn sentinel_failover_is_followed_and_no_write_lands_elsewhere() {
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let rw = s.ports.rw;
     let certs = s.certs.clone();
+    let acks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = acks.clone();
     let writer = tokio::spawn(async move {
         let mut acked: Vec<(u64, u16, Instant)> = Vec::new();
         let mut i = 0u64;
@@ -305,6 +307,7 @@ async fn sentinel_failover_is_followed_and_no_write_lands_elsewhere() {
             let key = format!("w:{i}");
             if let Ok(server) = write_through(rw, &certs, &key, &i.to_string()).await {
                 acked.push((i, server, Instant::now()));
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
@@ -313,7 +316,13 @@ async fn sentinel_failover_is_followed_and_no_write_lands_elsewhere() {
         }
         acked
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The kill comes once the writer has a write acknowledged (by the
+    // primary), however slow this machine is.
+    let deadline = Instant::now() + DEADLINE;
+    while acks.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "no write acknowledged before the kill");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     s.primary.kill9();
     let killed = Instant::now();

@@ -102,7 +102,8 @@ async fn tls11_client_hello_gets_no_server_hello() {
     // Control: the same hand-made hello saying TLS 1.2 gets a ServerHello
     // (a handshake record whose first message is type 2), so the refusal
     // below is about the version and nothing else.
-    let answer = exchange_raw(ports.rw, &client_hello(0x0303), 6).await;
+    let (answer, ending) = exchange_raw(ports.rw, &client_hello(0x0303), 6).await;
+    assert_eq!(ending, Ending::Enough, "{answer:02x?}");
     assert!(
         answer.len() >= 6 && answer[0] == 0x16 && answer[5] == 0x02,
         "the crafted TLS 1.2 hello should get a ServerHello, got {:02x?}",
@@ -110,7 +111,8 @@ async fn tls11_client_hello_gets_no_server_hello() {
     );
 
     // Whatever comes back before the close: an alert record, or nothing.
-    let answer = exchange_raw(ports.rw, &client_hello(0x0302), usize::MAX).await;
+    let (answer, ending) = exchange_raw(ports.rw, &client_hello(0x0302), usize::MAX).await;
+    assert_eq!(ending, Ending::Closed, "the TLS 1.1 client was not dropped");
     assert!(
         answer.is_empty() || answer[0] == 0x15,
         "a TLS 1.1 hello must get an alert or a close, not {:02x?}",

@@ -1175,3 +1175,23 @@ fn a_dcs_naming_an_unknown_member_names_nobody() {
     v.apply_dcs(named(Some(7), 11));
     assert_eq!(v.leader(), None);
 }
+
+#[test]
+fn an_unreachable_dcs_keeps_a_suspect_leader() {
+    // One missed probe of the leader while the DCS is away: the leader is
+    // suspect, not gone, so the cluster keeps it (rule 1 with rule 6).
+    let mut v = View::new(2, T).with_dcs();
+    v.apply_dcs(named(Some(0), 10));
+    for _ in 0..2 {
+        feed(&mut v, 0, pg(1));
+        feed(&mut v, 1, replica(Some(0)));
+    }
+    assert_eq!(v.leader(), Some(0));
+    v.apply_dcs(DcsReport::Unreachable {
+        error: "timeout".into(),
+    });
+    assert!(feed(&mut v, 0, soft()).is_empty());
+    assert_eq!(v.leader(), Some(0));
+    feed(&mut v, 0, soft());
+    assert_eq!(v.leader(), None, "fall reached: down");
+}

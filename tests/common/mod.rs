@@ -1176,23 +1176,37 @@ pub fn client_hello(client_version: u16) -> Vec<u8> {
     record
 }
 
+/// How [`exchange_raw`] stopped reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// `enough` bytes came.
+    Enough,
+    /// The peer closed (or reset) the connection.
+    Closed,
+    /// Neither within `DEADLINE`: the peer kept the connection open.
+    TimedOut,
+}
+
 /// Sends `bytes` on a fresh plain TCP connection to `port` and collects what
-/// comes back until the peer closes (or `DEADLINE`, or `enough` bytes).
-pub async fn exchange_raw(port: u16, bytes: &[u8], enough: usize) -> Vec<u8> {
+/// comes back until the peer closes, `enough` bytes came, or `DEADLINE`;
+/// says which.
+pub async fn exchange_raw(port: u16, bytes: &[u8], enough: usize) -> (Vec<u8>, Ending) {
     let mut tcp = TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
     tcp.write_all(bytes).await.expect("send");
     let mut answer = Vec::new();
-    let _ = tokio::time::timeout(DEADLINE, async {
+    let ending = tokio::time::timeout(DEADLINE, async {
         let mut chunk = [0u8; 4096];
         while answer.len() < enough {
             match tcp.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
+                Ok(0) | Err(_) => return Ending::Closed,
                 Ok(n) => answer.extend_from_slice(&chunk[..n]),
             }
         }
+        Ending::Enough
     })
-    .await;
-    answer
+    .await
+    .unwrap_or(Ending::TimedOut);
+    (answer, ending)
 }
