@@ -1310,7 +1310,9 @@ clusters:
         let with_admin = |admin: &str| format!("admin:\n{admin}{GOOD}");
         let cfg = config(
             dir.path(),
-            &with_admin("  token_file: token\n  peers: [\"127.0.0.1:9091\"]\n  peer_interval: 1s\n"),
+            &with_admin(
+                "  token_file: token\n  peers: [\"127.0.0.1:9091\"]\n  peer_interval: 1s\n",
+            ),
         )
         .expect("valid");
         assert_eq!(cfg.admin.token.as_ref().map(Secret::expose), Some("s3cret"));

@@ -320,7 +320,10 @@ async fn sentinel_failover_is_followed_and_no_write_lands_elsewhere() {
     // primary), however slow this machine is.
     let deadline = Instant::now() + DEADLINE;
     while acks.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-        assert!(Instant::now() < deadline, "no write acknowledged before the kill");
+        assert!(
+            Instant::now() < deadline,
+            "no write acknowledged before the kill"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
