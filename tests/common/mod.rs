@@ -6,8 +6,8 @@
 //! panics leaves nothing behind. When a test panics, the portal's and the
 //! Redis servers' logs are printed as they are dropped.
 //!
-//! Ports come from the OS (bind `127.0.0.1:0`, read, drop) and are never
-//! handed out twice within one test binary.
+//! Ports come from below the kernel's ephemeral range (see [`free_port`])
+//! and are never handed out twice within one test binary.
 
 #![allow(dead_code)]
 
@@ -46,20 +46,40 @@ const POLL: Duration = Duration::from_millis(20);
 
 // ---- ports ------------------------------------------------------------------
 
-/// A loopback port the OS just handed out and nobody in this process got
-/// before.
+/// Ports handed out come from here: below Linux's ephemeral range
+/// (32768-60999 by default), which the kernel draws the local ports of
+/// outgoing connections from. A port the OS handed out for `127.0.0.1:0`
+/// could be taken, between the test's check and the server's bind, by a
+/// probe's or a client's outgoing connection; one from this range cannot.
+const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
+
+/// A loopback port, outside the ephemeral range, that was free a moment
+/// ago and that nobody in this process got before. Each process starts at
+/// its own offset in the range, so test binaries run side by side rarely
+/// meet.
 pub fn free_port() -> u16 {
-    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
-    let given = GIVEN.get_or_init(Default::default);
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("bind 127.0.0.1:0")
-            .port();
-        if given.lock().expect("port set").insert(port) {
+    static NEXT: OnceLock<Mutex<(u16, HashSet<u16>)>> = OnceLock::new();
+    let span = PORT_RANGE.end - PORT_RANGE.start;
+    let state = NEXT.get_or_init(|| {
+        let seed = std::process::id()
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+        Mutex::new(((seed % u32::from(span)) as u16, HashSet::new()))
+    });
+    let mut state = state.lock().expect("port state");
+    for _ in 0..span {
+        let port = PORT_RANGE.start + state.0 % span;
+        state.0 = (state.0 + 1) % span;
+        if state.1.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            state.1.insert(port);
             return port;
         }
     }
+    panic!("no free port left in {PORT_RANGE:?}");
 }
 
 // ---- RESP -------------------------------------------------------------------
