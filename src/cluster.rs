@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
@@ -32,6 +33,9 @@ enum Control {
     },
     /// Terms a peer portal proved.
     Peer(PeerTerms),
+    /// A peer answered, without terms for this cluster; or the wait for a
+    /// first answer is over (view rule 9).
+    PeersHeard,
 }
 
 /// Why an operator's decision did not apply.
@@ -68,9 +72,12 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts the probes and the view task on `tasks`; both stop on `cancel`.
+    /// With `peer_wait`, the portal has peers: the first election waits for
+    /// a peer's answer, or that long (view rule 9).
     pub fn start(
         config: config::Cluster,
         origination: Option<Origination>,
+        peer_wait: Option<Duration>,
         metrics: Arc<Metrics>,
         tasks: &TaskTracker,
         cancel: CancellationToken,
@@ -85,6 +92,11 @@ impl Cluster {
         );
         if config.dcs.is_some() {
             view = view.with_dcs();
+        }
+        // Rule 9 (no first election before the peers are heard) is for
+        // the probes' own elections; with a DCS, the DCS names the leader.
+        if peer_wait.is_some() && config.dcs.is_none() {
+            view = view.with_peers();
         }
         let first = Arc::new(view.snapshot());
         let (routing_tx, routing) = watch::channel(first.clone());
@@ -135,6 +147,7 @@ impl Cluster {
                 reports: reports_rx,
                 dcs: dcs_rx,
                 control: control_rx,
+                peer_wait,
             },
             routing_tx,
             urgent_tx,
@@ -178,6 +191,13 @@ impl Cluster {
     /// is busy (the peer is asked again soon).
     pub fn apply_peer(&self, terms: PeerTerms) {
         if self.control.try_send(Control::Peer(terms)).is_err() {
+            tracing::debug!(cluster = %self.config.name, "control queue full; dropping a peer answer");
+        }
+    }
+
+    /// A peer answered without terms for this cluster (view rule 9).
+    pub fn peers_heard(&self) {
+        if self.control.try_send(Control::PeersHeard).is_err() {
             tracing::debug!(cluster = %self.config.name, "control queue full; dropping a peer answer");
         }
     }
@@ -327,6 +347,8 @@ struct Inputs {
     reports: mpsc::Receiver<Report>,
     dcs: mpsc::Receiver<DcsReport>,
     control: mpsc::Receiver<Control>,
+    /// How long the first election waits for a peer (view rule 9).
+    peer_wait: Option<Duration>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -349,11 +371,21 @@ async fn supervise(
         mut reports,
         mut dcs,
         mut control,
+        peer_wait,
     } = inputs;
     let mut dcs_open = true;
+    // Rule 9's wait ends at a peer's first answer or at this deadline.
+    let peers_silent = tokio::time::sleep(peer_wait.unwrap_or_default());
+    tokio::pin!(peers_silent);
+    let mut awaiting_peers = peer_wait.is_some() && cluster.config.dcs.is_none();
     loop {
         let mut poke_all = false;
         let transitions = tokio::select! {
+            _ = &mut peers_silent, if awaiting_peers => {
+                awaiting_peers = false;
+                tracing::warn!(cluster = name, "no peer answered in time: electing without their terms");
+                view.peers_heard()
+            }
             command = control.recv() => match command {
                 Some(Control::Override { decision, reply }) => {
                     let (action, target) = match &decision {
@@ -378,7 +410,14 @@ async fn supervise(
                     poke_all = true;
                     transitions
                 }
-                Some(Control::Peer(terms)) => view.apply_peer(terms),
+                Some(Control::Peer(terms)) => {
+                    awaiting_peers = false;
+                    view.apply_peer(terms)
+                }
+                Some(Control::PeersHeard) => {
+                    awaiting_peers = false;
+                    view.peers_heard()
+                }
                 None => return,
             },
             report = reports.recv() => match report {

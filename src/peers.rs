@@ -120,6 +120,7 @@ pub async fn follow(
     // a stale answer is worth little.
     let limit = interval.clamp(Duration::from_millis(100), Duration::from_secs(2));
     let mut reachable: Option<bool> = None;
+    let mut first = true;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -139,11 +140,20 @@ pub async fn follow(
                     tracing::info!(peer = %peer, "peer portal answers");
                     reachable = Some(true);
                 }
-                for (name, terms) in parse_document(&document) {
-                    if let Some(cluster) = clusters.iter().find(|c| c.config.name == name) {
-                        cluster.apply_peer(terms);
+                let answers = parse_document(&document);
+                for cluster in &clusters {
+                    match answers
+                        .iter()
+                        .find(|(name, _)| *name == cluster.config.name)
+                    {
+                        Some((_, terms)) => cluster.apply_peer(terms.clone()),
+                        // The peer knows no leader of this cluster either:
+                        // say so once, so a fresh view stops waiting.
+                        None if first => cluster.peers_heard(),
+                        None => {}
                     }
                 }
+                first = false;
             }
             Err(error) => {
                 failed.inc();

@@ -60,6 +60,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         };
         originations.push(origination);
     }
+    // View rule 9: with peers, a fresh portal's first election waits for a
+    // peer's answer, at most a few exchange intervals (a peer that is down
+    // too must not keep this one from serving).
+    let peer_wait = (!config.admin.peers.is_empty() && config.admin.token.is_some())
+        .then(|| (config.admin.peer_interval * 5).max(Duration::from_secs(1)));
     let clusters: Vec<Arc<Cluster>> = config
         .clusters
         .iter()
@@ -68,6 +73,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Cluster::start(
                 c.clone(),
                 origination,
+                peer_wait,
                 metrics.clone(),
                 &background,
                 stop_background.clone(),

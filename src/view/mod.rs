@@ -42,7 +42,15 @@
 //!    (`unrelated_history`), even after that leader is gone: a Redis master
 //!    restarted empty, a member rebuilt from scratch. Then there is no
 //!    leader and clients are held and refused. A DCS that names it (rule 6)
-//!    or an operator ([`Override`]) lets it lead.
+//!    or an operator ([`Override`]) lets it lead. The last leader's history
+//!    moves on only when its own member, now a replica, reports another
+//!    one: it follows that history, which then holds the cluster's data.
+//! 9. A view configured with peers ([`View::with_peers`]) that remembers no
+//!    leader (a portal that just started) elects nobody until a peer has
+//!    answered or the caller says the peers are silent
+//!    ([`View::peers_heard`]): a restarted portal first learns what its peers
+//!    proved, so that a rogue that happens to be the only live claimant at
+//!    that moment cannot win its first election.
 //!
 //! Every change of the leader or of the replica set bumps `epoch`.
 
@@ -285,6 +293,8 @@ pub enum NoLeader {
     SplitBrain,
     /// Every claimant is fenced (rules 4, 5, 8).
     Fenced,
+    /// A fresh view waits for its peers' proven terms (rule 9).
+    AwaitingPeers,
     /// A DCS is configured and names no confirmed leader (rule 6).
     Dcs,
 }
@@ -296,6 +306,7 @@ impl NoLeader {
             NoLeader::Rising => "claimant_rising",
             NoLeader::SplitBrain => "split_brain",
             NoLeader::Fenced => "every_claimant_fenced",
+            NoLeader::AwaitingPeers => "awaiting_peers",
             NoLeader::Dcs => "dcs_names_no_confirmed_leader",
         }
     }
@@ -438,6 +449,10 @@ pub struct View {
     /// It only moves forward, except when a new election cannot relate the
     /// winner's term to it.
     leader_term: Option<Term>,
+    /// The member `leader_term` was last seen with as leader.
+    last_leader: Option<MemberId>,
+    /// Rule 9: no first election before the peers are heard.
+    awaiting_peers: bool,
     /// Observed lineage steps `(id, previous)`, oldest first: they make
     /// [`View::order`] transitive across several promotions.
     lineage: VecDeque<(String, String)>,
@@ -463,6 +478,8 @@ impl View {
             members: vec![fresh; member_count],
             leader: None,
             leader_term: None,
+            last_leader: None,
+            awaiting_peers: false,
             lineage: VecDeque::new(),
             past_leaders: VecDeque::new(),
             peer_terms: VecDeque::new(),
@@ -479,6 +496,25 @@ impl View {
     pub fn with_dcs(mut self) -> View {
         self.dcs = DcsView::Waiting;
         self
+    }
+
+    /// A view whose portal has peers: it makes no first election before
+    /// [`View::peers_heard`] or a peer's terms (rule 9).
+    pub fn with_peers(mut self) -> View {
+        self.awaiting_peers = true;
+        self
+    }
+
+    /// A peer answered (with or without terms for this cluster), or the
+    /// peers stayed silent for as long as the caller waits: rule 9 no
+    /// longer holds the first election back.
+    pub fn peers_heard(&mut self) -> Vec<Transition> {
+        let mut out = Vec::new();
+        if self.awaiting_peers {
+            self.awaiting_peers = false;
+            self.decide(&mut out);
+        }
+        out
     }
 
     /// Applies what the DCS says now and returns the changes it caused.
@@ -612,6 +648,7 @@ impl View {
     /// order: a term already known, or older than one known, adds nothing.
     pub fn apply_peer(&mut self, peer: PeerTerms) -> Vec<Transition> {
         let mut out = Vec::new();
+        self.awaiting_peers = false;
         for (id, previous) in peer.lineage.into_iter().take(LINEAGE_MEMORY) {
             self.learn_step(id, previous);
         }
@@ -689,6 +726,7 @@ impl View {
 
     fn forget_terms(&mut self) {
         self.leader_term = None;
+        self.last_leader = None;
         self.past_leaders.clear();
         self.lineage.clear();
         self.peer_terms.clear();
@@ -816,6 +854,21 @@ impl View {
                 self.set_leader_term(t);
             }
         }
+        // Rule 8: the last leader, now a replica, follows another history:
+        // that history holds the cluster's data now and becomes the one
+        // claimants must continue.
+        if self.leader.is_none() && self.dcs == DcsView::Absent {
+            let moved = self.last_leader.and_then(|m| {
+                let seen = self.members.get(m)?.seen.as_ref()?;
+                let term = seen.term.as_ref()?;
+                let last = self.leader_term.as_ref()?;
+                (seen.role == Role::Replica && self.order(term, last).is_none())
+                    .then(|| term.clone())
+            });
+            if let Some(term) = moved {
+                self.set_leader_term(term);
+            }
+        }
 
         // Claimants: members whose latest report claims primary, minus those
         // fenced. Rising members count too: while they cannot lead yet, they
@@ -847,13 +900,14 @@ impl View {
                     .any(|p| self.order(t, p) == Some(Ordering::Less))
             });
             // Rule 8: unless a DCS answers (and names whom it names), a
-            // claim must continue the last leader's history. The incumbent
-            // reporting no term keeps its role: it is not a newcomer.
+            // claim must continue the last leader's history; a claim with
+            // no term proves nothing (whoever makes it, so that deciding
+            // again on the same reports gives the same answer).
             let unrelated = !dcs_answers
                 && match (term, &self.leader_term) {
                     (_, None) => false,
                     (Some(t), Some(last)) => self.order(t, last).is_none(),
-                    (None, Some(_)) => self.leader != Some(id),
+                    (None, Some(_)) => true,
                 };
             // Reasons that do not depend on who leads now come first, so
             // that deciding again on the same reports gives the same reason.
@@ -899,7 +953,11 @@ impl View {
             })
         });
 
-        let (leader, split) = if let Ok(named) = self.dcs_choice() {
+        // Rule 9: a fresh view with peers waits for what they proved.
+        let awaiting = self.awaiting_peers && self.leader.is_none() && self.leader_term.is_none();
+        let (leader, split) = if awaiting {
+            (None, false)
+        } else if let Ok(named) = self.dcs_choice() {
             // Rule 6: the DCS names, a probe confirms, the term rules still fence.
             for c in claimants.iter().filter(|c| Some(c.id) != named) {
                 fenced_now.push((c.id, FenceReason::NotDcsLeader));
@@ -937,6 +995,7 @@ impl View {
         self.no_leader = match leader {
             Some(_) => None,
             None if split => Some(NoLeader::SplitBrain),
+            None if awaiting => Some(NoLeader::AwaitingPeers),
             None if self.dcs != DcsView::Absent => Some(NoLeader::Dcs),
             None if !claimants.is_empty() => Some(NoLeader::Rising),
             None if !anyone_claims => Some(NoLeader::NoClaimant),
@@ -964,6 +1023,7 @@ impl View {
                 if let Some(t) = &term {
                     self.set_leader_term(t.clone());
                 }
+                self.last_leader = Some(new);
                 self.members[new].fenced = None;
                 // Elected on the fast path (rule 4) before `rise` reports:
                 // it is eligible now, and says so.

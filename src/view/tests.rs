@@ -354,6 +354,76 @@ fn a_term_a_peer_proved_fences_an_older_claimant_here() {
 }
 
 #[test]
+fn a_fresh_view_with_peers_makes_no_first_election_before_hearing_them() {
+    // A restarted portal: the real primary (member 1) is stalled and does
+    // not report; an empty rogue (member 0) is the only live claimant.
+    let mut v = View::new(2, T).with_peers();
+    for _ in 0..3 {
+        feed(&mut v, 0, primary(Some(lineage("z", None))));
+    }
+    assert_eq!(v.leader(), None);
+    assert_eq!(v.snapshot().no_leader, Some(NoLeader::AwaitingPeers));
+    // The peer proved y (after x): the rogue is unrelated to it.
+    v.apply_peer(PeerTerms {
+        term: lineage("y", Some("x")),
+        lineage: vec![("y".into(), "x".into())],
+    });
+    assert_eq!(v.leader(), None);
+    assert_eq!(
+        v.snapshot().members[0].fenced,
+        Some(FenceReason::UnrelatedHistory)
+    );
+    feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+    feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+    assert_eq!(v.leader(), Some(1));
+
+    // Peers that know nothing (or are silent past the wait): the rules
+    // decide alone.
+    let mut w = View::new(2, T).with_peers();
+    for _ in 0..2 {
+        feed(&mut w, 0, primary(Some(lineage("z", None))));
+    }
+    assert_eq!(w.leader(), None);
+    w.peers_heard();
+    assert_eq!(w.leader(), Some(0));
+    // Only the first election waits: later ones do not.
+    assert!(w.peers_heard().is_empty());
+}
+
+#[test]
+fn the_history_moves_on_when_the_last_leader_follows_another() {
+    // A portal that (with nothing to go on) elected an empty rogue z; the
+    // rogue is then made a replica of the real primary y and syncs: it now
+    // holds y's history, and so does the cluster.
+    let mut v = View::new(2, T);
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(lineage("z", None))));
+    }
+    assert_eq!(v.leader(), Some(0));
+    feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+    feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+    assert_eq!(v.leader(), Some(0), "the incumbent keeps the role");
+    // The rogue becomes a replica, still on its own id until it syncs.
+    feed(&mut v, 0, replica_on(lineage("z", None), Some(1)));
+    assert_eq!(v.leader(), None);
+    assert_eq!(
+        v.snapshot().members[1].fenced,
+        Some(FenceReason::UnrelatedHistory)
+    );
+    // Synced: it reports y's id; y's history is the cluster's now.
+    feed(&mut v, 0, replica_on(lineage("y", Some("x")), Some(1)));
+    assert_eq!(v.leader(), Some(1));
+    // A replica of another history that never led moves nothing.
+    let mut w = steady();
+    feed(&mut w, 0, hard());
+    feed(&mut w, 1, replica_on(lineage("q", None), None));
+    for _ in 0..2 {
+        feed(&mut w, 1, primary(Some(lineage("q", None))));
+    }
+    assert_eq!(w.leader(), None);
+}
+
+#[test]
 fn a_restarted_portal_orders_claimants_by_its_peer_term() {
     // A fresh view (a restarted portal) sees the real primary y and an
     // unrelated empty master z: by itself that is a split brain; the peer's
@@ -624,6 +694,29 @@ fn edge_of(term: &Term) -> Option<(String, String)> {
     }
 }
 
+/// Rule 8's one way for the reference history to move on, as the property
+/// sees it: with no leader, the last leader's member, now a replica,
+/// reports a history unrelated to the reference.
+fn follow_moved_history(
+    reference: &mut Option<Term>,
+    last_leader_member: Option<MemberId>,
+    last: &Snapshot,
+    now: &Snapshot,
+    edges: &[(String, String)],
+) {
+    if last.leader.is_some() {
+        return;
+    }
+    let (Some(m), Some(r)) = (last_leader_member, reference.clone()) else {
+        return;
+    };
+    if let (Role::Replica, Some(tr)) = (now.members[m].role, &now.members[m].term) {
+        if !same_or_newer(tr, &r, edges) && !oracle_newer(&r, tr, edges) {
+            *reference = Some(tr.clone());
+        }
+    }
+}
+
 /// `a` is the same term as `b` (lineages by id) or provably newer.
 fn same_or_newer(a: &Term, b: &Term, edges: &[(String, String)]) -> bool {
     let same = match (a, b) {
@@ -710,6 +803,7 @@ proptest! {
         // leader's term, or a peer's before any leader was seen.
         let mut reference: Option<Term> = None;
         let mut peer_terms: Vec<Term> = Vec::new();
+        let mut last_leader_member: Option<MemberId> = None;
         // Consecutive failed probes per member, counted by the test.
         let mut misses = vec![0u32; n];
         let mut last = v.snapshot();
@@ -724,6 +818,7 @@ proptest! {
                     }
                     peer_terms.push(term);
                     let s = v.snapshot();
+                    follow_moved_history(&mut reference, last_leader_member, &last, &s, &edges);
                     if let Some(l) = s.leader {
                         if let Some(t) = &s.members[l].term {
                             for p in &peer_terms {
@@ -759,6 +854,8 @@ proptest! {
             // The epoch never goes back, and moves exactly when routing changes.
             let routing_changed = s.leader != last.leader || s.replicas != last.replicas;
             prop_assert_eq!(s.epoch, last.epoch + u64::from(routing_changed));
+
+            follow_moved_history(&mut reference, last_leader_member, &last, &s, &edges);
 
             // Rule 1: fewer than `fall` soft failures in a row decide nothing.
             if soft && misses[member] < fall {
@@ -814,6 +911,7 @@ proptest! {
                     last_leader_term = Some(term.clone());
                     reference = Some(term.clone());
                 }
+                last_leader_member = Some(l);
             } else {
                 prop_assert!(s.no_leader.is_some(), "no leader and no reason");
             }
