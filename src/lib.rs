@@ -6,10 +6,11 @@
 //! named (Patroni's keys in etcd, Sentinel), [`roster`] holds the members
 //! (configured or learned from the DCS), [`cluster`] feeds both to the
 //! view and publishes snapshots, [`router`] picks members, [`proxy`] is the
-//! data path, [`frontend`] the protocol-specific openings and refusals,
-//! [`tls`] and [`certs`] the TLS material, [`admin`] and [`metrics`] the
-//! operator's side, [`peers`] the exchange of proven terms between
-//! portals, [`server`] the wiring and shutdown, [`cli`] the commands.
+//! data path ([`splice`] relays a session's bytes), [`frontend`] the
+//! protocol-specific openings and refusals, [`tls`] and [`certs`] the TLS
+//! material, [`admin`] and [`metrics`] the operator's side, [`peers`] the
+//! exchange of proven terms between portals, [`server`] the wiring and
+//! shutdown, [`cli`] the commands.
 //! [`etcd_api`] is etcd's v3 gRPC client that the etcd probe and the etcd
 //! DCS source speak: generated code, committed (see `tools/gen-etcd-api`).
 
@@ -29,6 +30,7 @@ pub mod proxy;
 pub mod roster;
 pub mod router;
 pub mod server;
+pub mod splice;
 pub mod stream;
 pub mod tls;
 pub mod view;

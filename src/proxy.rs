@@ -1,6 +1,8 @@
 //! The data path of one endpoint: accept, TLS handshake, route (holding while
-//! there is no eligible member), connect, splice; and close the session when
-//! its member stops being eligible.
+//! there is no eligible member, connects included, for at most
+//! `hold_timeout`), connect, splice; and close the session when its member
+//! stops being eligible: the client-to-member direction first, at once, then,
+//! for PostgreSQL, at the next backend message boundary with a `57P01`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -26,11 +28,25 @@ use crate::frontend::postgres::{CancelKey, KeyWatcher};
 use crate::frontend::{self, Accepted, Frontend, Refusal};
 use crate::metrics::Metrics;
 use crate::router;
+use crate::splice::{Relayed, Splice};
 use crate::stream::Stream;
 use crate::view::{MemberId, Snapshot};
 
-/// How long a connect to a member may take before the next candidate.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest one connect attempt to a member may take (TCP, and TLS when
+/// originated), within what is left of `hold_timeout`: a member that
+/// blackholes connects must not take a long hold's whole time from the
+/// other candidates, or from a leader elected meanwhile.
+const CONNECT_ATTEMPT_CAP: Duration = Duration::from_secs(2);
+/// Shortest connect attempt, even with less of `hold_timeout` left: a
+/// loopback or LAN connect takes well under it, and an attempt cut any
+/// shorter would fail on a healthy member.
+const CONNECT_ATTEMPT_FLOOR: Duration = Duration::from_millis(100);
+/// How long a cancel request may take to reach its member.
+const CANCEL_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a PostgreSQL session closed on a leader change may take to
+/// finish relaying the message its client is in the middle of (and to take
+/// the `57P01` after it). Past that it is closed mid-message, without one.
+const CLOSE_DRAIN: Duration = Duration::from_secs(1);
 /// Pause before retrying a member after a connect failure the view has not
 /// (yet) turned into a new snapshot.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
@@ -223,7 +239,20 @@ async fn session(
     } else {
         tracing::debug!(endpoint = ep, %peer, member = cluster.member_name(member), epoch, "session routed");
     }
-    if !preface.is_empty() {
+    let route = endpoint.config.route;
+    let close_on_change = endpoint.config.on_leader_change == OnLeaderChange::Close;
+    // A second look at the routing snapshots, asked before every write to
+    // the member; `routing` itself wakes the session when it is idle.
+    let mut gate = Gate {
+        enabled: close_on_change,
+        routing: routing.clone(),
+        route,
+        member,
+        shut: false,
+    };
+    // Not even the startup message goes to a member that has just lost its
+    // eligibility; the relay below then closes the session at once.
+    if !preface.is_empty() && gate.open() {
         if let Err(err) = server.write_all(&preface).await {
             tracing::warn!(endpoint = ep, %peer, member = cluster.member_name(member), error = %err, "member closed before the session started");
             return;
@@ -242,34 +271,88 @@ async fn session(
         member,
         key: None,
     };
-    let route = endpoint.config.route;
-    let close_on_change = endpoint.config.on_leader_change == OnLeaderChange::Close;
-    tokio::select! {
-        result = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, SPLICE_BUFFER, SPLICE_BUFFER) => {
+    let mut splice = Splice::new(SPLICE_BUFFER, protocol == Protocol::Postgres);
+    let mut open = || gate.open();
+    let ended = {
+        let relay =
+            std::future::poll_fn(|cx| splice.poll_relay(cx, &mut client, &mut server, &mut open));
+        // Biased: a snapshot that makes the member ineligible is seen before
+        // one more byte is relayed.
+        tokio::select! {
+            biased;
+            _ = no_longer_eligible(&mut routing, route, member), if close_on_change => Ended::Ineligible,
+            _ = close.cancelled() => Ended::Shutdown,
+            relayed = relay => match relayed {
+                Relayed::Gated => Ended::Ineligible,
+                Relayed::Finished(result) => Ended::Finished(result),
+            },
+        }
+    };
+    // From here on nothing is written to the member: the relay is gone.
+    match ended {
+        Ended::Finished(result) => {
             if let Err(err) = result {
                 tracing::debug!(endpoint = ep, %peer, error = %err, "session ended with an error");
             }
         }
-        _ = no_longer_eligible(&mut routing, route, member), if close_on_change => {
+        Ended::Ineligible => {
             endpoint.metrics.closed_leader_change.inc();
-            tracing::info!(
-                endpoint = ep, %peer,
-                member = cluster.member_name(member),
-                epoch = routing.borrow().epoch,
-                "member no longer eligible for this route; session closed"
-            );
+            let epoch = routing.borrow().epoch;
+            let member_name = cluster.member_name(member);
             if protocol == Protocol::Postgres {
-                // Tell the client why, as the server does on a forced disconnect.
+                // Tell the client why, as the server does on a forced
+                // disconnect, where its parser expects a new message: an
+                // ErrorResponse inside a half-relayed DataRow would corrupt
+                // its stream. Closing mid-message is the lesser harm when the
+                // message cannot be finished in time.
                 let notice = frontend::postgres::error_response("57P01", "portal: the member this session used is no longer eligible (leader change); reconnect");
-                let _ = tokio::time::timeout(Duration::from_millis(100), client.inner.write_all(&notice)).await;
+                let drained = tokio::time::timeout(CLOSE_DRAIN, async {
+                    let relayed = splice.finish_message(&mut client, &mut server).await?;
+                    if relayed.is_some() {
+                        client.write_all(&notice).await?;
+                        client.flush().await?;
+                    }
+                    Ok::<_, io::Error>(relayed)
+                })
+                .await;
+                match drained {
+                    Ok(Ok(Some(relayed))) => tracing::info!(
+                        endpoint = ep, %peer, member = member_name, epoch, relayed,
+                        "member no longer eligible for this route; session closed at a message boundary with 57P01"
+                    ),
+                    Ok(Ok(None)) => tracing::info!(
+                        endpoint = ep, %peer, member = member_name, epoch,
+                        "member no longer eligible for this route; session closed (the member's stream ended mid-message)"
+                    ),
+                    Ok(Err(err)) => tracing::info!(
+                        endpoint = ep, %peer, member = member_name, epoch, error = %err,
+                        "member no longer eligible for this route; session closed (relaying the rest of the message failed)"
+                    ),
+                    Err(_) => tracing::info!(
+                        endpoint = ep, %peer, member = member_name, epoch, timeout_ms = CLOSE_DRAIN.as_millis() as u64,
+                        "member no longer eligible for this route; session closed mid-message, the rest not relayed in time"
+                    ),
+                }
+            } else {
+                tracing::info!(
+                    endpoint = ep, %peer, member = member_name, epoch,
+                    "member no longer eligible for this route; session closed"
+                );
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), client.inner.shutdown()).await;
         }
-        _ = close.cancelled() => {
+        Ended::Shutdown => {
             endpoint.metrics.closed_shutdown.inc();
             let _ = tokio::time::timeout(Duration::from_millis(100), client.inner.shutdown()).await;
         }
     }
+}
+
+/// Why a session's relay stopped.
+enum Ended {
+    Finished(io::Result<()>),
+    Ineligible,
+    Shutdown,
 }
 
 /// Forwards a PostgreSQL CancelRequest to the member that issued the key.
@@ -299,7 +382,7 @@ async fn forward_cancel(endpoint: &Endpoint, key: CancelKey, peer: SocketAddr) {
             cluster.config.protocol,
             &entry.address,
             cluster.origination.as_ref(),
-            CONNECT_TIMEOUT,
+            CANCEL_CONNECT_TIMEOUT,
         )
         .await?;
         server.write_all(&key.request()).await?;
@@ -381,7 +464,7 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
                 cluster.config.protocol,
                 &entry.address,
                 cluster.origination.as_ref(),
-                CONNECT_TIMEOUT,
+                connect_timeout(deadline),
             )
             .await
             {
@@ -435,6 +518,40 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
                 });
             }
         }
+    }
+}
+
+/// How long the next connect attempt may take: what is left until the
+/// hold's `deadline`, so that attempts (retries and other candidates
+/// included) share one `hold_timeout`; at least the floor, at most the cap.
+fn connect_timeout(deadline: tokio::time::Instant) -> Duration {
+    deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .clamp(CONNECT_ATTEMPT_FLOOR, CONNECT_ATTEMPT_CAP)
+}
+
+/// Whether the member of a session may still be written to: once the
+/// routing snapshot says it is no longer eligible, never again. Looks at the
+/// snapshot only when it has changed since the last look, so asking costs
+/// one atomic load: cheap enough before every write to the member.
+struct Gate {
+    /// Off with `on_leader_change: keep`.
+    enabled: bool,
+    routing: watch::Receiver<Arc<Snapshot>>,
+    route: Route,
+    member: MemberId,
+    shut: bool,
+}
+
+impl Gate {
+    fn open(&mut self) -> bool {
+        if self.enabled && !self.shut && self.routing.has_changed().unwrap_or(false) {
+            // (An error means the view is gone: shutdown closes sessions its
+            // own way.)
+            let snapshot = self.routing.borrow_and_update();
+            self.shut = !router::still_eligible(&snapshot, self.route, self.member);
+        }
+        !self.shut
     }
 }
 

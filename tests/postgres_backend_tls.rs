@@ -9,11 +9,16 @@
 //! member, elects it, and carries client sessions (and cancel requests) to it
 //! over TLS. A portal with the wrong CA, or without the `server_name` the
 //! certificate needs, cannot reach the member: its clients get a readable
-//! `57P03` after `hold_timeout`, and the portal keeps running.
+//! `57P03` after `hold_timeout`, and the portal keeps running. A member
+//! that stops answering new connections (the probe's, older, still works)
+//! holds a client no longer than `hold_timeout`: the connect is part of the
+//! hold.
 
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::pg::*;
@@ -369,4 +374,120 @@ fn the_postgres_example_config_passes_check_with_and_without_backend_tls() {
     );
     std::fs::copy(&certs.ca, root.path().join("certs/members-ca.crt")).expect("members CA");
     check(&on, "postgres-backend-tls.yaml");
+}
+
+/// A TCP forwarder in front of a member that, once told to, accepts new
+/// connections and never answers them (nor forwards them), while the
+/// connections it already forwards go on: a member whose new connects
+/// hang, whose probe does not notice.
+struct Blackhole {
+    port: u16,
+    swallow: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Blackhole {
+    async fn start(target: u16) -> Blackhole {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the forwarder");
+        let port = listener.local_addr().expect("forwarder address").port();
+        let swallow = Arc::new(AtomicBool::new(false));
+        let swallowing = swallow.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut conn, _)) = listener.accept().await {
+                if swallowing.load(Ordering::SeqCst) {
+                    held.push(conn); // open, and silent
+                    continue;
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut member) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut conn, &mut member).await;
+                    }
+                });
+            }
+        });
+        Blackhole {
+            port,
+            swallow,
+            task,
+        }
+    }
+
+    fn swallow_new_connections(&self) {
+        self.swallow.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_timeout_bounds_a_connect_to_a_member_that_never_answers() {
+    let member = tls_member();
+    let hole = Blackhole::start(member.server.port()).await;
+    let certs = temp_certs();
+    let hold = Duration::from_millis(500);
+    let config = PgPortalConfig::new(&certs, &[hole.port])
+        .hold_timeout("500ms")
+        .backend_tls(&format!(
+            "{{ca: {}, server_name: {MEMBER_NAME}}}",
+            member.certs.ca.display()
+        ));
+    let portal = Portal::start(&config.yaml()).await;
+    portal.wait_roles("a", &[]).await;
+    assert_eq!(
+        pg_reached(config.ports.rw, &certs).await,
+        Ok(member.server.port()),
+        "a session through the forwarder"
+    );
+
+    // New connections to the member now hang before its answer to the
+    // SSLRequest: inside the portal's connect. The probe's connection is
+    // older and still answers, so the member stays the leader.
+    hole.swallow_new_connections();
+    for attempt in 0..3 {
+        let started = Instant::now();
+        let err = pg_connect(config.ports.rw, &certs)
+            .await
+            .expect_err("a session through a member that never answers");
+        let waited = started.elapsed();
+        eprintln!(
+            "attempt {attempt}: refused after {waited:?}: {}",
+            pg_error(&err)
+        );
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::CANNOT_CONNECT_NOW),
+            "attempt {attempt}: {}",
+            pg_error(&err)
+        );
+        assert!(
+            pg_error(&err).contains("timed out"),
+            "attempt {attempt}: {}",
+            pg_error(&err)
+        );
+        // hold_timeout, plus the client's TLS and startup, plus slack for a
+        // loaded machine; well below the 2 s a connect attempt may take
+        // when the hold leaves it that much.
+        assert!(
+            waited >= hold && waited < hold + Duration::from_millis(700),
+            "attempt {attempt}: the client waited {waited:?} with hold_timeout {hold:?}"
+        );
+    }
+    let status = portal.status().await;
+    assert_eq!(leader(&status).as_deref(), Some("a"), "{status:#}");
+    portal
+        .wait_metric(
+            "portal_connections_refused_total",
+            &[("endpoint", "rw"), ("reason", "connect_failed")],
+            |v| v >= 3.0,
+        )
+        .await;
 }

@@ -297,6 +297,92 @@ impl KeyWatcher {
     }
 }
 
+/// Where a stream of backend messages stands, fed the bytes a client has
+/// been given: at a message boundary, or how many bytes short of the next
+/// one. Every message a member sends after the startup message is framed
+/// (a type byte, then a big-endian length that counts itself), so a session
+/// can be cut where the client's parser expects a new message, and the
+/// portal's own `ErrorResponse` lands there rather than inside a half-relayed
+/// `DataRow`.
+///
+/// The state is a few integers; `feed` walks message headers and skips
+/// bodies, without copying or allocating.
+#[derive(Debug, Default, Clone)]
+pub struct BackendFraming {
+    /// Bytes of the current header (type + length) seen: 0 at a boundary or
+    /// inside a body, 1 to 4 inside a header.
+    header_seen: u8,
+    /// The length field as it arrives, when a header is split.
+    len: [u8; 4],
+    /// Body bytes of the current message still to come.
+    remaining: usize,
+    /// A length below 4: not PostgreSQL framing; no boundary is ever known
+    /// again.
+    lost: bool,
+}
+
+impl BackendFraming {
+    pub fn new() -> BackendFraming {
+        BackendFraming::default()
+    }
+
+    /// Advances over `bytes`, the next ones the client was given.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && !self.lost {
+            if self.remaining > 0 {
+                let take = self.remaining.min(bytes.len());
+                self.remaining -= take;
+                bytes = &bytes[take..];
+                continue;
+            }
+            if self.header_seen == 0 && bytes.len() >= 5 {
+                // The common case: a whole header in hand.
+                self.start_body([bytes[1], bytes[2], bytes[3], bytes[4]]);
+                bytes = &bytes[5..];
+                continue;
+            }
+            // A header split across writes: one byte at a time.
+            if self.header_seen > 0 {
+                self.len[usize::from(self.header_seen) - 1] = bytes[0];
+            }
+            self.header_seen += 1;
+            bytes = &bytes[1..];
+            if self.header_seen == 5 {
+                self.header_seen = 0;
+                self.start_body(self.len);
+            }
+        }
+    }
+
+    fn start_body(&mut self, len: [u8; 4]) {
+        match (u32::from_be_bytes(len) as usize).checked_sub(4) {
+            Some(body) => self.remaining = body,
+            None => self.lost = true,
+        }
+    }
+
+    /// How many more bytes the client needs before the current message is
+    /// whole or its length is known: 0 at a boundary; the rest of the
+    /// header inside a header (feed them, then ask again); the rest of the
+    /// body inside a body. `None` once the framing is lost.
+    pub fn needed(&self) -> Option<usize> {
+        if self.lost {
+            None
+        } else if self.remaining > 0 {
+            Some(self.remaining)
+        } else if self.header_seen > 0 {
+            Some(5 - usize::from(self.header_seen))
+        } else {
+            Some(0)
+        }
+    }
+
+    /// True when the client has been given whole messages only.
+    pub fn at_boundary(&self) -> bool {
+        self.needed() == Some(0)
+    }
+}
+
 /// Which member issued which cancel key. Bounded: when full, new keys are
 /// not recorded (their cancels are then dropped, as for unknown keys).
 pub struct CancelKeys {
@@ -497,6 +583,112 @@ mod tests {
         let mut w = KeyWatcher::new();
         assert_eq!(w.feed(&message(b'E', b"SFATAL\0\0")), None);
         assert!(w.done());
+    }
+
+    /// Messages of every shape: empty bodies, short, one long enough that
+    /// its length needs more than one byte.
+    fn framed_stream() -> (Vec<u8>, Vec<usize>) {
+        let mut stream = Vec::new();
+        let mut boundaries = vec![0];
+        for m in [
+            message(b'1', b""),
+            message(b'T', b"\x00\x01col\x00"),
+            message(b'D', &[b'x'; 300]),
+            message(b'n', b""),
+            message(b'D', &[b'y'; 7]),
+            message(b'C', b"SELECT 2\x00"),
+            message(b'Z', b"I"),
+        ] {
+            stream.extend(m);
+            boundaries.push(stream.len());
+        }
+        (stream, boundaries)
+    }
+
+    /// What `needed` must say `at` bytes into `stream`.
+    fn expected_need(boundaries: &[usize], at: usize) -> usize {
+        if boundaries.contains(&at) {
+            return 0;
+        }
+        let start = *boundaries.iter().rev().find(|b| **b < at).expect("a start");
+        let end = *boundaries.iter().find(|b| **b > at).expect("an end");
+        if at < start + 5 {
+            start + 5 - at
+        } else {
+            end - at
+        }
+    }
+
+    #[test]
+    fn backend_framing_knows_every_boundary_across_any_split() {
+        let (stream, boundaries) = framed_stream();
+        // Fed in pieces of every size, and checked after every piece.
+        for chunk in 1..=stream.len() {
+            let mut f = BackendFraming::new();
+            let mut at = 0;
+            for piece in stream.chunks(chunk) {
+                f.feed(piece);
+                at += piece.len();
+                assert_eq!(
+                    f.needed(),
+                    Some(expected_need(&boundaries, at)),
+                    "chunk size {chunk}, offset {at}"
+                );
+            }
+            assert!(f.at_boundary(), "chunk size {chunk}");
+        }
+        // Cut once at every byte, and at every pair of bytes.
+        for i in 0..=stream.len() {
+            for j in i..=stream.len() {
+                let mut f = BackendFraming::new();
+                f.feed(&stream[..i]);
+                assert_eq!(
+                    f.needed(),
+                    Some(expected_need(&boundaries, i)),
+                    "cut at {i}"
+                );
+                f.feed(&stream[i..j]);
+                assert_eq!(
+                    f.needed(),
+                    Some(expected_need(&boundaries, j)),
+                    "cuts at {i}, {j}"
+                );
+                f.feed(&stream[j..]);
+                assert!(f.at_boundary(), "cuts at {i}, {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn backend_framing_needed_walks_to_the_next_boundary() {
+        // Feeding exactly what `needed` asks for, from any offset, reaches
+        // the next boundary and never passes it: how a close finishes the
+        // message a client is in the middle of.
+        let (stream, boundaries) = framed_stream();
+        for start in 0..stream.len() {
+            let mut f = BackendFraming::new();
+            f.feed(&stream[..start]);
+            let mut at = start;
+            while let Some(n) = f.needed().filter(|n| *n > 0) {
+                f.feed(&stream[at..at + n]);
+                at += n;
+            }
+            let next = *boundaries
+                .iter()
+                .find(|b| **b >= start)
+                .expect("a boundary");
+            assert_eq!(at, next, "from offset {start}");
+        }
+    }
+
+    #[test]
+    fn backend_framing_gives_up_on_lengths_below_four() {
+        let mut f = BackendFraming::new();
+        f.feed(&[b'D', 0, 0, 0, 3, 1, 2, 3]);
+        assert_eq!(f.needed(), None);
+        assert!(!f.at_boundary());
+        f.feed(&message(b'Z', b"I"));
+        assert_eq!(f.needed(), None);
     }
 
     #[test]
