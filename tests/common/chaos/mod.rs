@@ -499,7 +499,8 @@ pub async fn run_redis(settings: Settings) -> Report {
     let admins = [configs[0].ports.admin, configs[1].ports.admin];
     let rws = [configs[0].ports.rw, configs[1].ports.rw];
     let yamls = [configs[0].yaml(), configs[1].yaml()];
-    let (portals, _token_dir) = start_portals(&log, &clock, yamls, admins, rws, settings.peers).await;
+    let (portals, _token_dir) =
+        start_portals(&log, &clock, yamls, admins, rws, settings.peers).await;
 
     let world = Arc::new(World {
         clock,

@@ -371,7 +371,12 @@ impl Heals {
     }
 
     /// Runs `f` (sleep, then undo the fault) on its own thread.
-    pub fn spawn(&mut self, what: String, resources: Vec<Resource>, f: impl FnOnce() + Send + 'static) {
+    pub fn spawn(
+        &mut self,
+        what: String,
+        resources: Vec<Resource>,
+        f: impl FnOnce() + Send + 'static,
+    ) {
         let handle = std::thread::spawn(f);
         self.pending.push(Pending {
             what,
@@ -618,7 +623,12 @@ impl Nemesis {
 
 /// Stalls or cuts the relay between portal 1 and member `m` for
 /// `step.duration`.
-pub fn path_fault<M: Send + 'static>(world: &Arc<World<M>>, heals: &mut Heals, m: usize, step: &Step) {
+pub fn path_fault<M: Send + 'static>(
+    world: &Arc<World<M>>,
+    heals: &mut Heals,
+    m: usize,
+    step: &Step,
+) {
     heals.join(world, |r| r == Resource::Relay(m));
     let mode = if step.cut { Mode::Cut } else { Mode::Stall };
     world.relays[m].set(mode);
@@ -845,9 +855,10 @@ pub fn agree<M>(world: &World<M>, real: &str, within: Duration) -> Agreement {
         std::thread::sleep(Duration::from_millis(50));
     };
     match took {
-        Some(t) => world
-            .log
-            .line(&world.clock, &format!("portals agree on {real} after {}", secs(t))),
+        Some(t) => world.log.line(
+            &world.clock,
+            &format!("portals agree on {real} after {}", secs(t)),
+        ),
         None => world.log.line(
             &world.clock,
             &format!("portals did NOT agree on {real} within {within:?}: {detail}"),

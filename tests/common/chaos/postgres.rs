@@ -32,11 +32,9 @@ use super::nemesis::{
 };
 use super::redis::signal_pid;
 use super::relay::Relay;
-use super::{
-    admin_status, on_thread, sampler, start_portals, Clock, Log, Report, Settings,
-};
-use crate::common::pg::{bindir, clear_pg_env, pg_config, run, run_as, server_command, PgTls};
+use super::{admin_status, on_thread, sampler, start_portals, Clock, Log, Report, Settings};
 use crate::common::pg::PgPortalConfig;
+use crate::common::pg::{bindir, clear_pg_env, pg_config, run, run_as, server_command, PgTls};
 use crate::common::{free_port, temp_certs};
 
 /// The statement every write runs: the row, and who acknowledged it.
@@ -289,7 +287,10 @@ impl PgMember {
             wait_gone(&pids);
             // A killed postmaster may linger as a zombie (nothing reaps it
             // in a container) and its pid file would stop the next start.
+            // The same for the socket's lock file.
             let _ = std::fs::remove_file(self.data().join("postmaster.pid"));
+            let _ = std::fs::remove_file(self.root().join(format!(".s.PGSQL.{}.lock", self.port)));
+            let _ = std::fs::remove_file(self.root().join(format!(".s.PGSQL.{}", self.port)));
         }
         self.running = false;
     }
@@ -317,7 +318,15 @@ impl PgMember {
         let mut command = Command::new(bindir().join("psql"));
         clear_pg_env(&mut command);
         let out = command
-            .args(["-X", "-w", "-At", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+            .args([
+                "-X",
+                "-w",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+            ])
             .arg("-p")
             .arg(self.port.to_string())
             .args(["-U", "postgres", "-d", "postgres", "-c", sql])
@@ -527,7 +536,10 @@ impl PgNemesis {
                 self.heals.join(&self.world, |r| r == Resource::Member(m));
                 let pids = self.world.member(m).pids();
                 if pids.is_empty() {
-                    self.log(&format!("{} has no process: stall skipped", self.world.names[m]));
+                    self.log(&format!(
+                        "{} has no process: stall skipped",
+                        self.world.names[m]
+                    ));
                     return;
                 }
                 for &pid in &pids {
@@ -537,7 +549,11 @@ impl PgNemesis {
                     "SIGSTOP {} (postmaster and {} children){}",
                     self.world.names[m],
                     pids.len() - 1,
-                    if m == self.primary { " (the primary)" } else { "" }
+                    if m == self.primary {
+                        " (the primary)"
+                    } else {
+                        ""
+                    }
                 ));
                 let world = self.world.clone();
                 let d = step.duration;
@@ -549,7 +565,9 @@ impl PgNemesis {
                         for &pid in pids.iter().rev() {
                             let _ = signal_pid(pid, "CONT");
                         }
-                        world.log.line(&world.clock, &format!("SIGCONT {}", world.names[m]));
+                        world
+                            .log
+                            .line(&world.clock, &format!("SIGCONT {}", world.names[m]));
                     },
                 );
             }
@@ -642,7 +660,10 @@ impl PgNemesis {
                         );
                         world.log.line(
                             &world.clock,
-                            &format!("{name} rebuilt (pg_basebackup) as a standby of {}", world.names[new]),
+                            &format!(
+                                "{name} rebuilt (pg_basebackup) as a standby of {}",
+                                world.names[new]
+                            ),
                         );
                     }
                     Err(err) => world.error(format!("rebuild of {name}: {err}")),
@@ -719,9 +740,7 @@ async fn pg_writer(
                     let at = clock.now();
                     // An ERROR rolled the statement back; anything else
                     // (FATAL, a closed connection) leaves it unknown.
-                    let failed = err
-                        .as_db_error()
-                        .is_some_and(|db| db.severity() == "ERROR");
+                    let failed = err.as_db_error().is_some_and(|db| db.severity() == "ERROR");
                     let error = crate::common::pg::pg_error(&err);
                     writes.push(record(if failed {
                         Outcome::Failed { at, error }
@@ -933,7 +952,10 @@ pub async fn run_postgres(settings: Settings) -> Report {
         let tail = world.member(i).log_tail(20_000);
         world.save_log(&format!("postgres-{name}.log"), &tail);
     }
-    log.line(&clock, &format!("logs saved in {}", world.log_dir.display()));
+    log.line(
+        &clock,
+        &format!("logs saved in {}", world.log_dir.display()),
+    );
     let history = History {
         writes,
         truth: lock(&world.truth).clone(),
