@@ -1,29 +1,36 @@
 #!/usr/bin/env bash
-# Long randomized fault injection against real Redis servers and two portals
-# (tests/chaos.rs, tests/common/chaos/): at least 100 faults per seed under
-# load from four writers, then the table of what the checker found, as
-# markdown.
+# Long randomized fault injection against real servers and two portals
+# (tests/chaos.rs and tests/chaos_postgres.rs, harness in
+# tests/common/chaos/): at least 100 faults per seed under load from four
+# writers, then the table of what the checker found, as markdown.
 #
-#   bash bench/chaos.sh                 # seed 1, 100 faults
+#   bash bench/chaos.sh                 # Redis, seed 1, 100 faults
+#   bash bench/chaos.sh postgres        # PostgreSQL (native probes), seed 1, 100 faults
 #   CHAOS_SEEDS=1,2 CHAOS_FAULTS=150 bash bench/chaos.sh
 #   CHAOS_SEED=7 bash bench/chaos.sh    # replay one seed
-#   CHAOS_MEMBERS=2 bash bench/chaos.sh # two Redis members instead of three
-#   CHAOS_RDB_ROGUES=1 bash bench/chaos.sh  # some rogues start from their RDB
+#   CHAOS_PEERS=0 bash bench/chaos.sh   # portals without peers (admin.peers)
+#   CHAOS_MEMBERS=2 bash bench/chaos.sh # Redis: two members instead of three
+#   CHAOS_RDB_ROGUES=1 bash bench/chaos.sh  # Redis: some rogues start from their RDB
 #
 # Exit status: 0 when every seed passed, non-zero otherwise. The run's log
 # (every step, every leader change each portal showed, every failure with its
 # CHAOS_SEED=<n>) goes to the terminal and the full output to
-# target/chaos-bench.log; each seed's server and portal logs are kept in
-# target/tmp/chaos-seed-<n>/.
+# target/chaos-bench[-postgres].log; each seed's server and portal logs are
+# kept in target/tmp/chaos[-postgres]-seed-<n>/.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CHAOS_FAULTS=${CHAOS_FAULTS:-100}
+TARGET=${1:-redis}
 mkdir -p target
-LOG=target/chaos-bench.log
-cargo test --test chaos redis_chaos_long -- --ignored --exact --nocapture 2>&1 | tee "$LOG"
+case "$TARGET" in
+  redis) TEST=chaos; NAME=redis_chaos_long; LOG=target/chaos-bench.log ;;
+  postgres) TEST=chaos_postgres; NAME=postgres_chaos_long; LOG=target/chaos-bench-postgres.log ;;
+  *) echo "usage: bash bench/chaos.sh [redis|postgres]" >&2; exit 2 ;;
+esac
+cargo test --test "$TEST" "$NAME" -- --ignored --exact --nocapture 2>&1 | tee "$LOG"
 STATUS=${PIPESTATUS[0]}
 echo
-echo "## chaos: $(date -u +%Y-%m-%dT%H:%MZ), CHAOS_FAULTS=$CHAOS_FAULTS"
+echo "## chaos ($TARGET): $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src tests || echo +changes), CHAOS_FAULTS=$CHAOS_FAULTS, CHAOS_PEERS=${CHAOS_PEERS:-1}"
 echo
 # The table the test printed last.
 awk '/^\| seed \|/ {table = ""; on = 1} on && /^\|/ {table = table $0 "\n"; next} on {on = 0} END {printf "%s", table}' "$LOG"

@@ -92,7 +92,7 @@ fn bin(name: &str) -> PathBuf {
 
 /// The uid and gid of the `postgres` user when this process runs as root
 /// (PostgreSQL must then run as that user); `None` otherwise.
-fn run_as() -> Option<(u32, u32)> {
+pub fn run_as() -> Option<(u32, u32)> {
     static RUN_AS: OnceLock<Option<(u32, u32)>> = OnceLock::new();
     *RUN_AS.get_or_init(|| {
         if id(&["-u"]) != 0 {
@@ -119,7 +119,7 @@ fn id(args: &[&str]) -> u32 {
 
 /// A command for the PostgreSQL server binary `name`, run as the `postgres`
 /// user when we are root, in `cwd` (which that user can enter).
-fn server_command(name: &str, cwd: &Path) -> Command {
+pub fn server_command(name: &str, cwd: &Path) -> Command {
     let mut command = match run_as() {
         Some(_) => {
             let mut c = Command::new("setpriv");
@@ -141,7 +141,7 @@ fn server_command(name: &str, cwd: &Path) -> Command {
 
 /// Removes libpq's `PG*` variables so that nothing from the caller's
 /// environment changes where a client connects or how.
-fn clear_pg_env(command: &mut Command) {
+pub fn clear_pg_env(command: &mut Command) {
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("PG") {
             command.env_remove(&key);
@@ -150,7 +150,7 @@ fn clear_pg_env(command: &mut Command) {
 }
 
 /// Runs `command`, panicking with its output when it fails.
-fn run(command: &mut Command, what: &str) -> Output {
+pub fn run(command: &mut Command, what: &str) -> Output {
     let out = command
         .output()
         .unwrap_or_else(|err| panic!("{what}: could not run {command:?}: {err}"));

@@ -13,8 +13,11 @@
 //! Every failure message and every log line names `CHAOS_SEED=<n>`: run
 //! `CHAOS_SEED=<n> cargo test --test chaos -- --nocapture` to replay it.
 
+#![allow(dead_code)]
+
 pub mod checker;
 pub mod nemesis;
+pub mod postgres;
 pub mod redis;
 pub mod relay;
 
@@ -76,6 +79,9 @@ pub struct Settings {
     pub writers_per_portal: u32,
     /// Let some rogue masters start from their last sync's RDB.
     pub rdb_rogues: bool,
+    /// Configure the two portals as each other's peers (`admin.peers`, a
+    /// shared `admin.token_file`), as a production deployment would.
+    pub peers: bool,
 }
 
 /// What one run found.
@@ -85,6 +91,8 @@ pub struct Report {
     pub verdict: Verdict,
     pub harness_errors: Vec<String>,
     pub took: Duration,
+    /// The test binary that replays it (`cargo test --test TEST`).
+    pub test: &'static str,
 }
 
 impl Report {
@@ -92,12 +100,33 @@ impl Report {
         self.verdict.ok()
     }
 
+    /// One line: what the run did and found.
+    pub fn summary(&self, samples: usize) -> String {
+        let v = &self.verdict;
+        format!(
+            "done in {:.1}s: {} writes, {} acked ({} without identity), {} to a non-primary, \
+             {} lost by the portal, {} lost by the database (+{} unknown acknowledger), \
+             {samples} /status samples, longest unavailability {} from {}",
+            self.took.as_secs_f64(),
+            v.writes,
+            v.acked,
+            v.acked_without_identity,
+            v.non_primary.len(),
+            v.lost_by_portal.len(),
+            v.lost_by_database,
+            v.lost_unknown_by_database,
+            secs(v.longest_unavailability.0),
+            secs(v.longest_unavailability.1),
+        )
+    }
+
     /// The failures, each block naming the seed.
     pub fn failure_text(&self) -> String {
         let mut out = format!(
-            "CHAOS_SEED={} failed (replay: CHAOS_SEED={} cargo test --test chaos -- --nocapture):\n{}",
+            "CHAOS_SEED={} failed (replay: CHAOS_SEED={} cargo test --test {} -- --nocapture):\n{}",
             self.seed,
             self.seed,
+            self.test,
             self.verdict.failures()
         );
         if !self.harness_errors.is_empty() {
@@ -149,7 +178,11 @@ pub async fn admin_status(admin: SocketAddr) -> Option<Status> {
 
 /// Samples one portal's `/status` every 50 ms until `stop`. A sample whose
 /// request straddled a restart of the portal is thrown away.
-async fn sampler(world: Arc<World>, portal: usize, stop: CancellationToken) -> Vec<Sample> {
+async fn sampler<M: Send + 'static>(
+    world: Arc<World<M>>,
+    portal: usize,
+    stop: CancellationToken,
+) -> Vec<Sample> {
     let mut samples = Vec::new();
     let mut last = None;
     let slot = &world.portals[portal];
@@ -212,6 +245,11 @@ fn short_term(term: &str) -> String {
 /// Where one seed's logs are saved: under the target directory.
 pub fn log_dir(seed: u64) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("chaos-seed-{seed}"))
+}
+
+/// Where one seed's logs of another target (`postgres`) are saved.
+pub fn log_dir_for(target: &str, seed: u64) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("chaos-{target}-seed-{seed}"))
 }
 
 /// Parses `run_id` and `tcp_port` from an `INFO server` reply.
@@ -342,6 +380,60 @@ async fn on_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) ->
     rx.await.expect("the thread panicked")
 }
 
+/// `yaml` with `lines` added to its `admin:` section (the configurations
+/// the tests write have `shutdown:` right after it).
+pub fn with_admin(yaml: &str, lines: &str) -> String {
+    yaml.replacen("\n\nshutdown:", &format!("\n{lines}\n\nshutdown:"), 1)
+}
+
+/// Starts the two portals from their configurations; with `peers`, each
+/// names the other in `admin.peers` and both read the same
+/// `admin.token_file` (kept in the returned directory).
+pub async fn start_portals(
+    log: &Log,
+    clock: &Clock,
+    yamls: [String; 2],
+    admins: [u16; 2],
+    rws: [u16; 2],
+    peers: bool,
+) -> (Vec<PortalSlot>, tempfile::TempDir) {
+    let dir = tempfile::TempDir::new().expect("temp dir for the admin token");
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "chaos-peer-token\n").expect("write the admin token");
+    let mut portals = Vec::new();
+    for (p, yaml) in yamls.into_iter().enumerate() {
+        let yaml = if peers {
+            with_admin(
+                &yaml,
+                &format!(
+                    "  token_file: {}\n  peers: [\"127.0.0.1:{}\"]",
+                    token.display(),
+                    admins[1 - p]
+                ),
+            )
+        } else {
+            yaml
+        };
+        let process = Portal::start(&yaml).await;
+        portals.push(PortalSlot {
+            yaml,
+            admin: SocketAddr::from(([127, 0, 0, 1], admins[p])),
+            rw: rws[p],
+            incarnation: AtomicU32::new(0),
+            process: Mutex::new(Some(process)),
+        });
+    }
+    log.line(
+        clock,
+        if peers {
+            "portals 1 and 2 are each other's peers (admin.peers, admin.token_file)"
+        } else {
+            "portals without peers (CHAOS_PEERS=0)"
+        },
+    );
+    (portals, dir)
+}
+
 /// One chaos run against Redis: members `a`, `b`, ... (`a` the first
 /// primary), portal 1 through relays, portal 2 direct, writers through both,
 /// the nemesis's schedule for `settings.seed`, then the checks.
@@ -404,18 +496,11 @@ pub async fn run_redis(settings: Settings) -> Report {
         PortalConfig::new(&certs, &relay_ports),
         PortalConfig::new(&certs, &ports),
     ];
-    let mut portals = Vec::new();
-    for config in &configs {
-        let yaml = config.yaml();
-        let process = Portal::start(&yaml).await;
-        portals.push(PortalSlot {
-            yaml,
-            admin: SocketAddr::from(([127, 0, 0, 1], config.ports.admin)),
-            rw: config.ports.rw,
-            incarnation: AtomicU32::new(0),
-            process: Mutex::new(Some(process)),
-        });
-    }
+    let admins = [configs[0].ports.admin, configs[1].ports.admin];
+    let rws = [configs[0].ports.rw, configs[1].ports.rw];
+    let yamls = [configs[0].yaml(), configs[1].yaml()];
+    let (portals, _token_dir) =
+        start_portals(&log, &clock, yamls, admins, rws, settings.peers).await;
 
     let world = Arc::new(World {
         clock,
@@ -572,24 +657,9 @@ pub async fn run_redis(settings: Settings) -> Report {
         verdict,
         harness_errors: lock(&world.errors).clone(),
         took: started.elapsed(),
+        test: "chaos",
     };
-    log.line(
-        &clock,
-        &format!(
-            "done in {:.1}s: {} writes, {} acked ({} without identity), {} to a non-primary, \
-             {} lost by the portal, {} lost by the database (+{} unknown acknowledger), \
-             {} /status samples",
-            report.took.as_secs_f64(),
-            report.verdict.writes,
-            report.verdict.acked,
-            report.verdict.acked_without_identity,
-            report.verdict.non_primary.len(),
-            report.verdict.lost_by_portal.len(),
-            report.verdict.lost_by_database,
-            report.verdict.lost_unknown_by_database,
-            history.samples.len()
-        ),
-    );
+    log.line(&clock, &report.summary(history.samples.len()));
     if !report.ok() {
         log.line(&clock, &report.failure_text());
     }
@@ -653,6 +723,11 @@ pub fn seeds(default: &[u64]) -> Vec<u64> {
             .collect(),
         Err(_) => default.to_vec(),
     }
+}
+
+/// Whether the portals are each other's peers: yes unless `CHAOS_PEERS=0`.
+pub fn peers() -> bool {
+    std::env::var("CHAOS_PEERS").map_or(true, |v| v.trim() != "0")
 }
 
 /// `name` from the environment as a number, else `default`.

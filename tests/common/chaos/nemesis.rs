@@ -54,9 +54,14 @@ pub enum Kind {
     Path,
     /// `DEBUG SLEEP` of the primary (a slow probe).
     DebugSleep,
+    /// PostgreSQL: `kill -9` of the primary, promotion of the standby, and
+    /// the old primary started again on its old timeline, as a primary, for
+    /// the duration; then rebuilt as a standby of the new primary.
+    OldPrimary,
 }
 
 impl Kind {
+    /// The kinds a Redis schedule draws.
     pub const ALL: [Kind; 6] = [
         Kind::KillPromote,
         Kind::Stall,
@@ -74,11 +79,15 @@ impl Kind {
             Kind::PortalRestart => "portal restart",
             Kind::Path => "portal 1 path stall/cut",
             Kind::DebugSleep => "DEBUG SLEEP",
+            Kind::OldPrimary => "old primary back on its old timeline",
         }
     }
 
-    fn topology(self) -> bool {
-        matches!(self, Kind::KillPromote | Kind::RogueMaster)
+    pub fn topology(self) -> bool {
+        matches!(
+            self,
+            Kind::KillPromote | Kind::RogueMaster | Kind::OldPrimary
+        )
     }
 }
 
@@ -119,7 +128,7 @@ impl fmt::Display for Step {
         let ms = |d: Duration| d.as_millis();
         write!(f, "{:?} {:?}", self.kind, self.target)?;
         match self.kind {
-            Kind::KillPromote | Kind::RogueMaster => write!(
+            Kind::KillPromote | Kind::RogueMaster | Kind::OldPrimary => write!(
                 f,
                 " down {}ms promote #{} for {}ms{}",
                 ms(self.down),
@@ -189,7 +198,7 @@ pub fn schedule(seed: u64, faults: usize, members: usize, rdb_rogues: bool) -> V
             }
         };
         let step = match kind {
-            Kind::KillPromote => Step {
+            Kind::KillPromote | Kind::OldPrimary => Step {
                 kind,
                 target: Target::Primary,
                 duration: millis(&mut rng, 300, 3000),
@@ -272,11 +281,11 @@ pub struct PortalSlot {
 }
 
 /// Everything the nemesis and its heal threads act on.
-pub struct World {
+pub struct World<M> {
     pub clock: Clock,
     pub log: Log,
     pub handle: Handle,
-    pub members: Vec<Mutex<Member>>,
+    pub members: Vec<Mutex<M>>,
     pub names: Vec<String>,
     pub ports: Vec<u16>,
     /// Portal 1's relays, one per member.
@@ -295,8 +304,8 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl World {
-    pub fn member(&self, i: usize) -> MutexGuard<'_, Member> {
+impl<M: Proc> World<M> {
+    pub fn member(&self, i: usize) -> MutexGuard<'_, M> {
         lock(&self.members[i])
     }
 
@@ -305,18 +314,14 @@ impl World {
         let m = self.member(i);
         let at = secs(self.clock.now());
         let mut processes = lock(&self.processes);
-        let story = processes.entry(m.run_id.clone()).or_insert_with(|| {
-            format!(
-                "{} process #{} (run_id {}, port {}):",
-                m.name,
-                m.starts,
-                short(&m.run_id),
-                m.port
-            )
-        });
+        let story = processes
+            .entry(m.process_id())
+            .or_insert_with(|| format!("{}:", m.describe()));
         story.push_str(&format!(" {what} at {at};"));
     }
+}
 
+impl<M> World<M> {
     /// Writes `text` to `name` in the run's log directory.
     pub fn save_log(&self, name: &str, text: &str) {
         let _ = std::fs::create_dir_all(&self.log_dir);
@@ -330,8 +335,9 @@ impl World {
     }
 }
 
+/// What a pending heal touches: a step that touches the same waits for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Resource {
+pub enum Resource {
     Member(usize),
     Relay(usize),
     Portal(usize),
@@ -343,14 +349,51 @@ struct Pending {
     handle: JoinHandle<()>,
 }
 
+/// The heals in flight, each on its own thread.
+#[derive(Default)]
+pub struct Heals {
+    pending: Vec<Pending>,
+}
+
+impl Heals {
+    /// Waits for the pending heals that touch a resource `touches` accepts.
+    pub fn join<M>(&mut self, world: &World<M>, touches: impl Fn(Resource) -> bool) {
+        let (now, later): (Vec<Pending>, Vec<Pending>) = self
+            .pending
+            .drain(..)
+            .partition(|p| p.resources.iter().any(|&r| touches(r)));
+        self.pending = later;
+        for p in now {
+            if p.handle.join().is_err() {
+                world.error(format!("the heal of {} panicked", p.what));
+            }
+        }
+    }
+
+    /// Runs `f` (sleep, then undo the fault) on its own thread.
+    pub fn spawn(
+        &mut self,
+        what: String,
+        resources: Vec<Resource>,
+        f: impl FnOnce() + Send + 'static,
+    ) {
+        let handle = std::thread::spawn(f);
+        self.pending.push(Pending {
+            what,
+            resources,
+            handle,
+        });
+    }
+}
+
 /// Carries out a schedule. Runs on its own thread (blocking calls).
 pub struct Nemesis {
-    pub world: Arc<World>,
+    pub world: Arc<World<Member>>,
     /// The real primary, by the nemesis's bookkeeping.
     pub primary: usize,
     /// The primary a failover just killed.
     primary_before_failover: usize,
-    pending: Vec<Pending>,
+    heals: Heals,
     pub counts: BTreeMap<Kind, usize>,
     pub agreements: Vec<Agreement>,
     /// How long both portals get to agree once everything has healed.
@@ -358,12 +401,12 @@ pub struct Nemesis {
 }
 
 impl Nemesis {
-    pub fn new(world: Arc<World>, primary: usize) -> Nemesis {
+    pub fn new(world: Arc<World<Member>>, primary: usize) -> Nemesis {
         Nemesis {
             world,
             primary,
             primary_before_failover: primary,
-            pending: Vec::new(),
+            heals: Heals::default(),
             counts: BTreeMap::new(),
             agreements: Vec::new(),
             agree_within: Duration::from_secs(10),
@@ -387,25 +430,11 @@ impl Nemesis {
 
     /// Waits for the pending heals that touch a resource `touches` accepts.
     fn join(&mut self, touches: impl Fn(Resource) -> bool) {
-        let (now, later): (Vec<Pending>, Vec<Pending>) = self
-            .pending
-            .drain(..)
-            .partition(|p| p.resources.iter().any(|&r| touches(r)));
-        self.pending = later;
-        for p in now {
-            if p.handle.join().is_err() {
-                self.world.error(format!("the heal of {} panicked", p.what));
-            }
-        }
+        self.heals.join(&self.world, touches);
     }
 
     fn heal(&mut self, what: String, resources: Vec<Resource>, f: impl FnOnce() + Send + 'static) {
-        let handle = std::thread::spawn(f);
-        self.pending.push(Pending {
-            what,
-            resources,
-            handle,
-        });
+        self.heals.spawn(what, resources, f);
     }
 
     fn member_of(&self, target: Target) -> usize {
@@ -579,65 +608,89 @@ impl Nemesis {
             }
             Kind::Path => {
                 let m = self.member_of(step.target);
-                self.join(|r| r == Resource::Relay(m));
-                let mode = if step.cut { Mode::Cut } else { Mode::Stall };
-                self.world.relays[m].set(mode);
-                self.log(&format!(
-                    "path portal 1 -> {}: {mode:?}",
-                    self.world.names[m]
-                ));
-                let world = self.world.clone();
-                let d = step.duration;
-                self.heal(
-                    format!("path to {}", world.names[m]),
-                    vec![Resource::Relay(m)],
-                    move || {
-                        std::thread::sleep(d);
-                        world.relays[m].resume();
-                        world.log.line(
-                            &world.clock,
-                            &format!("path portal 1 -> {}: forwarding", world.names[m]),
-                        );
-                    },
-                );
+                path_fault(&self.world, &mut self.heals, m, step);
             }
             Kind::PortalRestart => {
                 let Target::Portal(p) = step.target else {
                     unreachable!("a portal restart targets a portal")
                 };
-                self.join(|r| r == Resource::Portal(p));
-                let slot = &self.world.portals[p];
-                let incarnation = slot.incarnation.fetch_add(1, Ordering::SeqCst);
-                if let Some(process) = lock(&slot.process).take() {
-                    self.world.save_log(
-                        &format!("portal-{}-process-{incarnation}.log", p + 1),
-                        &process.stderr_log(),
-                    );
-                }
-                self.log(&format!("portal {} killed (SIGKILL)", p + 1));
-                let world = self.world.clone();
-                let d = step.duration;
-                self.heal(
-                    format!("restart of portal {}", p + 1),
-                    vec![Resource::Portal(p)],
-                    move || {
-                        std::thread::sleep(d);
-                        let slot = &world.portals[p];
-                        let portal = world.handle.block_on(Portal::start(&slot.yaml));
-                        *lock(&slot.process) = Some(portal);
-                        world
-                            .log
-                            .line(&world.clock, &format!("portal {} started again", p + 1));
-                    },
-                );
+                restart_portal(&self.world, &mut self.heals, p, step.duration);
             }
+            Kind::OldPrimary => unreachable!("a PostgreSQL fault in a Redis schedule"),
         }
     }
 }
 
+/// Stalls or cuts the relay between portal 1 and member `m` for
+/// `step.duration`.
+pub fn path_fault<M: Send + 'static>(
+    world: &Arc<World<M>>,
+    heals: &mut Heals,
+    m: usize,
+    step: &Step,
+) {
+    heals.join(world, |r| r == Resource::Relay(m));
+    let mode = if step.cut { Mode::Cut } else { Mode::Stall };
+    world.relays[m].set(mode);
+    world.log.line(
+        &world.clock,
+        &format!("path portal 1 -> {}: {mode:?}", world.names[m]),
+    );
+    let world = world.clone();
+    let d = step.duration;
+    heals.spawn(
+        format!("path to {}", world.names[m]),
+        vec![Resource::Relay(m)],
+        move || {
+            std::thread::sleep(d);
+            world.relays[m].resume();
+            world.log.line(
+                &world.clock,
+                &format!("path portal 1 -> {}: forwarding", world.names[m]),
+            );
+        },
+    );
+}
+
+/// SIGKILL of portal `p`; started again with the same configuration after
+/// `down`.
+pub fn restart_portal<M: Send + 'static>(
+    world: &Arc<World<M>>,
+    heals: &mut Heals,
+    p: usize,
+    down: Duration,
+) {
+    heals.join(world, |r| r == Resource::Portal(p));
+    let slot = &world.portals[p];
+    let incarnation = slot.incarnation.fetch_add(1, Ordering::SeqCst);
+    if let Some(process) = lock(&slot.process).take() {
+        world.save_log(
+            &format!("portal-{}-process-{incarnation}.log", p + 1),
+            &process.stderr_log(),
+        );
+    }
+    world
+        .log
+        .line(&world.clock, &format!("portal {} killed (SIGKILL)", p + 1));
+    let world = world.clone();
+    heals.spawn(
+        format!("restart of portal {}", p + 1),
+        vec![Resource::Portal(p)],
+        move || {
+            std::thread::sleep(down);
+            let slot = &world.portals[p];
+            let portal = world.handle.block_on(Portal::start(&slot.yaml));
+            *lock(&slot.process) = Some(portal);
+            world
+                .log
+                .line(&world.clock, &format!("portal {} started again", p + 1));
+        },
+    );
+}
+
 /// Restarts member `old` (killed) as a replica of `primary` and waits for
 /// its link.
-fn restart_as_replica(world: &World, old: usize, primary: usize) {
+fn restart_as_replica(world: &World<Member>, old: usize, primary: usize) {
     let name = &world.names[old];
     let result = world.member(old).restart(Some(world.ports[primary]), false);
     match result {
@@ -661,7 +714,7 @@ fn others(n: usize, primary: usize) -> Vec<usize> {
 }
 
 /// Waits until each of `replicas` has its link up with `primary`.
-fn wait_replicas(world: &World, primary: usize, replicas: &[usize]) {
+fn wait_replicas(world: &World<Member>, primary: usize, replicas: &[usize]) {
     for &m in replicas {
         let result = world
             .member(m)
@@ -731,61 +784,95 @@ impl Nemesis {
         new
     }
 
-    /// Polls both portals' `/status` until both name the real primary with
-    /// the same term, for up to `agree_within`; records how long it took.
     fn agree(&mut self) {
-        let world = self.world.clone();
-        let settled_at = world.clock.now();
-        let real = world.names[self.primary].clone();
-        let start = Instant::now();
-        let mut detail = String::new();
-        let took = loop {
-            let seen: Vec<Option<(Option<String>, Option<String>)>> = world
-                .portals
-                .iter()
-                .map(|slot| {
-                    world
-                        .handle
-                        .block_on(admin_status(slot.admin))
-                        .map(|s| (s.leader, s.term))
-                })
-                .collect();
-            let agreed = seen.iter().all(|s| {
-                s.as_ref().is_some_and(|(leader, term)| {
-                    leader.as_deref() == Some(&real) && term.is_some()
-                })
-            }) && seen.windows(2).all(|w| w[0] == w[1]);
-            if agreed {
-                break Some(start.elapsed().as_micros() as Micros);
-            }
-            detail = seen
-                .iter()
-                .enumerate()
-                .map(|(p, s)| format!("portal {}: {s:?}", p + 1))
-                .collect::<Vec<_>>()
-                .join("; ");
-            if start.elapsed() > self.agree_within {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        match took {
-            Some(t) => self.log(&format!("portals agree on {real} after {}", secs(t))),
-            None => self.log(&format!(
-                "portals did NOT agree on {real} within {:?}: {detail}",
-                self.agree_within
-            )),
+        let real = self.world.names[self.primary].clone();
+        let agreement = agree(&self.world, &real, self.agree_within);
+        self.agreements.push(agreement);
+    }
+}
+
+/// What a member type tells the harness about its current process.
+pub trait Proc {
+    /// The identity of the current process, as acknowledged writes name it
+    /// (Redis: `run_id`; PostgreSQL: port and postmaster start time).
+    fn process_id(&self) -> String;
+    /// `a process #2 (run_id 1234abcd, port 6000)`, for reports.
+    fn describe(&self) -> String;
+}
+
+impl Proc for Member {
+    fn process_id(&self) -> String {
+        self.run_id.clone()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} process #{} (run_id {}, port {})",
+            self.name,
+            self.starts,
+            short(&self.run_id),
+            self.port
+        )
+    }
+}
+
+/// Polls both portals' `/status` until both name the real primary (`real`)
+/// with the same term, for up to `within`; returns how long it took. Once
+/// every fault has healed the real primary runs and continues the lineage,
+/// so "no leader" on both portals is not agreement: it is unavailability
+/// the portal should have ended, and fails the check.
+pub fn agree<M>(world: &World<M>, real: &str, within: Duration) -> Agreement {
+    let settled_at = world.clock.now();
+    let start = Instant::now();
+    let mut detail = String::new();
+    let took = loop {
+        let seen: Vec<Option<(Option<String>, Option<String>)>> = world
+            .portals
+            .iter()
+            .map(|slot| {
+                world
+                    .handle
+                    .block_on(admin_status(slot.admin))
+                    .map(|s| (s.leader, s.term))
+            })
+            .collect();
+        let agreed = seen.iter().all(|s| {
+            s.as_ref()
+                .is_some_and(|(leader, term)| leader.as_deref() == Some(real) && term.is_some())
+        }) && seen.windows(2).all(|w| w[0] == w[1]);
+        if agreed {
+            break Some(start.elapsed().as_micros() as Micros);
         }
-        self.agreements.push(Agreement {
-            settled_at,
-            took,
-            detail: format!("real primary {real}; {detail}"),
-        });
+        detail = seen
+            .iter()
+            .enumerate()
+            .map(|(p, s)| format!("portal {}: {s:?}", p + 1))
+            .collect::<Vec<_>>()
+            .join("; ");
+        if start.elapsed() > within {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    match took {
+        Some(t) => world.log.line(
+            &world.clock,
+            &format!("portals agree on {real} after {}", secs(t)),
+        ),
+        None => world.log.line(
+            &world.clock,
+            &format!("portals did NOT agree on {real} within {within:?}: {detail}"),
+        ),
+    }
+    Agreement {
+        settled_at,
+        took,
+        detail: format!("real primary {real}; {detail}"),
     }
 }
 
 /// Ends the current reign (the primary was killed at `at`).
-fn end_reign(world: &World, at: Micros) {
+pub fn end_reign<M>(world: &World<M>, at: Micros) {
     let mut truth = lock(&world.truth);
     if let Some(reign) = truth.iter_mut().rev().find(|r| r.to.is_none()) {
         reign.to = Some(at);
