@@ -2,6 +2,10 @@
 //! old leader, and never hands traffic back to a stale primary.
 
 mod common;
+// The fault-injection harness's relay: one portal reaches a member through it.
+#[allow(dead_code)]
+#[path = "common/chaos/relay.rs"]
+mod relay;
 
 use std::time::{Duration, Instant};
 
@@ -338,47 +342,6 @@ async fn an_operator_accepts_the_restarted_master_once_the_leader_is_gone() {
     assert!(portal.stderr_log().contains("operator decision applied"));
 }
 
-/// A TCP relay on loopback that the test can cut: while cut, every relayed
-/// connection is closed and every new one is closed at once.
-struct Relay {
-    port: u16,
-    cut: tokio::sync::watch::Sender<bool>,
-}
-
-impl Relay {
-    async fn start(target: u16) -> Relay {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the relay");
-        let port = listener.local_addr().expect("relay address").port();
-        let (cut, watch) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if *watch.borrow() {
-                    continue;
-                }
-                let mut cut = watch.clone();
-                tokio::spawn(async move {
-                    let Ok(mut server) =
-                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
-                    else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut.wait_for(|c| *c) => {}
-                    }
-                });
-            }
-        });
-        Relay { port, cut }
-    }
-
-    fn cut(&self) {
-        self.cut.send_replace(true);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_portal_cut_from_the_new_primary_fences_the_old_one_by_its_peer() {
     let (a, b) = primary_and_replica();
@@ -386,8 +349,8 @@ async fn a_portal_cut_from_the_new_primary_fences_the_old_one_by_its_peer() {
     let dir = tempfile::TempDir::new().expect("temp dir");
     // Portal 1 reaches b only through a relay the test cuts; portal 2
     // reaches both. Each names the other as its peer.
-    let relay = Relay::start(b.port()).await;
-    let one = PortalConfig::new(&certs, &[a.port(), relay.port]).hold_timeout("500ms");
+    let path_b = relay::Relay::start(b.port()).await;
+    let one = PortalConfig::new(&certs, &[a.port(), path_b.port]).hold_timeout("500ms");
     let two = PortalConfig::new(&certs, &[a.port(), b.port()]);
     let peer = |of: &PortalConfig| format!("  peers: [\"127.0.0.1:{}\"]", of.ports.admin);
     let p1 = Portal::start(&with_admin(
@@ -410,7 +373,7 @@ async fn a_portal_cut_from_the_new_primary_fences_the_old_one_by_its_peer() {
 
     // Portal 1 loses b; then b is promoted while a lives on, still a master
     // that no one told: only portal 2 can see the new term.
-    relay.cut();
+    path_b.set(relay::Mode::Cut);
     p1.wait_for("b down on portal 1", |s| member(s, "b")["health"] == "down")
         .await;
     b.promote();

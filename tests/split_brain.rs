@@ -11,7 +11,9 @@ async fn two_unrelated_masters_get_no_leader_and_clients_get_tryagain() {
     let b = RedisServer::start(None);
     let certs = temp_certs();
     let config = PortalConfig::new(&certs, &[a.port(), b.port()]).hold_timeout("1s");
-    let portal = Portal::start(&config.yaml()).await;
+    // rise 5 (a second of probes): both masters have claimed before either
+    // could lead alone, also when one first probe is slow.
+    let portal = Portal::start(&config.yaml().replace("rise: 2", "rise: 5")).await;
 
     let status = portal
         .wait_for("split brain to be reported", |s| {
@@ -71,7 +73,9 @@ async fn split_brain_ends_when_one_master_follows_the_other() {
     let b = RedisServer::start(None);
     let certs = temp_certs();
     let config = PortalConfig::new(&certs, &[a.port(), b.port()]).hold_timeout("1s");
-    let portal = Portal::start(&config.yaml()).await;
+    // rise 5 (a second of probes): both masters have claimed before either
+    // could lead alone, also when one first probe is slow.
+    let portal = Portal::start(&config.yaml().replace("rise: 2", "rise: 5")).await;
     portal
         .wait_for("split brain to be reported", |s| {
             cluster(s)["split_brain"] == true
