@@ -67,6 +67,8 @@ pub struct PatroniMember {
     data: PathBuf,
     log: PathBuf,
     agent: Option<Child>,
+    /// The agent was stopped with SIGSTOP (see [`PatroniCluster::freeze_agent`]).
+    frozen: bool,
 }
 
 impl PatroniMember {
@@ -143,6 +145,7 @@ impl PatroniCluster {
                     log: root.path().join(format!("{name}.log")),
                     name,
                     agent: None,
+                    frozen: false,
                 }
             })
             .collect();
@@ -447,6 +450,52 @@ impl PatroniCluster {
         self.spawn(i);
     }
 
+    /// The pid of member `i`'s Patroni agent (the Python process: `setpriv`
+    /// and the script's interpreter exec in place, so it is the child's).
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.members[i].agent.as_ref().map(Child::id)
+    }
+
+    /// SIGSTOP member `i`'s Patroni agent, and only it: its PostgreSQL
+    /// (a separate process tree) keeps running in whatever role it had. A
+    /// frozen leader's agent stops renewing the leader key, which expires
+    /// after `ttl` (10 s here); the other member's agent then takes the key
+    /// and promotes its PostgreSQL, while the frozen member's PostgreSQL
+    /// still runs as a primary on the old timeline and takes any write sent
+    /// to it directly: two writable primaries, as with a partitioned or
+    /// paused leader. Returns once the kernel reports the process stopped.
+    /// `Drop` thaws it before killing anything.
+    pub fn freeze_agent(&mut self, i: usize) {
+        let pid = self
+            .agent_pid(i)
+            .unwrap_or_else(|| panic!("patroni {} does not run", self.members[i].name));
+        signal("-STOP", &[pid]);
+        self.members[i].frozen = true;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while process_state(pid) != Some('T') {
+            assert!(
+                Instant::now() < deadline,
+                "patroni {} (pid {pid}) did not stop: state {:?}",
+                self.members[i].name,
+                process_state(pid)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGCONT member `i`'s agent after [`PatroniCluster::freeze_agent`].
+    pub fn thaw_agent(&mut self, i: usize) {
+        if let Some(pid) = self.agent_pid(i) {
+            signal("-CONT", &[pid]);
+        }
+        self.members[i].frozen = false;
+    }
+
+    /// Whether member `i`'s PostgreSQL runs (its postmaster is alive).
+    pub fn postgres_runs(&self, i: usize) -> bool {
+        self.members[i].postmaster_pid().is_some()
+    }
+
     pub fn print_logs(&self) {
         for m in &self.members {
             let what = format!("patroni {} (api {}, pg {})", m.name, m.api_port, m.pg_port);
@@ -510,12 +559,48 @@ impl PatroniCluster {
     ) -> String {
         super::replace_members(&self.portal_yaml_with_dcs(certs, admin, rw, ro), "")
     }
+
+    /// As [`PatroniCluster::portal_yaml_with_dcs`], with `probe.check:
+    /// native`: the portal asks each member's PostgreSQL what it is (as the
+    /// superuser, its password in `password_file`), not its Patroni agent.
+    /// A member whose agent is frozen then still answers primary on its
+    /// timeline; only the DCS and the terms can fence it.
+    pub fn portal_yaml_native_with_dcs(
+        &self,
+        certs: &Certs,
+        admin: u16,
+        rw: u16,
+        ro: u16,
+        password_file: &Path,
+    ) -> String {
+        let yaml = self.portal_yaml_with_dcs(certs, admin, rw, ro);
+        let yaml = yaml.replacen(
+            "      check: patroni\n",
+            &format!(
+                "      check: native\n      username: {SUPERUSER}\n      password_file: {}\n      \
+                 dbname: postgres\n",
+                password_file.display()
+            ),
+            1,
+        );
+        yaml.lines()
+            .filter(|l| !l.trim_start().starts_with("api: "))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
 }
 
 impl Drop for PatroniCluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.print_logs();
+        }
+        // A stopped agent dies of SIGKILL too, but thawed first it is in
+        // no state a kill could leave half done.
+        for i in 0..self.members.len() {
+            if self.members[i].frozen {
+                self.thaw_agent(i);
+            }
         }
         for i in 0..self.members.len() {
             self.kill9(i);
@@ -621,6 +706,12 @@ fn process_table() -> Vec<(u32, u32, String)> {
     .collect()
 }
 
+/// The state letter of `/proc/PID/stat` (`R`, `S`, `T` when stopped, ...).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].chars().next()
+}
+
 fn wait_gone(pids: &[u32]) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
@@ -649,31 +740,41 @@ pub async fn connect(port: u16, certs: &Certs) -> Result<tokio_postgres::Client,
 
 /// A session straight to a member, bypassing the portal.
 pub async fn direct(port: u16) -> tokio_postgres::Client {
+    try_direct(port)
+        .await
+        .unwrap_or_else(|err| panic!("direct session to {port}: {err}"))
+}
+
+/// As [`direct`], an error instead of a panic.
+pub async fn try_direct(port: u16) -> Result<tokio_postgres::Client, String> {
     let mut config = tokio_postgres::Config::new();
     config
         .host("127.0.0.1")
         .port(port)
         .user(SUPERUSER)
         .password(SUPERUSER_PASSWORD)
-        .dbname("postgres");
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(2));
     pg_connect_with(&config, tokio_postgres::NoTls)
         .await
-        .unwrap_or_else(|err| panic!("direct session to {port}: {}", pg_error(&err)))
+        .map_err(|err| pg_error(&err))
 }
 
 /// One acknowledged write: its id, the port of the member that committed
-/// it, and whether that member said it was in recovery.
+/// it (`inet_server_port()` in the INSERT's `RETURNING`), the instant just
+/// before the writer sent it and the instant the acknowledgement arrived.
 #[derive(Debug, Clone, Copy)]
 pub struct Ack {
     pub id: i64,
     pub port: u16,
-    pub in_recovery: bool,
+    pub sent: Instant,
+    pub acked: Instant,
 }
 
 /// Writes through the portal's leader endpoint in a loop, reconnecting
 /// after any error, until stopped. Each write reports, in the same
-/// statement, `pg_is_in_recovery()` and `inet_server_port()` of the member
-/// that committed it.
+/// statement, `inet_server_port()` of the member that committed it, and is
+/// stamped with when it was sent and when it was acknowledged.
 pub struct Writer {
     acks: Arc<Mutex<Vec<Ack>>>,
     errors: Arc<Mutex<Vec<String>>>,
@@ -714,23 +815,24 @@ impl Writer {
                     }
                     let Some(c) = client.as_ref() else { continue };
                     id += 1;
+                    let sent = Instant::now();
                     let answer = tokio::time::timeout(
                         Duration::from_secs(5),
                         c.query_one(
-                            "insert into writes (id) values ($1) \
-                             returning pg_is_in_recovery(), inet_server_port()",
+                            "insert into writes (id) values ($1) returning inet_server_port()",
                             &[&id],
                         ),
                     )
                     .await;
+                    let acked = Instant::now();
                     match answer {
                         Ok(Ok(row)) => {
-                            let in_recovery: bool = row.get(0);
-                            let port: i32 = row.get(1);
+                            let port: i32 = row.get(0);
                             acks.lock().expect("acks").push(Ack {
                                 id,
                                 port: port as u16,
-                                in_recovery,
+                                sent,
+                                acked,
                             });
                             tokio::time::sleep(Duration::from_millis(20)).await;
                         }
@@ -777,22 +879,34 @@ impl Writer {
         self.acks.lock().expect("acks").clone()
     }
 
+    /// The last few errors (connects refused, writes failed), newest first.
+    pub fn last_errors(&self, n: usize) -> Vec<String> {
+        let errors = self.errors.lock().expect("errors");
+        errors.iter().rev().take(n).cloned().collect()
+    }
+
     /// Waits until a write acknowledged by the member on `port` arrives
     /// after `after` acknowledgements; panics after `limit`.
     pub async fn wait_ack_from(&self, port: u16, after: usize, limit: Duration) {
+        if !self.ack_from_within(port, after, limit).await {
+            panic!(
+                "no write acknowledged by the member on {port} within {limit:?}; \
+                 last errors: {:?}; acks: {}",
+                self.last_errors(5),
+                self.acks().len()
+            );
+        }
+    }
+
+    /// As [`Writer::wait_ack_from`], false instead of a panic.
+    pub async fn ack_from_within(&self, port: u16, after: usize, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         loop {
             if self.acks().iter().skip(after).any(|a| a.port == port) {
-                return;
+                return true;
             }
             if Instant::now() > deadline {
-                let errors = self.errors.lock().expect("errors").clone();
-                let last: Vec<&String> = errors.iter().rev().take(5).collect();
-                panic!(
-                    "no write acknowledged by the member on {port} within {limit:?}; \
-                     last errors: {last:?}; acks: {}",
-                    self.acks().len()
-                );
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -804,6 +918,217 @@ impl Writer {
         let acks = self.acks.lock().expect("acks").clone();
         acks
     }
+}
+
+// ---- the truth: when a member became primary, seen from outside the portal --
+
+/// When the scenario moved the leadership to one member, observed directly
+/// (never through a portal): the first instant each source said so. An
+/// instant is taken when the answer arrived, so the member was already
+/// promoted then: a write sent after it did not race the promotion.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Promotion {
+    /// etcd's leader key (`<namespace>/<scope>/leader`) named the member.
+    pub key_named: Option<Instant>,
+    /// The member's Patroni answered 200 on `/primary`.
+    pub rest_primary: Option<Instant>,
+    /// The member's PostgreSQL answered `pg_is_in_recovery()` false.
+    pub pg_primary: Option<Instant>,
+}
+
+impl Promotion {
+    /// The first instant the member was provably primary: Patroni's
+    /// `/primary` on it answered 200 or its PostgreSQL left recovery,
+    /// whichever was seen first.
+    pub fn primary_since(&self) -> Option<Instant> {
+        match (self.rest_primary, self.pg_primary) {
+            (Some(r), Some(p)) => Some(r.min(p)),
+            (r, p) => r.or(p),
+        }
+    }
+
+    /// The three instants relative to `origin`, for messages and logs.
+    pub fn describe(&self, origin: Instant) -> String {
+        let at = |t: Option<Instant>| {
+            t.map_or("not seen".to_string(), |t| {
+                format!("{:.3}s", t.saturating_duration_since(origin).as_secs_f64())
+            })
+        };
+        format!(
+            "leader key named it at {}, /primary 200 at {}, pg_is_in_recovery() false at {}",
+            at(self.key_named),
+            at(self.rest_primary),
+            at(self.pg_primary)
+        )
+    }
+}
+
+/// Polls, every 10 ms and independently of any portal, etcd's leader key,
+/// Patroni's `/primary` on one member and that member's
+/// `pg_is_in_recovery()`, recording the first instant each says the member
+/// leads.
+pub struct PromotionWatch {
+    seen: Arc<Mutex<Promotion>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PromotionWatch {
+    pub fn start(cluster: &PatroniCluster, i: usize) -> PromotionWatch {
+        let seen = Arc::new(Mutex::new(Promotion::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let member = &cluster.members[i];
+        let period = Duration::from_millis(10);
+
+        let rest = std::thread::spawn({
+            let (seen, stop, api) = (seen.clone(), stop.clone(), member.api_port);
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if rest_get(api, "/primary").is_some_and(|(code, _)| code == 200) {
+                        seen.lock().expect("seen").rest_primary = Some(Instant::now());
+                        return;
+                    }
+                    std::thread::sleep(period);
+                }
+            }
+        });
+        let key = std::thread::spawn({
+            let (seen, stop) = (seen.clone(), stop.clone());
+            let endpoints = cluster.etcd_hosts.join(",");
+            let key = format!("/service/{}/leader", cluster.scope);
+            let name = member.name.clone();
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let out = super::etcd::etcdctl(
+                        &endpoints,
+                        None,
+                        &["get", &key, "--print-value-only"],
+                    );
+                    if String::from_utf8_lossy(&out.stdout).trim() == name {
+                        seen.lock().expect("seen").key_named = Some(Instant::now());
+                        return;
+                    }
+                    std::thread::sleep(period);
+                }
+            }
+        });
+        let task = tokio::spawn({
+            let (seen, stop, port) = (seen.clone(), stop.clone(), member.pg_port);
+            async move {
+                let mut client = None;
+                while !stop.load(Ordering::Relaxed) {
+                    if client.is_none() {
+                        client = try_direct(port).await.ok();
+                    }
+                    if let Some(c) = client.as_ref() {
+                        match c.query_one("select pg_is_in_recovery()", &[]).await {
+                            Ok(row) if !row.get::<_, bool>(0) => {
+                                seen.lock().expect("seen").pg_primary = Some(Instant::now());
+                                return;
+                            }
+                            Ok(_) => {}
+                            Err(_) => client = None,
+                        }
+                    }
+                    tokio::time::sleep(period).await;
+                }
+            }
+        });
+        PromotionWatch {
+            seen,
+            stop,
+            threads: vec![rest, key],
+            task,
+        }
+    }
+
+    pub fn seen(&self) -> Promotion {
+        *self.seen.lock().expect("seen")
+    }
+
+    /// Waits until the member is provably primary
+    /// ([`Promotion::primary_since`]); panics after `limit`.
+    pub async fn wait_primary(&self, limit: Duration) -> Instant {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(at) = self.seen().primary_since() {
+                return at;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the member was not promoted within {limit:?}: {:?}",
+                self.seen()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops polling (waiting up to 2 s for the last of the three sources
+    /// to be seen) and returns what was seen.
+    pub async fn stop(self) -> Promotion {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            let seen = self.seen();
+            if seen.key_named.is_some() && seen.rest_primary.is_some() && seen.pg_primary.is_some()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        let seen = self.seen.clone();
+        let _ = self.task.await;
+        for t in self.threads {
+            let _ = tokio::task::block_in_place(|| t.join());
+        }
+        let seen = *seen.lock().expect("seen");
+        seen
+    }
+}
+
+/// The writes in `acks` that the member on `old` acknowledged although the
+/// writer sent them after `since`, the instant another member was provably
+/// primary: a client was told they committed on a member that was no longer
+/// the cluster's primary (Patroni rewinds them away when that member
+/// rejoins). Writes sent earlier and acknowledged later raced the promotion
+/// and are not counted.
+pub fn acked_by_after(acks: &[Ack], old: u16, since: Instant) -> Vec<Ack> {
+    acks.iter()
+        .filter(|a| a.port == old && a.sent > since)
+        .copied()
+        .collect()
+}
+
+/// Panics, listing them with their instants relative to `since`, when
+/// [`acked_by_after`] finds any.
+pub fn assert_none_acked_by_after(what: &str, acks: &[Ack], old: u16, since: Instant) {
+    let bad = acked_by_after(acks, old, since);
+    if bad.is_empty() {
+        return;
+    }
+    let ms = |t: Instant| t.saturating_duration_since(since).as_millis();
+    let shown: Vec<String> = bad
+        .iter()
+        .take(10)
+        .map(|a| {
+            format!(
+                "id {} sent +{} ms, acked +{} ms",
+                a.id,
+                ms(a.sent),
+                ms(a.acked)
+            )
+        })
+        .collect();
+    let last = bad.last().map_or(0, |a| ms(a.acked));
+    panic!(
+        "{what}: {} write(s) acknowledged by the old primary (port {old}) although sent after \
+         the new primary was confirmed (instants after that confirmation; the last acked \
+         +{last} ms): {}{}",
+        bad.len(),
+        shown.join("; "),
+        if bad.len() > shown.len() { "; ..." } else { "" }
+    );
 }
 
 /// The leader's term (timeline) as `/status` shows it.
@@ -820,12 +1145,4 @@ pub async fn wait_roles_within(portal: &Portal, name: &str, replicas: &[&str], l
             |st| cluster(st)["leader"] == name && replica_names(st) == replicas,
         )
         .await;
-}
-
-pub fn assert_no_ack_in_recovery(acks: &[Ack]) {
-    let bad: Vec<&Ack> = acks.iter().filter(|a| a.in_recovery).collect();
-    assert!(
-        bad.is_empty(),
-        "writes acknowledged by a member in recovery: {bad:?}"
-    );
 }
