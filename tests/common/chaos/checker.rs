@@ -88,7 +88,10 @@ pub fn short(run_id: &str) -> &str {
 /// harness sent `REPLICAOF NO ONE` to it (or from the start) until the
 /// moment its `kill -9` returned (`to`, `None` while it still reigns).
 /// `killed` says the reign ended by a `kill -9`, so writes it acknowledged
-/// and had not yet replicated may be lost by the database.
+/// and had not yet replicated may be lost by the database. (The Sentinel
+/// target derives its reigns from what it observed, and also sets `killed`
+/// when a reign ended because Sentinel promoted another member: the old
+/// primary's unreplicated writes are then lost the same way.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reign {
     pub run_id: String,

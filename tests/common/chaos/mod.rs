@@ -7,6 +7,7 @@
 //!   when);
 //! - `relay`: the TCP relays portal 1 reaches the members through;
 //! - `redis`: the member processes;
+//! - `postgres`, `sentinel`: the PostgreSQL and Redis-with-Sentinel targets;
 //! - `checker`: pure checks over the recorded history;
 //! - here: the writers, the `/status` sampler, one run, and the report.
 //!
@@ -20,6 +21,7 @@ pub mod nemesis;
 pub mod postgres;
 pub mod redis;
 pub mod relay;
+pub mod sentinel;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;

@@ -58,6 +58,17 @@ pub enum Kind {
     /// the old primary started again on its old timeline, as a primary, for
     /// the duration; then rebuilt as a standby of the new primary.
     OldPrimary,
+    /// Sentinel target: `kill -9` of the primary; Sentinel fails over (the
+    /// harness promotes nobody); once it has, the killed member comes back
+    /// empty, as a master, until Sentinel makes it a replica.
+    SentinelKill,
+    /// Sentinel target: SIGSTOP of the primary until Sentinel has failed
+    /// over, then SIGCONT after the duration: the old primary wakes up still
+    /// a master while Sentinel names another.
+    FrozenPrimary,
+    /// Sentinel target: SIGSTOP, or `kill -9` and restart, of one or two
+    /// Sentinels for the duration (the DCS blips).
+    DcsBlip,
 }
 
 impl Kind {
@@ -80,13 +91,20 @@ impl Kind {
             Kind::Path => "portal 1 path stall/cut",
             Kind::DebugSleep => "DEBUG SLEEP",
             Kind::OldPrimary => "old primary back on its old timeline",
+            Kind::SentinelKill => "kill -9 of the primary + Sentinel failover",
+            Kind::FrozenPrimary => "primary SIGSTOPped through a Sentinel failover",
+            Kind::DcsBlip => "Sentinel SIGSTOP/kill",
         }
     }
 
     pub fn topology(self) -> bool {
         matches!(
             self,
-            Kind::KillPromote | Kind::RogueMaster | Kind::OldPrimary
+            Kind::KillPromote
+                | Kind::RogueMaster
+                | Kind::OldPrimary
+                | Kind::SentinelKill
+                | Kind::FrozenPrimary
         )
     }
 }
@@ -101,6 +119,11 @@ pub enum Target {
     /// primary.
     Replica(usize),
     Portal(usize),
+    /// Sentinels: how many (1 or 2), from which index (modulo 3).
+    Sentinels {
+        first: usize,
+        count: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +163,16 @@ impl fmt::Display for Step {
                 f,
                 " {} for {}ms",
                 if self.cut { "cut" } else { "stall" },
+                ms(self.duration)
+            )?,
+            Kind::DcsBlip => write!(
+                f,
+                " {} for {}ms",
+                if self.cut {
+                    "kill -9 + restart"
+                } else {
+                    "SIGSTOP"
+                },
                 ms(self.duration)
             )?,
             _ => write!(f, " for {}ms", ms(self.duration))?,
@@ -262,6 +295,9 @@ pub fn schedule(seed: u64, faults: usize, members: usize, rdb_rogues: bool) -> V
                 pause: millis(&mut rng, 300, 2000),
                 keep_rdb: false,
             },
+            Kind::SentinelKill | Kind::FrozenPrimary | Kind::DcsBlip => {
+                unreachable!("not drawn by the Redis schedule")
+            }
         };
         steps.push(step);
     }
@@ -341,6 +377,7 @@ pub enum Resource {
     Member(usize),
     Relay(usize),
     Portal(usize),
+    Sentinel(usize),
 }
 
 struct Pending {
@@ -446,7 +483,9 @@ impl Nemesis {
                 let replicas: Vec<usize> = (0..n).filter(|&m| m != self.primary).collect();
                 replicas[i % replicas.len()]
             }
-            Target::Portal(_) => unreachable!("a portal is not a member"),
+            Target::Portal(_) | Target::Sentinels { .. } => {
+                unreachable!("not a member: {target:?}")
+            }
         }
     }
 
@@ -617,6 +656,9 @@ impl Nemesis {
                 restart_portal(&self.world, &mut self.heals, p, step.duration);
             }
             Kind::OldPrimary => unreachable!("a PostgreSQL fault in a Redis schedule"),
+            Kind::SentinelKill | Kind::FrozenPrimary | Kind::DcsBlip => {
+                unreachable!("a Sentinel fault in a Redis schedule")
+            }
         }
     }
 }

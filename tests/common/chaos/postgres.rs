@@ -581,7 +581,11 @@ impl PgNemesis {
                 };
                 restart_portal(&self.world, &mut self.heals, p, step.duration);
             }
-            Kind::RogueMaster | Kind::DebugSleep => {
+            Kind::RogueMaster
+            | Kind::DebugSleep
+            | Kind::SentinelKill
+            | Kind::FrozenPrimary
+            | Kind::DcsBlip => {
                 unreachable!("a Redis fault in a PostgreSQL schedule")
             }
         }
