@@ -136,7 +136,12 @@ fn unauthorized(state: &AdminState, req: &Request<Incoming>) -> Option<Response<
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        // The scheme is case-insensitive (RFC 9110).
+        .and_then(|v| {
+            v.get(..7)
+                .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
+                .and_then(|_| v.get(7..))
+        })
         .unwrap_or("");
     if constant_time_eq(given.as_bytes(), token.expose().as_bytes()) {
         None

@@ -923,14 +923,28 @@ impl Validator<'_> {
             raw.admin.token_file.as_ref(),
             raw.admin.token_env.as_ref(),
         )?;
-        if token.as_ref().is_some_and(|t| t.expose().is_empty()) {
+        // Surrounding spaces are dropped; a token with spaces inside, or an
+        // empty one, could never be sent as a bearer token.
+        let token = token.map(|t| Secret(t.expose().trim().to_string()));
+        if let Some(t) = &token {
+            let problem = if t.expose().is_empty() {
+                Some("the token is empty")
+            } else if t
+                .expose()
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+            {
+                Some("the token contains spaces or control characters")
+            } else {
+                None
+            };
             let at = raw
                 .admin
                 .token_file
                 .as_ref()
                 .or(raw.admin.token_env.as_ref());
-            if let Some(at) = at {
-                return Err(self.error(at, "admin.token", "the token is empty"));
+            if let (Some(problem), Some(at)) = (problem, at) {
+                return Err(self.error(at, "admin.token", problem));
             }
         }
         let mut peers = Vec::new();
@@ -1335,6 +1349,12 @@ clusters:
         std::fs::write(dir.path().join("empty"), "\n").expect("write");
         let (_, key, _) = invalid(&with_admin("  token_file: empty\n"));
         assert_eq!(key, "admin.token");
+        std::fs::write(dir.path().join("spaced"), "  tok en \n").expect("write");
+        let (_, key, message) = invalid(&with_admin("  token_file: spaced\n"));
+        assert_eq!(key, "admin.token", "{message}");
+        std::fs::write(dir.path().join("padded"), "  tok  \n").expect("write");
+        let cfg = config(dir.path(), &with_admin("  token_file: padded\n")).expect("valid");
+        assert_eq!(cfg.admin.token.as_ref().map(Secret::expose), Some("tok"));
         let (_, key, _) = invalid(&with_admin("  peer_interval: 0s\n"));
         assert_eq!(key, "admin.peer_interval");
     }

@@ -158,7 +158,9 @@ pub async fn follow(
             Err(error) => {
                 failed.inc();
                 if reachable != Some(false) {
-                    tracing::warn!(peer = %peer, %error, "peer portal does not answer; keeping the terms already proven");
+                    // `?error`: the text may hold a peer's answer; Debug escapes
+                    // its newlines, so it cannot forge log lines.
+                    tracing::warn!(peer = %peer, error = ?error, "peer portal does not answer; keeping the terms already proven");
                     reachable = Some(false);
                 }
             }

@@ -61,10 +61,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         originations.push(origination);
     }
     // View rule 9: with peers, a fresh portal's first election waits for a
-    // peer's answer, at most a few exchange intervals (a peer that is down
-    // too must not keep this one from serving).
-    let peer_wait = (!config.admin.peers.is_empty() && config.admin.token.is_some())
-        .then(|| (config.admin.peer_interval * 5).max(Duration::from_secs(1)));
+    // peer's answer, at most five exchange intervals, between 1 s and 30 s
+    // (a peer that is down too must not keep this one from serving).
+    let peer_wait = (!config.admin.peers.is_empty() && config.admin.token.is_some()).then(|| {
+        config
+            .admin
+            .peer_interval
+            .saturating_mul(5)
+            .clamp(Duration::from_secs(1), Duration::from_secs(30))
+    });
     let clusters: Vec<Arc<Cluster>> = config
         .clusters
         .iter()

@@ -30,7 +30,9 @@
 //!    only while its own probe says primary and the term rules above do not
 //!    fence it. Other claimants are fenced (`not_dcs_leader`). While the DCS
 //!    is unreachable the last leader keeps the role only as long as its
-//!    probes confirm it; no new leader is named until the DCS is back.
+//!    probes confirm it; no new leader is named until the DCS is back. A
+//!    named member is not newly elected while another live claim proves a
+//!    newer term (the DCS answer may be stale); an incumbent keeps its role.
 //! 7. A replica whose term is provably older than the leader's serves no
 //!    reads (`behind_leader_term`): a former primary back before
 //!    `pg_rewind` (its timeline may hold writes the cluster lost), or a
@@ -316,9 +318,11 @@ impl NoLeader {
 /// after a deliberate rebuild, or terms that went backwards.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Override {
-    /// Accept this member, which must claim primary now, as the start of a
-    /// new history: the remembered terms are forgotten and its term becomes
-    /// the one later claimants are ordered against.
+    /// Accept this member, which must claim primary now, as the leader: the
+    /// remembered terms are forgotten, its term becomes the one later
+    /// claimants are ordered against, and it is *pinned*: it leads while it
+    /// claims primary and is not down, whatever other members or peers
+    /// claim, until it fails or stops claiming (or another decision).
     AcceptLeader(MemberId),
     /// Forget every remembered term (past leaders, lineage, peer terms): the
     /// rules then decide as on a fresh start.
@@ -387,6 +391,8 @@ pub enum FenceReason {
     UnrelatedHistory,
     /// A claimant older than a term a peer portal proved (rule 4).
     OlderThanPeer,
+    /// An operator pinned another member as leader.
+    OperatorPinned,
 }
 
 impl FenceReason {
@@ -399,6 +405,7 @@ impl FenceReason {
             FenceReason::BehindLeaderTerm => "behind_leader_term",
             FenceReason::UnrelatedHistory => "unrelated_history",
             FenceReason::OlderThanPeer => "older_than_peer_term",
+            FenceReason::OperatorPinned => "operator_pinned_another",
         }
     }
 }
@@ -453,6 +460,8 @@ pub struct View {
     last_leader: Option<MemberId>,
     /// Rule 9: no first election before the peers are heard.
     awaiting_peers: bool,
+    /// The member an operator accepted as leader, while it holds.
+    pinned: Option<MemberId>,
     /// Observed lineage steps `(id, previous)`, oldest first: they make
     /// [`View::order`] transitive across several promotions.
     lineage: VecDeque<(String, String)>,
@@ -480,6 +489,7 @@ impl View {
             leader_term: None,
             last_leader: None,
             awaiting_peers: false,
+            pinned: None,
             lineage: VecDeque::new(),
             past_leaders: VecDeque::new(),
             peer_terms: VecDeque::new(),
@@ -699,6 +709,7 @@ impl View {
                 }
                 let term = state.seen.as_ref().and_then(|s| s.term.clone());
                 self.forget_terms();
+                self.pinned = Some(*member);
                 // The accepted member displaces any other incumbent.
                 if self.leader != Some(*member) {
                     if let Some(old) = self.leader.take() {
@@ -718,7 +729,10 @@ impl View {
                     self.set_leader_term(t);
                 }
             }
-            Override::ForgetTerms => self.forget_terms(),
+            Override::ForgetTerms => {
+                self.forget_terms();
+                self.pinned = None;
+            }
         }
         self.decide(&mut out);
         Ok(out)
@@ -842,7 +856,33 @@ impl View {
         reporting > 0 && against * 2 > reporting
     }
 
+    /// Decides leader, replicas and fences from what is known now; bumps
+    /// the epoch once if routing changed.
     fn decide(&mut self, out: &mut Vec<Transition>) {
+        let before = (self.leader, self.replicas.clone());
+        self.decide_pass(out);
+        // Rule 8: with no leader, the last leader's member, now a replica,
+        // follows another history: that history holds the cluster's data
+        // now and becomes the one claimants must continue. Decided within
+        // this same decision, so that deciding again changes nothing.
+        if let Some(term) = self.history_moved() {
+            self.set_leader_term(term);
+            self.decide_pass(out);
+        }
+        if (self.leader, &self.replicas) != (before.0, &before.1) {
+            self.epoch += 1;
+        }
+    }
+
+    fn decide_pass(&mut self, out: &mut Vec<Transition>) {
+        // An operator's pin holds while its member claims primary and is
+        // not down; then the rules decide again.
+        if let Some(p) = self.pinned {
+            let holds = self.claim(p).is_some() && self.members[p].health != Health::Down;
+            if !holds {
+                self.pinned = None;
+            }
+        }
         // An incumbent that now reports a term newer than the recorded one
         // (or a first one) moves the reference that successors must beat.
         if let Some(t) = self.leader.and_then(|l| self.claim(l)).flatten().cloned() {
@@ -852,21 +892,6 @@ impl View {
             };
             if forward {
                 self.set_leader_term(t);
-            }
-        }
-        // Rule 8: the last leader, now a replica, follows another history:
-        // that history holds the cluster's data now and becomes the one
-        // claimants must continue.
-        if self.leader.is_none() && self.dcs == DcsView::Absent {
-            let moved = self.last_leader.and_then(|m| {
-                let seen = self.members.get(m)?.seen.as_ref()?;
-                let term = seen.term.as_ref()?;
-                let last = self.leader_term.as_ref()?;
-                (seen.role == Role::Replica && self.order(term, last).is_none())
-                    .then(|| term.clone())
-            });
-            if let Some(term) = moved {
-                self.set_leader_term(term);
             }
         }
 
@@ -955,7 +980,19 @@ impl View {
 
         // Rule 9: a fresh view with peers waits for what they proved.
         let awaiting = self.awaiting_peers && self.leader.is_none() && self.leader_term.is_none();
-        let (leader, split) = if awaiting {
+        let (leader, split) = if let Some(p) = self.pinned {
+            // The operator decided: the pinned member leads once up; every
+            // other claimant is fenced, and so are no fences of its own.
+            fenced_now.retain(|(id, _)| *id != p);
+            for &(id, _) in &claims {
+                if id != p {
+                    fenced_now.retain(|(f, _)| *f != id);
+                    fenced_now.push((id, FenceReason::OperatorPinned));
+                }
+            }
+            let up = self.members[p].health == Health::Up;
+            (up.then_some(p), false)
+        } else if awaiting {
             (None, false)
         } else if let Ok(named) = self.dcs_choice() {
             // Rule 6: the DCS names, a probe confirms, the term rules still fence.
@@ -967,7 +1004,26 @@ impl View {
                     c.id == *n && (c.up || self.proves_newer_than_last_leader(c.term.as_ref()))
                 })
             });
-            (confirmed, false)
+            // A newly elected named member must not be provably older than
+            // another live claim: the DCS answer may be stale (Sentinel
+            // names the new primary a moment after promoting it), and the
+            // old primary, woken from a stall, still says master. An
+            // incumbent keeps its role (a member promoted behind the DCS's
+            // back does not unseat it); a newcomer waits for the DCS.
+            let stale = confirmed.filter(|n| {
+                Some(*n) != self.leader
+                    && claims.iter().any(|(other, term)| {
+                        other != n
+                            && match (term, self.claim(*n).flatten()) {
+                                (Some(o), Some(t)) => self.newer(o, t),
+                                _ => false,
+                            }
+                    })
+            });
+            if let Some(n) = stale {
+                fenced_now.push((n, FenceReason::OlderTerm));
+            }
+            (confirmed.filter(|_| stale.is_none()), false)
         } else if !successors.is_empty() {
             match self.newest(&successors) {
                 Some(id) => (Some(id), false),
@@ -1012,7 +1068,6 @@ impl View {
             });
         }
 
-        let mut changed = false;
         if leader != self.leader {
             let previous = self.leader;
             if let Some(old) = previous {
@@ -1038,7 +1093,6 @@ impl View {
                 });
             }
             self.leader = leader;
-            changed = true;
         } else if let Some(l) = leader {
             // Same leader: follow its term when it moved forward, or when it
             // was re-elected without its incumbent privilege.
@@ -1080,11 +1134,19 @@ impl View {
 
         if replicas != self.replicas {
             self.replicas = replicas;
-            changed = true;
         }
-        if changed {
-            self.epoch += 1;
+    }
+
+    /// The history the last leader's member follows as a replica, when it
+    /// is unrelated to the remembered one and nobody leads (rule 8).
+    fn history_moved(&self) -> Option<Term> {
+        if self.leader.is_some() || self.dcs != DcsView::Absent {
+            return None;
         }
+        let seen = self.members.get(self.last_leader?)?.seen.as_ref()?;
+        let term = seen.term.as_ref()?;
+        let last = self.leader_term.as_ref()?;
+        (seen.role == Role::Replica && self.order(term, last).is_none()).then(|| term.clone())
     }
 
     fn set_leader_term(&mut self, term: Term) {

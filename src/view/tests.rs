@@ -275,13 +275,13 @@ fn an_operator_accepts_an_unrelated_master_or_forgets_the_terms() {
     ));
     assert_eq!(v.leader(), Some(1));
     assert!(v.epoch() > before);
-    // The old history is now the unrelated one.
+    // The old history comes back: the pinned member keeps the role.
     feed(&mut v, 0, primary(Some(lineage("x", None))));
     feed(&mut v, 0, primary(Some(lineage("x", None))));
     assert_eq!(v.leader(), Some(1));
     assert_eq!(
         v.snapshot().members[0].fenced,
-        Some(FenceReason::UnrelatedHistory)
+        Some(FenceReason::OperatorPinned)
     );
 
     // Forgetting the terms: the rules decide as on a fresh start, here a
@@ -307,6 +307,14 @@ fn accepting_a_member_displaces_an_incumbent_of_another_history() {
         .expect("1 claims primary");
     assert!(t.contains(&Transition::LeaderLost { member: 0 }), "{t:?}");
     assert_eq!(v.leader(), Some(1));
+    assert_eq!(
+        v.snapshot().members[0].fenced,
+        Some(FenceReason::OperatorPinned)
+    );
+    // Once the pinned member is down, the rules decide: 0's history is
+    // unrelated to the accepted one.
+    feed(&mut v, 1, hard());
+    assert_eq!(v.leader(), None);
     assert_eq!(
         v.snapshot().members[0].fenced,
         Some(FenceReason::UnrelatedHistory)
@@ -695,25 +703,28 @@ fn edge_of(term: &Term) -> Option<(String, String)> {
 }
 
 /// Rule 8's one way for the reference history to move on, as the property
-/// sees it: with no leader, the last leader's member, now a replica,
-/// reports a history unrelated to the reference.
-fn follow_moved_history(
-    reference: &mut Option<Term>,
+/// sees it: the leader was lost or changed in this step, and the last
+/// leader's member, now a replica, reports a history unrelated to the
+/// reference. That history, if any.
+fn moved_history(
+    reference: &Option<Term>,
     last_leader_member: Option<MemberId>,
     last: &Snapshot,
     now: &Snapshot,
     edges: &[(String, String)],
-) {
-    if last.leader.is_some() {
-        return;
+) -> Option<Term> {
+    if now.leader.is_some() && now.leader == last.leader {
+        return None;
     }
-    let (Some(m), Some(r)) = (last_leader_member, reference.clone()) else {
-        return;
-    };
-    if let (Role::Replica, Some(tr)) = (now.members[m].role, &now.members[m].term) {
-        if !same_or_newer(tr, &r, edges) && !oracle_newer(&r, tr, edges) {
-            *reference = Some(tr.clone());
+    let r = reference.as_ref()?;
+    let m = last_leader_member?;
+    match (now.members[m].role, &now.members[m].term) {
+        (Role::Replica, Some(tr))
+            if !same_or_newer(tr, r, edges) && !oracle_newer(r, tr, edges) =>
+        {
+            Some(tr.clone())
         }
+        _ => None,
     }
 }
 
@@ -818,7 +829,11 @@ proptest! {
                     }
                     peer_terms.push(term);
                     let s = v.snapshot();
-                    follow_moved_history(&mut reference, last_leader_member, &last, &s, &edges);
+                    if s.leader.is_none() {
+                        if let Some(tr) = moved_history(&reference, last_leader_member, &last, &s, &edges) {
+                            reference = Some(tr);
+                        }
+                    }
                     if let Some(l) = s.leader {
                         if let Some(t) = &s.members[l].term {
                             for p in &peer_terms {
@@ -828,6 +843,18 @@ proptest! {
                         }
                     }
                     prop_assert!(s.epoch >= last.epoch);
+                    // A peer's term can elect (a successor of it): the
+                    // leader's history is the reference from here on.
+                    if let Some(l) = s.leader {
+                        if let Some(t) = &s.members[l].term {
+                            reference = Some(t.clone());
+                            last_leader_term = Some(t.clone());
+                            if leaders_terms.last() != Some(t) {
+                                leaders_terms.push(t.clone());
+                            }
+                        }
+                        last_leader_member = Some(l);
+                    }
                     last = s;
                     continue;
                 }
@@ -855,7 +882,7 @@ proptest! {
             let routing_changed = s.leader != last.leader || s.replicas != last.replicas;
             prop_assert_eq!(s.epoch, last.epoch + u64::from(routing_changed));
 
-            follow_moved_history(&mut reference, last_leader_member, &last, &s, &edges);
+            let moved = moved_history(&reference, last_leader_member, &last, &s, &edges);
 
             // Rule 1: fewer than `fall` soft failures in a row decide nothing.
             if soft && misses[member] < fall {
@@ -880,7 +907,8 @@ proptest! {
                 }
                 // Rule 8: every leader continues the reference history.
                 match (&reference, &s.members[l].term) {
-                    (Some(r), Some(t)) => prop_assert!(same_or_newer(t, r, &edges),
+                    (Some(r), Some(t)) => prop_assert!(same_or_newer(t, r, &edges)
+                        || moved.as_ref().is_some_and(|tr| same_or_newer(t, tr, &edges)),
                         "leader {} on {} does not continue {}", l, t, r),
                     (Some(r), None) => prop_assert_eq!(last.leader, Some(l),
                         "a newcomer with no term took over from history {}", r),
@@ -914,6 +942,9 @@ proptest! {
                 last_leader_member = Some(l);
             } else {
                 prop_assert!(s.no_leader.is_some(), "no leader and no reason");
+                if let Some(tr) = moved {
+                    reference = Some(tr);
+                }
             }
             // Replicas are eligible, in the replica role, and never on a
             // term older than the leader's (rule 7); a replica left out
@@ -1292,4 +1323,67 @@ fn an_unreachable_dcs_keeps_a_suspect_leader() {
     assert_eq!(v.leader(), Some(0));
     feed(&mut v, 0, soft());
     assert_eq!(v.leader(), None, "fall reached: down");
+}
+
+#[test]
+fn an_accepted_leader_is_pinned_against_successors_and_peers() {
+    // The operator's answer to a replica restarted from its sync RDB: it
+    // claims a term after b's (it looks promoted) while b is healthy.
+    let mut v = View::new(2, T);
+    for _ in 0..2 {
+        feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+        feed(&mut v, 0, replica(Some(1)));
+    }
+    assert_eq!(v.leader(), Some(1));
+    feed(&mut v, 0, primary(Some(lineage("r", Some("y")))));
+    assert_eq!(v.leader(), Some(0), "replication data says 0 is newer");
+    v.apply_override(&Override::AcceptLeader(1))
+        .expect("1 claims primary");
+    assert_eq!(v.leader(), Some(1));
+    assert_eq!(
+        v.snapshot().members[0].fenced,
+        Some(FenceReason::OperatorPinned)
+    );
+    // Neither the successor's reports nor a peer's newer term move it.
+    for _ in 0..3 {
+        feed(&mut v, 0, primary(Some(lineage("r", Some("y")))));
+        v.apply_peer(PeerTerms {
+            term: lineage("r", Some("y")),
+            lineage: vec![("r".into(), "y".into())],
+        });
+        assert_eq!(v.leader(), Some(1));
+    }
+    // The pin holds while 1 claims and is not down: a suspect keeps it.
+    feed(&mut v, 1, soft());
+    assert_eq!(v.leader(), Some(1));
+    // Down: the pin is released and the rules decide again.
+    feed(&mut v, 1, hard());
+    assert_eq!(v.leader(), Some(0));
+}
+
+#[test]
+fn a_stale_dcs_answer_does_not_elect_an_old_primary_anew() {
+    // Sentinel promoted 1 (its term continues 0's) while 0 was stalled and
+    // down; the portal's last DCS answer still names 0. 0 wakes up, still
+    // a master: it must not be elected again on that stale answer.
+    let mut v = View::new(2, T).with_dcs();
+    v.apply_dcs(named(Some(0), 3));
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(lineage("x", None))));
+        feed(&mut v, 1, replica(Some(0)));
+    }
+    assert_eq!(v.leader(), Some(0));
+    feed(&mut v, 0, soft());
+    feed(&mut v, 0, soft());
+    assert_eq!(v.leader(), None, "0 is down");
+    feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+    assert_eq!(v.leader(), None, "1 is not named yet");
+    for _ in 0..3 {
+        feed(&mut v, 0, primary(Some(lineage("x", None))));
+        assert_eq!(v.leader(), None, "the stale answer elected the old primary");
+    }
+    assert_eq!(v.snapshot().members[0].fenced, Some(FenceReason::OlderTerm));
+    // The DCS catches up: 1 leads.
+    v.apply_dcs(named(Some(1), 4));
+    assert_eq!(v.leader(), Some(1));
 }
