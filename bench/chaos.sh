@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Long randomized fault injection against real servers and two portals
-# (tests/chaos.rs and tests/chaos_postgres.rs, harness in
+# (tests/chaos.rs, tests/chaos_postgres.rs and tests/chaos_patroni.rs, harness in
 # tests/common/chaos/): at least 100 faults per seed under load from four
 # writers, then the table of what the checker found, as markdown.
 #
 #   bash bench/chaos.sh                 # Redis, seed 1, 100 faults
 #   bash bench/chaos.sh postgres        # PostgreSQL (native probes), seed 1, 100 faults
+#   bash bench/chaos.sh patroni         # Patroni over etcd (DCS), seed 1, 100 faults
 #   CHAOS_SEEDS=1,2 CHAOS_FAULTS=150 bash bench/chaos.sh
 #   CHAOS_SEED=7 bash bench/chaos.sh    # replay one seed
 #   CHAOS_PEERS=0 bash bench/chaos.sh   # portals without peers (admin.peers)
@@ -15,8 +16,8 @@
 # Exit status: 0 when every seed passed, non-zero otherwise. The run's log
 # (every step, every leader change each portal showed, every failure with its
 # CHAOS_SEED=<n>) goes to the terminal and the full output to
-# target/chaos-bench[-postgres].log; each seed's server and portal logs are
-# kept in target/tmp/chaos[-postgres]-seed-<n>/.
+# target/chaos-bench[-postgres|-patroni].log; each seed's server and portal logs are
+# kept in target/tmp/chaos[-postgres|-patroni]-seed-<n>/.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CHAOS_FAULTS=${CHAOS_FAULTS:-100}
@@ -25,7 +26,8 @@ mkdir -p target
 case "$TARGET" in
   redis) TEST=chaos; NAME=redis_chaos_long; LOG=target/chaos-bench.log ;;
   postgres) TEST=chaos_postgres; NAME=postgres_chaos_long; LOG=target/chaos-bench-postgres.log ;;
-  *) echo "usage: bash bench/chaos.sh [redis|postgres]" >&2; exit 2 ;;
+  patroni) TEST=chaos_patroni; NAME=patroni_chaos_long; LOG=target/chaos-bench-patroni.log ;;
+  *) echo "usage: bash bench/chaos.sh [redis|postgres|patroni]" >&2; exit 2 ;;
 esac
 cargo test --test "$TEST" "$NAME" -- --ignored --exact --nocapture 2>&1 | tee "$LOG"
 STATUS=${PIPESTATUS[0]}

@@ -58,6 +58,8 @@ pub enum Kind {
     /// the old primary started again on its old timeline, as a primary, for
     /// the duration; then rebuilt as a standby of the new primary.
     OldPrimary,
+    /// Patroni: a fault only the Patroni target draws (see `patroni.rs`).
+    Patroni(super::patroni::PatroniFault),
 }
 
 impl Kind {
@@ -80,6 +82,7 @@ impl Kind {
             Kind::Path => "portal 1 path stall/cut",
             Kind::DebugSleep => "DEBUG SLEEP",
             Kind::OldPrimary => "old primary back on its old timeline",
+            Kind::Patroni(fault) => fault.label(),
         }
     }
 
@@ -198,7 +201,7 @@ pub fn schedule(seed: u64, faults: usize, members: usize, rdb_rogues: bool) -> V
             }
         };
         let step = match kind {
-            Kind::KillPromote | Kind::OldPrimary => Step {
+            Kind::KillPromote | Kind::OldPrimary | Kind::Patroni(_) => Step {
                 kind,
                 target: Target::Primary,
                 duration: millis(&mut rng, 300, 3000),
@@ -617,6 +620,7 @@ impl Nemesis {
                 restart_portal(&self.world, &mut self.heals, p, step.duration);
             }
             Kind::OldPrimary => unreachable!("a PostgreSQL fault in a Redis schedule"),
+            Kind::Patroni(_) => unreachable!("a Patroni fault in a Redis schedule"),
         }
     }
 }

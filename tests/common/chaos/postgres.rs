@@ -581,7 +581,7 @@ impl PgNemesis {
                 };
                 restart_portal(&self.world, &mut self.heals, p, step.duration);
             }
-            Kind::RogueMaster | Kind::DebugSleep => {
+            Kind::RogueMaster | Kind::DebugSleep | Kind::Patroni(_) => {
                 unreachable!("a Redis fault in a PostgreSQL schedule")
             }
         }
