@@ -248,14 +248,22 @@ struct Heard {
     fresh: Option<Micros>,
 }
 
-/// Records that the process `id` of member `m` was seen primary at `at`.
-/// A process reigns once: a new one ends the reign open before it (a
-/// superseded primary's unreplicated writes are rewound away, so its reign
-/// is marked as ended by a failover, like a kill).
-fn observe_primary(world: &World<PatMember>, m: usize, id: &str, at: Micros, how: &str) {
-    {
+/// Records that the process `id` of member `m` was seen primary at `at`
+/// (`rest`: by Patroni's `/primary`, else by leaving recovery). A new
+/// process ends the reign open before it (a superseded primary's
+/// unreplicated writes are rewound away, so its reign is marked as ended
+/// by a failover, like a kill). A process whose reign ended may reign again
+/// only when its Patroni says it leads (`/primary` 200: it holds the leader
+/// key again), never because it is still out of recovery: a frozen old
+/// primary stays writable but is not the primary.
+fn observe_primary(world: &World<PatMember>, m: usize, id: &str, at: Micros, rest: bool) {
+    let again = {
         let mut truth = lock(&world.truth);
-        if truth.iter().any(|r| r.run_id == id) {
+        if truth.iter().any(|r| r.run_id == id && r.to.is_none()) {
+            return;
+        }
+        let again = truth.iter().any(|r| r.run_id == id);
+        if again && !rest {
             return;
         }
         if let Some(open) = truth.iter_mut().find(|r| r.to.is_none()) {
@@ -269,16 +277,46 @@ fn observe_primary(world: &World<PatMember>, m: usize, id: &str, at: Micros, how
             to: None,
             killed: false,
         });
-    }
+        again
+    };
+    let how = if rest {
+        "Patroni /primary 200"
+    } else {
+        "out of recovery"
+    };
     world.log.line(
         &world.clock,
         &format!(
-            "truth: {} ({id}) is the primary from {} ({how})",
+            "truth: {} ({id}) is the primary from {} ({how}){}",
             world.names[m],
+            secs(at),
+            if again {
+                " AGAIN, after another process reigned: Patroni gave the leader key back"
+            } else {
+                ""
+            }
+        ),
+    );
+    world.note_process(
+        m,
+        &format!(
+            "primary {}from {} ({how})",
+            if again { "again " } else { "" },
             secs(at)
         ),
     );
-    world.note_process(m, &format!("primary from {} ({how})", secs(at)));
+}
+
+/// Whether the open reign is a process that had reigned before another
+/// one: Patroni went back to an older timeline.
+fn went_back(world: &World<PatMember>) -> bool {
+    let truth = lock(&world.truth);
+    let Some(open) = truth.iter().find(|r| r.to.is_none()) else {
+        return false;
+    };
+    truth
+        .iter()
+        .any(|r| r.run_id == open.run_id && r.to.is_some())
 }
 
 /// The open reign: (member, process), if any.
@@ -312,7 +350,7 @@ fn start_truth_watch(
                     if fresh.is_some_and(|t| at.saturating_sub(t) < 500_000) {
                         let id = world2.member(m).run_id.clone();
                         if !id.is_empty() {
-                            observe_primary(&world2, m, &id, at, "Patroni /primary 200");
+                            observe_primary(&world2, m, &id, at, true);
                         }
                     }
                 }
@@ -372,7 +410,7 @@ fn start_truth_watch(
                             }
                             lock(&heard2)[m].fresh = Some(at);
                             if !in_recovery {
-                                observe_primary(&world2, m, &id, at, "out of recovery");
+                                observe_primary(&world2, m, &id, at, false);
                             }
                         }
                         _ => {
@@ -474,14 +512,18 @@ fn wait_gone(pids: &[u32]) {
     }
 }
 
-/// `POST /switchover` on the REST API at `api`: status and body.
-fn rest_post(api: u16, path: &str, body: &str) -> io::Result<(u16, String)> {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], api));
+/// `POST path` with a JSON `body` on loopback `port` (a Patroni REST API,
+/// or a portal's admin listener with a bearer `token`): status and body.
+fn rest_post(port: u16, path: &str, body: &str, token: Option<&str>) -> io::Result<(u16, String)> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(40)))?;
     stream.write_all(
         format!(
-            "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+            "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\n\
              Content-Length: {}\r\n\r\n{body}",
             body.len()
         )
@@ -590,6 +632,36 @@ impl PatNemesis {
         };
         let real = self.world.names[m].clone();
         let a = agree(&self.world, &real, Duration::from_secs(10));
+        let failed = a.took.is_none();
+        self.agreements.push(a);
+        if failed && went_back(&self.world) {
+            self.accept_leader(&real);
+        }
+    }
+
+    /// Patroni handed the leader key back to a process on an older
+    /// timeline than a promotion the portals have seen: they fence it
+    /// (`older_term`) until an operator acts. The harness acts as the
+    /// operator (`accept-leader` on both portals, with the peers' token),
+    /// so the run goes on; the failed agreement stays in the verdict.
+    fn accept_leader(&mut self, real: &str) {
+        self.world.error(format!(
+            "Patroni made {real} leader again on an older timeline than a promotion the \
+             portals had seen; operator action: accept-leader?member={real} on both portals"
+        ));
+        for (p, slot) in self.world.portals.iter().enumerate() {
+            let answer = rest_post(
+                slot.admin.port(),
+                &format!("/clusters/main/accept-leader?member={real}"),
+                "",
+                Some("chaos-peer-token"),
+            );
+            self.log(&format!(
+                "portal {}: accept-leader {real}: {answer:?}",
+                p + 1
+            ));
+        }
+        let a = agree(&self.world, real, Duration::from_secs(10));
         self.agreements.push(a);
     }
 
@@ -694,7 +766,7 @@ impl PatNemesis {
         let (from, to) = (self.world.names[m].clone(), self.world.names[1 - m].clone());
         let body = format!("{{\"leader\": \"{from}\", \"candidate\": \"{to}\"}}");
         self.log(&format!("POST /switchover {from} -> {to}"));
-        match rest_post(self.api_ports[m], "/switchover", &body) {
+        match rest_post(self.api_ports[m], "/switchover", &body, None) {
             Ok((200, text)) => self.log(&format!("switchover: {text}")),
             Ok((code, text)) => self.log(&format!("switchover refused: {code} {text}")),
             Err(err) => self.log(&format!("switchover: no answer: {err}")),
