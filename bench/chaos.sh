@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Long randomized fault injection against real servers and two portals
-# (tests/chaos.rs, tests/chaos_postgres.rs and tests/chaos_sentinel.rs, harness in
+# (tests/chaos.rs, tests/chaos_postgres.rs, tests/chaos_sentinel.rs and tests/chaos_patroni.rs, harness in
 # tests/common/chaos/): at least 100 faults per seed under load from four
 # writers, then the table of what the checker found, as markdown.
 #
 #   bash bench/chaos.sh                 # Redis, seed 1, 100 faults
 #   bash bench/chaos.sh postgres        # PostgreSQL (native probes), seed 1, 100 faults
 #   bash bench/chaos.sh sentinel        # Redis with 3 Sentinels (Sentinel promotes), seed 1, 100 faults
+#   bash bench/chaos.sh patroni         # Patroni over etcd (DCS), seed 1, 100 faults
 #   CHAOS_SEEDS=1,2 CHAOS_FAULTS=150 bash bench/chaos.sh
 #   CHAOS_SEED=7 bash bench/chaos.sh    # replay one seed
 #   CHAOS_PEERS=0 bash bench/chaos.sh   # portals without peers (admin.peers)
@@ -16,8 +17,8 @@
 # Exit status: 0 when every seed passed, non-zero otherwise. The run's log
 # (every step, every leader change each portal showed, every failure with its
 # CHAOS_SEED=<n>) goes to the terminal and the full output to
-# target/chaos-bench[-postgres|-sentinel].log; each seed's server and portal
-# logs are kept in target/tmp/chaos[-postgres|-sentinel]-seed-<n>/.
+# target/chaos-bench[-postgres|-sentinel|-patroni].log; each seed's server and portal
+# logs are kept in target/tmp/chaos[-postgres|-sentinel|-patroni]-seed-<n>/.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CHAOS_FAULTS=${CHAOS_FAULTS:-100}
@@ -27,7 +28,8 @@ case "$TARGET" in
   redis) TEST=chaos; NAME=redis_chaos_long; LOG=target/chaos-bench.log ;;
   postgres) TEST=chaos_postgres; NAME=postgres_chaos_long; LOG=target/chaos-bench-postgres.log ;;
   sentinel) TEST=chaos_sentinel; NAME=sentinel_chaos_long; LOG=target/chaos-bench-sentinel.log ;;
-  *) echo "usage: bash bench/chaos.sh [redis|postgres|sentinel]" >&2; exit 2 ;;
+  patroni) TEST=chaos_patroni; NAME=patroni_chaos_long; LOG=target/chaos-bench-patroni.log ;;
+  *) echo "usage: bash bench/chaos.sh [redis|postgres|sentinel|patroni]" >&2; exit 2 ;;
 esac
 cargo test --test "$TEST" "$NAME" -- --ignored --exact --nocapture 2>&1 | tee "$LOG"
 STATUS=${PIPESTATUS[0]}

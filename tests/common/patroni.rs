@@ -84,9 +84,14 @@ impl PatroniMember {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The member's PostgreSQL data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
     /// The postmaster's pid, from `postmaster.pid`, while that process
     /// still runs on this data directory (the file outlives a SIGKILL).
-    fn postmaster_pid(&self) -> Option<u32> {
+    pub fn postmaster_pid(&self) -> Option<u32> {
         let text = std::fs::read_to_string(self.data.join("postmaster.pid")).ok()?;
         let pid: u32 = text.lines().next()?.trim().parse().ok()?;
         let data = self.data.display().to_string();

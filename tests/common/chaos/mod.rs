@@ -18,6 +18,7 @@
 
 pub mod checker;
 pub mod nemesis;
+pub mod patroni;
 pub mod postgres;
 pub mod redis;
 pub mod relay;

@@ -69,6 +69,8 @@ pub enum Kind {
     /// Sentinel target: SIGSTOP, or `kill -9` and restart, of one or two
     /// Sentinels for the duration (the DCS blips).
     DcsBlip,
+    /// Patroni: a fault only the Patroni target draws (see `patroni.rs`).
+    Patroni(super::patroni::PatroniFault),
 }
 
 impl Kind {
@@ -94,6 +96,7 @@ impl Kind {
             Kind::SentinelKill => "kill -9 of the primary + Sentinel failover",
             Kind::FrozenPrimary => "primary SIGSTOPped through a Sentinel failover",
             Kind::DcsBlip => "Sentinel SIGSTOP/kill",
+            Kind::Patroni(fault) => fault.label(),
         }
     }
 
@@ -231,7 +234,7 @@ pub fn schedule(seed: u64, faults: usize, members: usize, rdb_rogues: bool) -> V
             }
         };
         let step = match kind {
-            Kind::KillPromote | Kind::OldPrimary => Step {
+            Kind::KillPromote | Kind::OldPrimary | Kind::Patroni(_) => Step {
                 kind,
                 target: Target::Primary,
                 duration: millis(&mut rng, 300, 3000),
@@ -659,6 +662,7 @@ impl Nemesis {
             Kind::SentinelKill | Kind::FrozenPrimary | Kind::DcsBlip => {
                 unreachable!("a Sentinel fault in a Redis schedule")
             }
+            Kind::Patroni(_) => unreachable!("a Patroni fault in a Redis schedule"),
         }
     }
 }

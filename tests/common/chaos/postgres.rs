@@ -585,7 +585,8 @@ impl PgNemesis {
             | Kind::DebugSleep
             | Kind::SentinelKill
             | Kind::FrozenPrimary
-            | Kind::DcsBlip => {
+            | Kind::DcsBlip
+            | Kind::Patroni(_) => {
                 unreachable!("a Redis fault in a PostgreSQL schedule")
             }
         }

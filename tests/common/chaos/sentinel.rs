@@ -1305,7 +1305,11 @@ impl SentinelNemesis {
                 };
                 restart_portal(&self.world, &mut self.heals, p, step.duration);
             }
-            Kind::KillPromote | Kind::RogueMaster | Kind::DebugSleep | Kind::OldPrimary => {
+            Kind::KillPromote
+            | Kind::RogueMaster
+            | Kind::DebugSleep
+            | Kind::OldPrimary
+            | Kind::Patroni(_) => {
                 unreachable!("not a Sentinel fault: {:?}", step.kind)
             }
         }
