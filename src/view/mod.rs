@@ -1010,18 +1010,39 @@ impl View {
             // old primary, woken from a stall, still says master. An
             // incumbent keeps its role (a member promoted behind the DCS's
             // back does not unseat it); a newcomer waits for the DCS.
-            let stale = confirmed.filter(|n| {
-                Some(*n) != self.leader
-                    && claims.iter().any(|(other, term)| {
-                        other != n
-                            && match (term, self.claim(*n).flatten()) {
-                                (Some(o), Some(t)) => self.newer(o, t),
-                                _ => false,
-                            }
-                    })
+            // Likewise a named newcomer of a history unrelated to the last
+            // leader's (an old primary restarted empty) while another live
+            // claim continues that history (the member the DCS is about to
+            // name).
+            let continues = |term: &Term| {
+                self.leader_term
+                    .as_ref()
+                    .and_then(|last| self.order(term, last))
+                    .is_some_and(|o| o != Ordering::Less)
+            };
+            let stale = confirmed.and_then(|n| {
+                if Some(n) == self.leader {
+                    return None;
+                }
+                let named_term = self.claim(n).flatten();
+                let unrelated = named_term.is_none_or(|t| {
+                    self.leader_term
+                        .as_ref()
+                        .is_some_and(|last| self.order(t, last).is_none())
+                });
+                claims.iter().find_map(|(other, term)| {
+                    let o = term.filter(|_| *other != n)?;
+                    if named_term.is_some_and(|t| self.newer(o, t)) {
+                        Some((n, FenceReason::OlderTerm))
+                    } else if unrelated && continues(o) {
+                        Some((n, FenceReason::UnrelatedHistory))
+                    } else {
+                        None
+                    }
+                })
             });
-            if let Some(n) = stale {
-                fenced_now.push((n, FenceReason::OlderTerm));
+            if let Some(fence) = stale {
+                fenced_now.push(fence);
             }
             (confirmed.filter(|_| stale.is_none()), false)
         } else if !successors.is_empty() {

@@ -1387,3 +1387,44 @@ fn a_stale_dcs_answer_does_not_elect_an_old_primary_anew() {
     v.apply_dcs(named(Some(1), 4));
     assert_eq!(v.leader(), Some(1));
 }
+
+#[test]
+fn a_stale_dcs_answer_does_not_elect_an_old_primary_restarted_empty() {
+    // Sentinel promoted 1 after 0 was killed; 0 restarts empty as a master
+    // while the portal's last DCS answer still names 0.
+    let mut v = View::new(2, T).with_dcs();
+    v.apply_dcs(named(Some(0), 3));
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(lineage("x", None))));
+        feed(&mut v, 1, replica(Some(0)));
+    }
+    feed(&mut v, 0, hard());
+    feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+    for _ in 0..3 {
+        feed(&mut v, 0, primary(Some(lineage("z", None))));
+        assert_eq!(
+            v.leader(),
+            None,
+            "the stale answer elected the empty master"
+        );
+    }
+    assert_eq!(
+        v.snapshot().members[0].fenced,
+        Some(FenceReason::UnrelatedHistory)
+    );
+    v.apply_dcs(named(Some(1), 4));
+    assert_eq!(v.leader(), Some(1));
+    // With no other claim, a DCS may still name a member of another
+    // history (a cluster rebuilt by its manager).
+    let mut w = View::new(2, T).with_dcs();
+    w.apply_dcs(named(Some(0), 3));
+    for _ in 0..2 {
+        feed(&mut w, 0, primary(Some(lineage("x", None))));
+    }
+    feed(&mut w, 0, hard());
+    w.apply_dcs(named(Some(1), 4));
+    for _ in 0..2 {
+        feed(&mut w, 1, primary(Some(lineage("q", None))));
+    }
+    assert_eq!(w.leader(), Some(1));
+}
