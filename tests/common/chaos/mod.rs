@@ -152,6 +152,71 @@ pub struct Status {
 
 /// `GET /status` on an admin listener (1 s limit): the first cluster's
 /// epoch, leader and leader term, or `None` when it does not answer.
+/// Waits until every portal names member `a` leader, panicking with the
+/// seed after `limit`: every target starts from there.
+pub async fn wait_first_leader<M>(world: &World<M>, seed: u64, limit: Duration) {
+    for (p, slot) in world.portals.iter().enumerate() {
+        let deadline = Instant::now() + limit;
+        loop {
+            let s = admin_status(slot.admin).await;
+            if s.as_ref().and_then(|s| s.leader.as_deref()) == Some("a") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "CHAOS_SEED={seed}: portal {} did not elect a at start: {s:?}",
+                p + 1
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Saves every portal's log, checks `history`, logs the verdict and saves
+/// the run's own log: the end every target shares.
+pub fn conclude<M>(
+    world: &World<M>,
+    history: History,
+    seed: u64,
+    counts: BTreeMap<Kind, usize>,
+    started: Instant,
+    test: &'static str,
+) -> Report {
+    for (p, slot) in world.portals.iter().enumerate() {
+        if let Some(process) = lock(&slot.process).as_ref() {
+            world.save_log(
+                &format!(
+                    "portal-{}-process-{}.log",
+                    p + 1,
+                    slot.incarnation.load(Ordering::SeqCst)
+                ),
+                &process.stderr_log(),
+            );
+        }
+    }
+    world.log.line(
+        &world.clock,
+        &format!("logs saved in {}", world.log_dir.display()),
+    );
+    let verdict = check(&history);
+    let report = Report {
+        seed,
+        counts,
+        verdict,
+        harness_errors: lock(&world.errors).clone(),
+        took: started.elapsed(),
+        test,
+    };
+    world
+        .log
+        .line(&world.clock, &report.summary(history.samples.len()));
+    if !report.ok() {
+        world.log.line(&world.clock, &report.failure_text());
+    }
+    world.save_log("chaos.log", &lock(&world.log.lines).join("\n"));
+    report
+}
+
 pub async fn admin_status(admin: SocketAddr) -> Option<Status> {
     let attempt = async {
         let mut tcp = TcpStream::connect(admin).await?;
@@ -539,22 +604,7 @@ pub async fn run_redis(settings: Settings) -> Report {
     });
 
     // Both portals must see a as the leader before anything starts.
-    for (p, slot) in world.portals.iter().enumerate() {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let s = admin_status(slot.admin).await;
-            if s.as_ref().and_then(|s| s.leader.as_deref()) == Some("a") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "CHAOS_SEED={}: portal {} did not elect a at start: {s:?}",
-                settings.seed,
-                p + 1
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    wait_first_leader(&world, settings.seed, Duration::from_secs(15)).await;
     log.line(&clock, "both portals lead with a; writers start");
 
     let stop_writers = CancellationToken::new();
@@ -622,26 +672,10 @@ pub async fn run_redis(settings: Settings) -> Report {
         }
     };
 
-    for (p, slot) in world.portals.iter().enumerate() {
-        if let Some(process) = lock(&slot.process).as_ref() {
-            world.save_log(
-                &format!(
-                    "portal-{}-process-{}.log",
-                    p + 1,
-                    slot.incarnation.load(Ordering::SeqCst)
-                ),
-                &process.stderr_log(),
-            );
-        }
-    }
     for (i, name) in names.iter().enumerate() {
         let tail = world.member(i).log_tail(100_000);
         world.save_log(&format!("redis-{name}.log"), &tail);
     }
-    log.line(
-        &clock,
-        &format!("logs saved in {}", world.log_dir.display()),
-    );
 
     let history = History {
         writes,
@@ -653,21 +687,7 @@ pub async fn run_redis(settings: Settings) -> Report {
         writers_from,
         writers_to,
     };
-    let verdict = check(&history);
-    let report = Report {
-        seed: settings.seed,
-        counts,
-        verdict,
-        harness_errors: lock(&world.errors).clone(),
-        took: started.elapsed(),
-        test: "chaos",
-    };
-    log.line(&clock, &report.summary(history.samples.len()));
-    if !report.ok() {
-        log.line(&clock, &report.failure_text());
-    }
-    world.save_log("chaos.log", &lock(&log.lines).join("\n"));
-    report
+    conclude(&world, history, settings.seed, counts, started, "chaos")
 }
 
 /// The reports as a markdown table.

@@ -27,7 +27,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::io::{self, Read as _, Write as _};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,11 +34,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
-use super::checker::{check, secs, Agreement, History, Identity, Micros, Outcome, Reign, Write};
+use super::checker::{secs, Agreement, History, Identity, Micros, Outcome, Reign, Write};
 use super::nemesis::{agree, lock, restart_portal, Heals, Kind, Proc, Resource, Target, World};
 use super::redis::signal_pid;
 use super::relay::{Mode, Relay};
-use super::{admin_status, on_thread, sampler, start_portals, Clock, Log, Report, Settings};
+use super::{on_thread, sampler, start_portals, Clock, Log, Report, Settings};
 use crate::common::etcd::EtcdCluster;
 use crate::common::patroni::{rest_get, try_direct, PatroniCluster, SUPERUSER_PASSWORD};
 use crate::common::pg::{pg_config, pg_error, PgTls};
@@ -1153,22 +1152,7 @@ pub async fn run_patroni(settings: Settings) -> Report {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    for (p, slot) in world.portals.iter().enumerate() {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let s = admin_status(slot.admin).await;
-            if s.as_ref().and_then(|s| s.leader.as_deref()) == Some("a") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "CHAOS_SEED={}: portal {} did not elect a at start: {s:?}",
-                settings.seed,
-                p + 1
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    super::wait_first_leader(&world, settings.seed, Duration::from_secs(30)).await;
     log.line(&clock, "both portals lead with a; writers start");
 
     let stop_writers = CancellationToken::new();
@@ -1237,28 +1221,12 @@ pub async fn run_patroni(settings: Settings) -> Report {
             None
         }
     };
-    for (p, slot) in world.portals.iter().enumerate() {
-        if let Some(process) = lock(&slot.process).as_ref() {
-            world.save_log(
-                &format!(
-                    "portal-{}-process-{}.log",
-                    p + 1,
-                    slot.incarnation.load(Ordering::SeqCst)
-                ),
-                &process.stderr_log(),
-            );
-        }
-    }
     {
         let cluster = lock(&patroni.cluster);
         for m in &cluster.members {
             world.save_log(&format!("patroni-{}.log", m.name), &m.log());
         }
     }
-    log.line(
-        &clock,
-        &format!("logs saved in {}", world.log_dir.display()),
-    );
     let history = History {
         writes,
         truth: lock(&world.truth).clone(),
@@ -1269,20 +1237,14 @@ pub async fn run_patroni(settings: Settings) -> Report {
         writers_from,
         writers_to,
     };
-    let verdict = check(&history);
-    let report = Report {
-        seed: settings.seed,
+    let report = super::conclude(
+        &world,
+        history,
+        settings.seed,
         counts,
-        verdict,
-        harness_errors: lock(&world.errors).clone(),
-        took: started.elapsed(),
-        test: "chaos_patroni",
-    };
-    log.line(&clock, &report.summary(history.samples.len()));
-    if !report.ok() {
-        log.line(&clock, &report.failure_text());
-    }
-    world.save_log("chaos.log", &lock(&log.lines).join("\n"));
+        started,
+        "chaos_patroni",
+    );
     drop(world);
     on_thread(move || drop(patroni)).await;
     report

@@ -16,7 +16,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,14 +24,14 @@ use rand::{Rng, SeedableRng};
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 
-use super::checker::{check, History, Identity, Outcome, Reign, Write};
+use super::checker::{History, Identity, Outcome, Reign, Write};
 use super::nemesis::{
     agree, end_reign, lock, path_fault, restart_portal, Heals, Kind, Proc, Resource, Step, Target,
     World,
 };
 use super::redis::signal_pid;
 use super::relay::Relay;
-use super::{admin_status, on_thread, sampler, start_portals, Clock, Log, Report, Settings};
+use super::{on_thread, sampler, start_portals, Clock, Log, Report, Settings};
 use crate::common::pg::PgPortalConfig;
 use crate::common::pg::{bindir, clear_pg_env, pg_config, run, run_as, server_command, PgTls};
 use crate::common::{free_port, temp_certs};
@@ -859,22 +858,7 @@ pub async fn run_postgres(settings: Settings) -> Report {
         to: None,
         killed: false,
     });
-    for (p, slot) in world.portals.iter().enumerate() {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let s = admin_status(slot.admin).await;
-            if s.as_ref().and_then(|s| s.leader.as_deref()) == Some("a") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "CHAOS_SEED={}: portal {} did not elect a at start: {s:?}",
-                settings.seed,
-                p + 1
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    super::wait_first_leader(&world, settings.seed, Duration::from_secs(20)).await;
     log.line(&clock, "both portals lead with a; writers start");
 
     let stop_writers = CancellationToken::new();
@@ -941,26 +925,10 @@ pub async fn run_postgres(settings: Settings) -> Report {
             None
         }
     };
-    for (p, slot) in world.portals.iter().enumerate() {
-        if let Some(process) = lock(&slot.process).as_ref() {
-            world.save_log(
-                &format!(
-                    "portal-{}-process-{}.log",
-                    p + 1,
-                    slot.incarnation.load(Ordering::SeqCst)
-                ),
-                &process.stderr_log(),
-            );
-        }
-    }
     for (i, name) in names.iter().enumerate() {
         let tail = world.member(i).log_tail(20_000);
         world.save_log(&format!("postgres-{name}.log"), &tail);
     }
-    log.line(
-        &clock,
-        &format!("logs saved in {}", world.log_dir.display()),
-    );
     let history = History {
         writes,
         truth: lock(&world.truth).clone(),
@@ -971,19 +939,12 @@ pub async fn run_postgres(settings: Settings) -> Report {
         writers_from,
         writers_to,
     };
-    let verdict = check(&history);
-    let report = Report {
-        seed: settings.seed,
+    super::conclude(
+        &world,
+        history,
+        settings.seed,
         counts,
-        verdict,
-        harness_errors: lock(&world.errors).clone(),
-        took: started.elapsed(),
-        test: "chaos_postgres",
-    };
-    log.line(&clock, &report.summary(history.samples.len()));
-    if !report.ok() {
-        log.line(&clock, &report.failure_text());
-    }
-    world.save_log("chaos.log", &lock(&log.lines).join("\n"));
-    report
+        started,
+        "chaos_postgres",
+    )
 }

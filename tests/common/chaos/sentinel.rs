@@ -57,15 +57,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::checker::{check, secs, short, Agreement, History, Micros, Outcome, Reign};
+use super::checker::{secs, short, Agreement, History, Micros, Outcome, Reign};
 use super::nemesis::{
     agree, lock, path_fault, restart_portal, Heals, Kind, Resource, Step, Target, World,
 };
 use super::redis::{info_field, signal_pid, Member};
 use super::relay::Relay;
 use super::{
-    admin_status, log_dir_for, on_thread, read_back, sampler, start_portals, writer, Clock, Log,
-    Report, Settings,
+    log_dir_for, on_thread, read_back, sampler, start_portals, writer, Clock, Log, Report, Settings,
 };
 use crate::common::{
     default_client_config, encode, free_port, parse, temp_certs, PortalConfig, Reply,
@@ -1482,21 +1481,7 @@ pub async fn run_sentinel(settings: Settings) -> Report {
         sentinel_ports.clone(),
     );
 
-    for (p, slot) in world.portals.iter().enumerate() {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let s = admin_status(slot.admin).await;
-            if s.as_ref().and_then(|s| s.leader.as_deref()) == Some("a") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "CHAOS_SEED={seed}: portal {} did not elect a at start: {s:?}",
-                p + 1
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    super::wait_first_leader(&world, seed, Duration::from_secs(20)).await;
     log.line(
         &clock,
         "both portals lead with a (named by Sentinel); writers start",
@@ -1647,18 +1632,6 @@ pub async fn run_sentinel(settings: Settings) -> Report {
     }
     *lock(&world.truth) = truth.clone();
 
-    for (p, slot) in world.portals.iter().enumerate() {
-        if let Some(process) = lock(&slot.process).as_ref() {
-            world.save_log(
-                &format!(
-                    "portal-{}-process-{}.log",
-                    p + 1,
-                    slot.incarnation.load(Ordering::SeqCst)
-                ),
-                &process.stderr_log(),
-            );
-        }
-    }
     for (i, name) in names.iter().enumerate() {
         let tail = world.member(i).log_tail(100_000);
         world.save_log(&format!("redis-{name}.log"), &tail);
@@ -1669,10 +1642,6 @@ pub async fn run_sentinel(settings: Settings) -> Report {
             &lock(s).log_tail(100_000),
         );
     }
-    log.line(
-        &clock,
-        &format!("logs saved in {}", world.log_dir.display()),
-    );
     let history = History {
         writes,
         truth,
@@ -1683,20 +1652,7 @@ pub async fn run_sentinel(settings: Settings) -> Report {
         writers_from,
         writers_to,
     };
-    let verdict = check(&history);
-    let report = Report {
-        seed,
-        counts,
-        verdict,
-        harness_errors: lock(&world.errors).clone(),
-        took: started.elapsed(),
-        test: "chaos_sentinel",
-    };
-    log.line(&clock, &report.summary(history.samples.len()));
-    if !report.ok() {
-        log.line(&clock, &report.failure_text());
-    }
-    world.save_log("chaos.log", &lock(&log.lines).join("\n"));
+    let report = super::conclude(&world, history, seed, counts, started, "chaos_sentinel");
     drop(nats);
     report
 }
