@@ -31,8 +31,9 @@
 //!    fence it. Other claimants are fenced (`not_dcs_leader`). While the DCS
 //!    is unreachable the last leader keeps the role only as long as its
 //!    probes confirm it; no new leader is named until the DCS is back. A
-//!    named member is not newly elected while another live claim proves a
-//!    newer term (the DCS answer may be stale); an incumbent keeps its role.
+//!    named member does not lead while another live claim proves a newer
+//!    term (the DCS answer may be stale), not even an incumbent: nobody
+//!    leads until the DCS names the newer claimant or it is demoted.
 //! 7. A replica whose term is provably older than the leader's serves no
 //!    reads (`behind_leader_term`): a former primary back before
 //!    `pg_rewind` (its timeline may hold writes the cluster lost), or a
@@ -907,8 +908,9 @@ impl View {
         for &(id, term) in &claims {
             // Older than a past leader, or than another live claim: fenced,
             // so a write never goes to a member with an older term. While a
-            // DCS answers, it orders the live claims: a member promoted behind
-            // its back proves a newer term but must not unseat the named one.
+            // DCS answers, it names the leader: a member promoted behind its
+            // back proves a newer term but cannot lead; it only keeps the
+            // named one from leading (below).
             let dcs_answers = matches!(self.dcs, DcsView::Named { .. });
             let older = term.is_some_and(|t| {
                 self.past_leaders
@@ -1004,16 +1006,17 @@ impl View {
                     c.id == *n && (c.up || self.proves_newer_than_last_leader(c.term.as_ref()))
                 })
             });
-            // A newly elected named member must not be provably older than
-            // another live claim: the DCS answer may be stale (Sentinel
-            // names the new primary a moment after promoting it), and the
-            // old primary, woken from a stall, still says master. An
-            // incumbent keeps its role (a member promoted behind the DCS's
-            // back does not unseat it); a newcomer waits for the DCS.
-            // Likewise a named newcomer of a history unrelated to the last
-            // leader's (an old primary restarted empty) while another live
-            // claim continues that history (the member the DCS is about to
-            // name).
+            // The named member must not be provably older than another live
+            // claim: the DCS answer may be stale (Sentinel names the new
+            // primary about a second after promoting it), and the old
+            // primary, woken from a stall, still says master. This holds
+            // for the incumbent too: it loses the role, and nobody leads,
+            // until the DCS names the newer claimant or the managers demote
+            // it (a member promoted behind the DCS's back is demoted by
+            // Patroni and by Sentinel). Likewise a named newcomer of a
+            // history unrelated to the last leader's (an old primary
+            // restarted empty) while another live claim continues that
+            // history (the member the DCS is about to name).
             let continues = |term: &Term| {
                 self.leader_term
                     .as_ref()
@@ -1021,15 +1024,14 @@ impl View {
                     .is_some_and(|o| o != Ordering::Less)
             };
             let stale = confirmed.and_then(|n| {
-                if Some(n) == self.leader {
-                    return None;
-                }
+                let incumbent = Some(n) == self.leader;
                 let named_term = self.claim(n).flatten();
-                let unrelated = named_term.is_none_or(|t| {
-                    self.leader_term
-                        .as_ref()
-                        .is_some_and(|last| self.order(t, last).is_none())
-                });
+                let unrelated = !incumbent
+                    && named_term.is_none_or(|t| {
+                        self.leader_term
+                            .as_ref()
+                            .is_some_and(|last| self.order(t, last).is_none())
+                    });
                 claims.iter().find_map(|(other, term)| {
                     let o = term.filter(|_| *other != n)?;
                     if named_term.is_some_and(|t| self.newer(o, t)) {

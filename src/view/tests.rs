@@ -791,6 +791,16 @@ proptest! {
                 }
                 prop_assert_eq!(s.members[l].role, Role::Primary);
                 prop_assert!(s.members[l].fenced.is_none());
+                // No live claim proves the leader superseded (a stale DCS
+                // answer, or a promotion the DCS has not named yet).
+                if let Some(lt) = &s.members[l].term {
+                    for (id, m) in s.members.iter().enumerate() {
+                        if id != l && m.role == Role::Primary {
+                            let newer = m.term.as_ref().is_some_and(|t| v.order(t, lt) == Some(std::cmp::Ordering::Greater));
+                            prop_assert!(!newer, "leader {} on {} while {} claims newer {:?}", l, lt, id, m.term);
+                        }
+                    }
+                }
             }
             prop_assert!(!s.split_brain);
             for (id, m) in s.members.iter().enumerate() {
@@ -1220,17 +1230,54 @@ fn the_term_rules_still_fence_a_dcs_named_member() {
 }
 
 #[test]
-fn a_member_promoted_behind_the_dcs_back_does_not_unseat_the_named_one() {
+fn a_member_promoted_behind_the_dcs_back_holds_the_named_one() {
     let mut v = dcs_steady();
     // 1 is promoted by hand onto a newer timeline; the DCS still names 0.
+    // 1 cannot lead (not named), and 0 cannot either: 1's newer timeline
+    // proves 0 may be stale (or the DCS answer is). Nobody leads.
+    let t = feed(&mut v, 1, pg(2));
+    assert!(t.contains(&Transition::LeaderLost { member: 0 }), "{t:?}");
     for _ in 0..3 {
         feed(&mut v, 1, pg(2));
+        feed(&mut v, 0, pg(1));
+        assert_eq!(v.leader(), None);
     }
-    assert_eq!(v.leader(), Some(0));
     let s = v.snapshot();
     assert_eq!(s.members[1].fenced, Some(FenceReason::NotDcsLeader));
-    assert_eq!(s.members[0].fenced, None);
+    assert_eq!(s.members[0].fenced, Some(FenceReason::OlderTerm));
+    assert_eq!(s.no_leader, Some(NoLeader::Dcs));
     assert!(!s.split_brain);
+    // The manager demotes 1: 0 leads again.
+    feed(&mut v, 1, replica(Some(0)));
+    assert_eq!(v.leader(), Some(0));
+    // Or the DCS names 1 (a failover the portal saw late): 1 leads.
+    let mut w = dcs_steady();
+    feed(&mut w, 1, pg(2));
+    assert_eq!(w.leader(), None);
+    w.apply_dcs(named(Some(1), 11));
+    assert_eq!(w.leader(), Some(1));
+}
+
+#[test]
+fn a_stale_dcs_answer_does_not_keep_a_stalled_incumbent() {
+    // Sentinel failed over while the primary 0 was stalled (suspect, so it
+    // keeps its claim); 1 reports its promotion before the portal's DCS
+    // answer names it. 0 wakes, still a master: it must not take writes.
+    let mut v = View::new(2, T).with_dcs();
+    v.apply_dcs(named(Some(0), 3));
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(lineage("x", None))));
+        feed(&mut v, 1, replica(Some(0)));
+    }
+    assert_eq!(v.leader(), Some(0));
+    feed(&mut v, 0, soft());
+    assert_eq!(v.leader(), Some(0), "suspect: kept");
+    feed(&mut v, 1, primary(Some(lineage("y", Some("x")))));
+    assert_eq!(v.leader(), None, "a live claim proves 0 superseded");
+    feed(&mut v, 0, primary(Some(lineage("x", None))));
+    assert_eq!(v.leader(), None, "the stale answer kept the old primary");
+    v.apply_dcs(named(Some(1), 4));
+    assert_eq!(v.leader(), Some(1));
 }
 
 #[test]
