@@ -33,7 +33,15 @@
 //!    probes confirm it; no new leader is named until the DCS is back. A
 //!    named member does not lead while another live claim proves a newer
 //!    term (the DCS answer may be stale), not even an incumbent: nobody
-//!    leads until the DCS names the newer claimant or it is demoted.
+//!    leads until the DCS names the newer claimant or it is demoted. When
+//!    the DCS names a member on a term *older* than the last leader's (the
+//!    manager went back: Patroni can hand the leader key back to an old
+//!    primary that was frozen past its ttl), the term rules fence it until
+//!    the cluster shows the newer history is gone: the last leader's own
+//!    member reports a replica on a term no newer than the named one's (it
+//!    was rewound onto it) and no live member reports a newer term. Then
+//!    the named member's term becomes the reference, and the newer terms
+//!    are *abandoned*: they fence nothing, also when a peer reports them.
 //! 7. A replica whose term is provably older than the leader's serves no
 //!    reads (`behind_leader_term`): a former primary back before
 //!    `pg_rewind` (its timeline may hold writes the cluster lost), or a
@@ -470,6 +478,10 @@ pub struct View {
     past_leaders: VecDeque<Term>,
     /// Terms peer portals proved: a claimant older than any is fenced.
     peer_terms: VecDeque<Term>,
+    /// Terms the cluster abandoned (rule 6: the manager went back to an
+    /// older history and the member that held these followed it): no
+    /// longer a reason to fence, also when a peer still reports one.
+    abandoned: VecDeque<Term>,
     replicas: Vec<MemberId>,
     split_brain: bool,
     no_leader: Option<NoLeader>,
@@ -494,6 +506,7 @@ impl View {
             lineage: VecDeque::new(),
             past_leaders: VecDeque::new(),
             peer_terms: VecDeque::new(),
+            abandoned: VecDeque::new(),
             replicas: Vec::new(),
             split_brain: false,
             no_leader: Some(NoLeader::NoClaimant),
@@ -664,6 +677,12 @@ impl View {
             self.learn_step(id, previous);
         }
         let term = peer.term;
+        if self.abandoned.contains(&term) {
+            // The cluster went back from this history (rule 6); a peer that
+            // has not seen it yet still reports it.
+            self.decide(&mut out);
+            return out;
+        }
         let known = self
             .peer_terms
             .iter()
@@ -745,6 +764,7 @@ impl View {
         self.past_leaders.clear();
         self.lineage.clear();
         self.peer_terms.clear();
+        self.abandoned.clear();
     }
 
     /// The term a member currently claims, if it claims primary.
@@ -868,6 +888,9 @@ impl View {
         // this same decision, so that deciding again changes nothing.
         if let Some(term) = self.history_moved() {
             self.set_leader_term(term);
+            self.decide_pass(out);
+        } else if let Some(term) = self.dcs_went_back() {
+            self.go_back_to(term);
             self.decide_pass(out);
         }
         if (self.leader, &self.replicas) != (before.0, &before.1) {
@@ -1172,7 +1195,76 @@ impl View {
         (seen.role == Role::Replica && self.order(term, last).is_none()).then(|| term.clone())
     }
 
+    /// Rule 6: the DCS names a member whose term is older than the last
+    /// leader's, and the last leader's own member now reports a replica's
+    /// role on a term no newer than the named one's (the manager rewound it
+    /// onto the named member's history: Patroni 3.0.2 can hand the leader
+    /// key back to an old primary that was frozen past its ttl), and no
+    /// live member reports a term newer than the named one's. The newer
+    /// history is then gone from the cluster: the named member's term
+    /// becomes the reference.
+    fn dcs_went_back(&self) -> Option<Term> {
+        if self.leader.is_some() {
+            return None;
+        }
+        let DcsView::Named {
+            leader: Some(named),
+            ..
+        } = self.dcs
+        else {
+            return None;
+        };
+        let last_leader = self.last_leader.filter(|l| *l != named)?;
+        let named_term = self.claim(named)??;
+        let last = self.leader_term.as_ref()?;
+        if self.order(named_term, last) != Some(Ordering::Less) {
+            return None;
+        }
+        let seen = self.members.get(last_leader)?.seen.as_ref()?;
+        let rewound = seen.role == Role::Replica
+            && seen.term.as_ref().is_some_and(|t| {
+                self.order(t, last) == Some(Ordering::Less)
+                    && matches!(
+                        self.order(t, named_term),
+                        Some(Ordering::Less | Ordering::Equal)
+                    )
+            });
+        let newer_alive = self.members.iter().any(|m| {
+            m.seen
+                .as_ref()
+                .and_then(|s| s.term.as_ref())
+                .is_some_and(|t| self.newer(t, named_term))
+        });
+        (rewound && !newer_alive).then(|| named_term.clone())
+    }
+
+    /// Makes `term` the reference and forgets every remembered term newer
+    /// than it (past leaders' and peers'), marking them abandoned.
+    fn go_back_to(&mut self, term: Term) {
+        let newer: Vec<Term> = self
+            .past_leaders
+            .iter()
+            .chain(self.peer_terms.iter())
+            .filter(|t| self.newer(t, &term))
+            .cloned()
+            .collect();
+        self.past_leaders.retain(|t| !newer.contains(t));
+        self.peer_terms.retain(|t| !newer.contains(t));
+        for t in newer {
+            if !self.abandoned.contains(&t) {
+                self.abandoned.push_back(t);
+                if self.abandoned.len() > PAST_LEADERS_MEMORY {
+                    self.abandoned.pop_front();
+                }
+            }
+        }
+        self.set_leader_term(term);
+    }
+
     fn set_leader_term(&mut self, term: Term) {
+        // A term that leads again (a timeline number reused after a
+        // rewind) is no longer abandoned.
+        self.abandoned.retain(|t| *t != term);
         if !self.past_leaders.contains(&term) {
             self.past_leaders.push_back(term.clone());
             if self.past_leaders.len() > PAST_LEADERS_MEMORY {

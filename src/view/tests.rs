@@ -878,6 +878,12 @@ proptest! {
                 if last.leader == Some(member) {
                     last_leader_term = Some(t.clone());
                     reported_by_leaders.push(t.clone());
+                    // It is the reference from now on when it is the
+                    // leader's first term or a newer one, even if the
+                    // leader loses its role in the same step.
+                    if reference.as_ref().is_none_or(|r| oracle_newer(t, r, &edges)) {
+                        reference = Some(t.clone());
+                    }
                 }
             }
             let soft = matches!(outcome, Outcome::Failed { hard: false, .. });
@@ -1278,6 +1284,82 @@ fn a_stale_dcs_answer_does_not_keep_a_stalled_incumbent() {
     assert_eq!(v.leader(), None, "the stale answer kept the old primary");
     v.apply_dcs(named(Some(1), 4));
     assert_eq!(v.leader(), Some(1));
+}
+
+#[test]
+fn the_view_follows_a_dcs_that_went_back_once_the_newer_history_is_gone() {
+    // 0 led on timeline 1 and froze past the ttl; the DCS named 1, which
+    // was promoted onto timeline 2. 0 wakes and Patroni hands it the key
+    // back: 0 is named again, still primary on timeline 1.
+    let mut v = dcs_steady();
+    v.apply_dcs(named(Some(1), 11));
+    feed(&mut v, 1, pg(2));
+    assert_eq!(v.leader(), Some(1));
+    v.apply_peer(PeerTerms {
+        term: Term::Number(2),
+        lineage: Vec::new(),
+    });
+    v.apply_dcs(named(Some(0), 12));
+    feed(&mut v, 0, pg(1));
+    assert_eq!(v.leader(), None, "1 still holds timeline 2");
+    // 1 demotes itself but is not rewound yet: its timeline 2 holds
+    // writes that 0 does not have.
+    for _ in 0..2 {
+        feed(&mut v, 1, replica_on(Term::Number(2), None));
+        feed(&mut v, 0, pg(1));
+        assert_eq!(v.leader(), None, "timeline 2 is still alive on 1");
+    }
+    assert_eq!(v.snapshot().members[0].fenced, Some(FenceReason::OlderTerm));
+    // 1 is rewound onto timeline 1 and follows 0: timeline 2 is gone.
+    let t = feed(&mut v, 1, replica_on(Term::Number(1), None));
+    assert_eq!(v.leader(), Some(0), "{t:?}");
+    assert_eq!(v.snapshot().leader_term, Some(Term::Number(1)));
+    // A peer that has not seen it yet still reports timeline 2: abandoned,
+    // it fences nothing.
+    v.apply_peer(PeerTerms {
+        term: Term::Number(2),
+        lineage: Vec::new(),
+    });
+    feed(&mut v, 0, pg(1));
+    assert_eq!(v.leader(), Some(0));
+    // Timeline 2 may be reused by a later promotion of 1: it leads.
+    v.apply_dcs(named(Some(1), 13));
+    feed(&mut v, 1, pg(2));
+    assert_eq!(v.leader(), Some(1));
+    feed(&mut v, 0, replica_on(Term::Number(1), None));
+    assert_eq!(v.leader(), Some(1));
+}
+
+#[test]
+fn a_dcs_that_went_back_is_not_followed_while_the_newer_history_lives() {
+    // Three members: 2 streams timeline 2 from 1 when the DCS goes back to
+    // 0; 1 is rewound, but 2 still holds timeline 2.
+    let mut v = View::new(3, T).with_dcs();
+    v.apply_dcs(named(Some(0), 10));
+    for _ in 0..2 {
+        feed(&mut v, 0, pg(1));
+        feed(&mut v, 1, replica(Some(0)));
+        feed(&mut v, 2, replica(Some(0)));
+    }
+    v.apply_dcs(named(Some(1), 11));
+    feed(&mut v, 1, pg(2));
+    feed(&mut v, 2, replica_on(Term::Number(2), Some(1)));
+    assert_eq!(v.leader(), Some(1));
+    v.apply_dcs(named(Some(0), 12));
+    feed(&mut v, 0, pg(1));
+    feed(&mut v, 1, replica_on(Term::Number(1), None));
+    assert_eq!(v.leader(), None, "2 still has timeline 2");
+    // And if the last leader is down instead of rewound, nothing shows
+    // that its history is gone.
+    let mut w = dcs_steady();
+    w.apply_dcs(named(Some(1), 11));
+    feed(&mut w, 1, pg(2));
+    w.apply_dcs(named(Some(0), 12));
+    feed(&mut w, 1, hard());
+    for _ in 0..3 {
+        feed(&mut w, 0, pg(1));
+        assert_eq!(w.leader(), None);
+    }
 }
 
 #[test]

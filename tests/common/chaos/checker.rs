@@ -267,7 +267,7 @@ pub fn check(history: &History) -> Verdict {
         None => verdict.read_back_failed = true,
     }
     verdict.epoch_regressions = epoch_regressions(&history.samples);
-    verdict.term_regressions = term_regressions(&history.samples);
+    verdict.term_regressions = term_regressions(&history.samples, &history.truth);
     for a in &history.agreements {
         match a.took {
             Some(took) => verdict.longest_agree = verdict.longest_agree.max(took),
@@ -404,14 +404,34 @@ pub fn term_id(term: &str) -> &str {
 
 /// Samples in which a portal showed a leader term it had shown before
 /// another, newer one: going back. Per portal, over all its processes.
-pub fn term_regressions(samples: &[Sample]) -> Vec<String> {
+pub fn term_regressions(samples: &[Sample], truth: &[Reign]) -> Vec<String> {
     let mut ordered: Vec<&Sample> = samples.iter().collect();
     ordered.sort_by_key(|s| s.at);
+    // When the truth itself went back (a process reigns again after another
+    // one did: Patroni handed the leader key back to an old primary), the
+    // portals may follow it back: the history starts over.
+    let mut resets: Vec<Micros> = truth
+        .iter()
+        .filter(|r| {
+            truth
+                .iter()
+                .any(|e| e.run_id == r.run_id && e.to.is_some_and(|to| to <= r.from))
+        })
+        .map(|r| r.from)
+        .collect();
+    resets.sort_unstable();
+    let mut resets = resets.into_iter().peekable();
     // Per portal: the distinct term ids in the order first shown, and the
     // one shown last.
     let mut seen: HashMap<usize, (Vec<String>, Option<String>)> = HashMap::new();
     let mut found = Vec::new();
     for s in ordered {
+        if resets.next_if(|&r| r <= s.at).is_some() {
+            while resets.next_if(|&r| r <= s.at).is_some() {}
+            for (order, _) in seen.values_mut() {
+                order.clear();
+            }
+        }
         let Some(term) = &s.term else { continue };
         let id = term_id(term).to_string();
         let (order, current) = seen.entry(s.portal).or_default();
@@ -624,12 +644,34 @@ mod tests {
             sample(0, 0, 4, 2, y),
             sample(1, 0, 5, 2, x),
         ];
-        assert!(term_regressions(&fine).is_empty());
+        assert!(term_regressions(&fine, &[]).is_empty());
         let mut back = fine.clone();
         back.push(sample(0, 0, 6, 3, x));
-        let found = term_regressions(&back);
+        let found = term_regressions(&back, &[]);
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(found[0].contains("went back to term xxx"), "{found:?}");
+        // Unless the truth went back first: the process that reigned on x
+        // reigns again (from 6), after another one (2 to 5).
+        let reign = |run_id: &str, from, to| Reign {
+            run_id: run_id.into(),
+            member: run_id.into(),
+            from,
+            to,
+            killed: false,
+        };
+        let truth = vec![
+            reign("p", 0, Some(2)),
+            reign("q", 2, Some(5)),
+            reign("p", 6, None),
+        ];
+        assert!(term_regressions(&back, &truth).is_empty());
+        // A new process is not a going back.
+        let truth = vec![
+            reign("p", 0, Some(2)),
+            reign("q", 2, Some(5)),
+            reign("r", 6, None),
+        ];
+        assert_eq!(term_regressions(&back, &truth).len(), 1);
         assert_eq!(term_id(y), "yyy");
         assert_eq!(term_id("3"), "3");
     }
