@@ -215,6 +215,46 @@ async fn promotion_while_the_old_primary_runs_closes_its_sessions() {
         .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_leader_change_keep_leaves_postgres_sessions_open() {
+    let (primary, standby) = primary_and_standby();
+    let certs = temp_certs();
+    let config =
+        PgPortalConfig::new(&certs, &[primary.port(), standby.port()]).on_leader_change("keep");
+    let portal = Portal::start(&config.yaml()).await;
+    portal.wait_roles("a", &["b"]).await;
+    let old = pg_session(config.ports.rw, &certs).await;
+    assert_eq!(server_port_of(&old).await.expect("port"), primary.port());
+
+    standby.promote();
+    wait_pg_reached(config.ports.rw, &certs, standby.port()).await;
+    let status = portal.status().await;
+    assert_eq!(leader(&status).as_deref(), Some("b"), "{status:#}");
+
+    // The session routed to `a` stays open and still talks to `a` (the
+    // operator chose `keep`: the client decides when to reconnect).
+    for _ in 0..3 {
+        assert_eq!(
+            server_port_of(&old)
+                .await
+                .expect("the kept session answers"),
+            primary.port()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = portal.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "portal_sessions_closed_total",
+            &[("endpoint", "rw"), ("reason", "leader_change")]
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "{text}"
+    );
+}
+
 /// Bytes of `repeat('x', ROW)`: one `DataRow` of `BIG_QUERY`.
 const ROW: usize = 1_000_000;
 /// More rows than can be read before the promotion closes the session.
