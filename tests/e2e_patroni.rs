@@ -20,7 +20,7 @@
 //! primary (see [`frozen_leader`]); an ignored sabotage test shows the check
 //! firing when the portals keep sessions open across a leader change.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -646,7 +646,7 @@ async fn sabotaged(on_leader_change: &'static str, dcs: bool) -> String {
 /// after a is fenced or down, so the writers go on writing to a, which
 /// acknowledges, after b was promoted. Not run by default (each sabotage
 /// takes about as long as the real test); run them with
-/// `cargo test --test e2e_patroni -- --ignored`.
+/// `cargo test --test suite e2e_patroni:: -- --ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "sabotage: shows the frozen-leader check fires; run with --ignored"]
 async fn sabotage_sessions_kept_on_the_old_primary_are_caught() {

@@ -1,11 +1,9 @@
 //! Failover: the leader endpoint follows a promotion, closes sessions on the
 //! old leader, and never hands traffic back to a stale primary.
 
-mod common;
+use crate::common;
 // The fault-injection harness's relay: one portal reaches a member through it.
-#[allow(dead_code)]
-#[path = "common/chaos/relay.rs"]
-mod relay;
+use crate::common::chaos::relay;
 
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,7 @@
 //! cancels it (SQLSTATE 57014). A CancelRequest with a key nobody issued
 //! does nothing.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

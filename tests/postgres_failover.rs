@@ -6,7 +6,7 @@
 //! the middle of a large result ends at a message boundary: whole rows, then
 //! the portal's `57P01`, never an `ErrorResponse` inside a half-relayed row.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
 //! Routing: each endpoint reaches the members its route names.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! primary and replica, three real `redis-sentinel` processes (quorum 2) and a
 //! portal whose cluster has `dcs: { sentinel: ... }`.
 
-mod common;
+use crate::common;
 
 use std::fs::OpenOptions;
 use std::path::PathBuf;

@@ -24,7 +24,8 @@
 //!    fenced. A claimant that proves a term newer than the last leader's
 //!    needs no `rise`: that is the fast path of a promotion.
 //! 5. A claimant contradicted by a majority of the replicas that report whom
-//!    they follow is not leader.
+//!    they follow is not leader. A replica that follows a replica (chained
+//!    replication, also once that one is down) says nothing about who leads.
 //! 6. With a DCS (Patroni's keys in etcd, Redis Sentinel), the DCS names the
 //!    leader and a probe must confirm it: only the named member may lead, and
 //!    only while its own probe says primary and the term rules above do not
@@ -103,9 +104,14 @@ impl Role {
 /// What orders two leaders in time.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Term {
-    /// A counter that only grows: PostgreSQL timeline, etcd Raft term,
-    /// Sentinel config epoch.
+    /// A counter that only grows: etcd Raft term, Sentinel config epoch (and
+    /// a PostgreSQL timeline whose system identifier is unknown).
     Number(u64),
+    /// A PostgreSQL timeline within one database system: `system` is
+    /// `pg_control_system()`'s identifier, drawn afresh by every `initdb`.
+    /// Timelines of different systems are unordered (rule 8: a member
+    /// re-created with initdb is back on timeline 1 of another history).
+    Timeline { system: u64, timeline: u64 },
     /// Redis replication history: `id` is the member's `master_replid`,
     /// `previous` its `master_replid2`, the history it continued when it was
     /// promoted.
@@ -121,6 +127,16 @@ impl Term {
     pub fn compare(&self, other: &Term) -> Option<Ordering> {
         match (self, other) {
             (Term::Number(a), Term::Number(b)) => Some(a.cmp(b)),
+            (
+                Term::Timeline {
+                    system: sa,
+                    timeline: a,
+                },
+                Term::Timeline {
+                    system: sb,
+                    timeline: b,
+                },
+            ) => (sa == sb).then(|| a.cmp(b)),
             (
                 Term::Lineage {
                     id: a,
@@ -150,6 +166,7 @@ impl fmt::Display for Term {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Term::Number(n) => write!(f, "{n}"),
+            Term::Timeline { system, timeline } => write!(f, "{timeline} (system {system})"),
             Term::Lineage { id, previous: None } => write!(f, "replid:{id}"),
             Term::Lineage {
                 id,
@@ -171,6 +188,10 @@ pub struct Observation {
     pub position: Option<u64>,
     /// How long a replica's replay trails what it received (PostgreSQL).
     pub delay: Option<std::time::Duration>,
+    /// `term` is only a lower bound: the member may be on a newer one. A
+    /// PostgreSQL standby that is not streaming reports its last
+    /// checkpoint's timeline, which lags a promotion (rule 6).
+    pub term_floor: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,6 +312,8 @@ pub struct Snapshot {
     /// The lineage steps `(id, previous)` the view knows, oldest first:
     /// what a peer needs to order Redis replication ids.
     pub lineage: Vec<(String, String)>,
+    /// The member an operator accepted as leader, while the pin holds.
+    pub pinned: Option<MemberId>,
 }
 
 /// Why a snapshot has no leader.
@@ -331,7 +354,8 @@ pub enum Override {
     /// remembered terms are forgotten, its term becomes the one later
     /// claimants are ordered against, and it is *pinned*: it leads while it
     /// claims primary and is not down, whatever other members or peers
-    /// claim, until it fails or stops claiming (or another decision).
+    /// claim, until it fails or stops claiming, a DCS names another leader
+    /// than it did, or another decision.
     AcceptLeader(MemberId),
     /// Forget every remembered term (past leaders, lineage, peer terms): the
     /// rules then decide as on a fresh start.
@@ -438,6 +462,8 @@ struct MemberState {
     /// Fence reason last reported, so each is logged once.
     fenced: Option<FenceReason>,
     generation: u64,
+    /// The role of the last observation, kept once the member is down.
+    last_role: Role,
 }
 
 impl MemberState {
@@ -451,6 +477,7 @@ impl MemberState {
             last_error: None,
             fenced: None,
             generation,
+            last_role: Role::Unknown,
         }
     }
 }
@@ -548,6 +575,17 @@ impl View {
         if self.dcs == DcsView::Absent {
             return out;
         }
+        // An operator's pin yields when the DCS names another leader than
+        // it did: the manager made a decision after the operator's.
+        if let (Some(p), DcsReport::Named { leader, .. }) = (self.pinned, &report) {
+            let before = match &self.dcs {
+                DcsView::Named { leader, .. } => *leader,
+                _ => None,
+            };
+            if *leader != before && *leader != Some(p) {
+                self.pinned = None;
+            }
+        }
         self.dcs = match report {
             DcsReport::Named { leader, term } => DcsView::Named {
                 leader: leader.filter(|m| *m < self.members.len()),
@@ -623,6 +661,7 @@ impl View {
                 state.ok_streak = state.ok_streak.saturating_add(1);
                 state.fail_streak = 0;
                 state.last_error = None;
+                state.last_role = seen.role;
                 state.seen = Some(seen);
                 if state.health != Health::Up && state.ok_streak >= rise {
                     state.health = Health::Up;
@@ -868,6 +907,16 @@ impl View {
                 ..
             }) = &m.seen
             {
+                // A replica that follows a replica (chained replication;
+                // also when that replica has gone down since) says nothing
+                // about who leads.
+                if self
+                    .members
+                    .get(*up)
+                    .is_some_and(|m| m.last_role == Role::Replica)
+                {
+                    continue;
+                }
                 reporting += 1;
                 if *up != claimant {
                     against += 1;
@@ -1221,6 +1270,17 @@ impl View {
             return None;
         }
         let seen = self.members.get(last_leader)?.seen.as_ref()?;
+        // A term that is only a lower bound proves nothing here: the member
+        // may still be on the newer history, and so may any other member
+        // that reports one.
+        let floors = self
+            .members
+            .iter()
+            .enumerate()
+            .any(|(id, m)| id != named && m.seen.as_ref().is_some_and(|s| s.term_floor));
+        if floors {
+            return None;
+        }
         let rewound = seen.role == Role::Replica
             && seen.term.as_ref().is_some_and(|t| {
                 self.order(t, last) == Some(Ordering::Less)
@@ -1289,6 +1349,7 @@ impl View {
             no_leader: self.no_leader,
             peer_terms: self.peer_terms.iter().cloned().collect(),
             lineage: self.lineage.iter().cloned().collect(),
+            pinned: self.pinned,
             members: self
                 .members
                 .iter()
