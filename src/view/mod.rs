@@ -137,6 +137,10 @@ impl Term {
                     timeline: b,
                 },
             ) => (sa == sb).then(|| a.cmp(b)),
+            // A timeline whose system is unknown (a peer portal of an older
+            // version, a probe that could not read it) compares by number.
+            (Term::Number(a), Term::Timeline { timeline: b, .. })
+            | (Term::Timeline { timeline: a, .. }, Term::Number(b)) => Some(a.cmp(b)),
             (
                 Term::Lineage {
                     id: a,
