@@ -3,7 +3,7 @@
 #
 #   bash tests/container.sh            # build (or reuse) the images, then run the test
 #   bash tests/container.sh images     # build (or reuse) the images only
-#   FORCE=1 bash tests/container.sh    # rebuild every image, even if its tag exists
+#   FORCE=1 bash tests/container.sh    # rebuild every image (no layer cache), even if its tag exists
 #
 # Needs root. Installs what is missing (podman, runc, debootstrap,
 # redis-tools, curl, python3) with apt-get. No image is pulled from a
@@ -40,7 +40,7 @@ MODE=${1:-all}
 case $MODE in
 all | images) ;;
 -h | --help)
-    sed -n '2,35p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -euo pipefail/{/^set/!p}' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
 *)
@@ -121,8 +121,9 @@ install_missing
 WORK=$(mktemp -d "${TMPDIR:-/var/tmp}/portal-container.XXXXXX")
 mkdir -p "$LOGS"
 
-# crun cannot set up this kind of machine's cgroups and the default ulimits
-# cannot be applied in its containers: runc, cgroupfs, no default ulimits.
+# runc and cgroupfs (no systemd here), and no default ulimits: with podman's
+# default ones every container fails here ("error setting rlimit type 7:
+# operation not permitted").
 cat >"$WORK/containers.conf" <<'EOF'
 [containers]
 default_ulimits = []
@@ -172,6 +173,9 @@ trap 'exit 143' TERM
 # ---- images -----------------------------------------------------------------
 
 image_exists() { [ "$FORCE" != 1 ] && "${PODMAN[@]}" image exists "$1"; }
+# FORCE=1 rebuilds without podman's layer cache too.
+NO_CACHE=()
+[ "$FORCE" != 1 ] || NO_CACHE=(--no-cache)
 
 # The first Debian (not security) mirror in apt's sources, and the security
 # one; deb.debian.org when none is found.
@@ -248,7 +252,7 @@ build_builder() {
     [ -f "$ca" ] || fail "the builder image takes the host's CA bundle: $ca not found"
     note "podman build -f tests/container/builder.Containerfile -v $sysroot:/mnt/rust:ro \\"
     note "    -v $ca:/mnt/host-ca.crt:ro -t $BUILDER_IMAGE   (log: $LOGS/builder.log)"
-    "${PODMAN[@]}" build --network host --pull=never -f tests/container/builder.Containerfile \
+    "${PODMAN[@]}" build --network host --pull=never "${NO_CACHE[@]}" -f tests/container/builder.Containerfile \
         --build-arg BASE_IMAGE="$BASE_IMAGE" -v "$sysroot:/mnt/rust:ro" -v "$ca:/mnt/host-ca.crt:ro" \
         -t "$BUILDER_IMAGE" tests/container \
         >"$LOGS/builder.log" 2>&1 || fail "building $BUILDER_IMAGE failed; see $LOGS/builder.log"
@@ -260,25 +264,28 @@ build_redis() {
         return
     }
     note "podman build -f tests/container/redis.Containerfile -t $REDIS_IMAGE   (log: $LOGS/redis.log)"
-    "${PODMAN[@]}" build --network host --pull=never -f tests/container/redis.Containerfile \
+    "${PODMAN[@]}" build --network host --pull=never "${NO_CACHE[@]}" -f tests/container/redis.Containerfile \
         --build-arg BASE_IMAGE="$BASE_IMAGE" -t "$REDIS_IMAGE" tests/container \
         >"$LOGS/redis.log" 2>&1 || fail "building $REDIS_IMAGE failed; see $LOGS/redis.log"
 }
 
 # The portal image's tag: a hash of everything its build reads.
-PORTAL_TAG=$(cat Dockerfile Cargo.toml Cargo.lock $(find src -type f | LC_ALL=C sort) |
-    sha256sum | cut -c1-12)
+PORTAL_TAG=$({
+    cat Dockerfile Cargo.toml Cargo.lock
+    find src -type f -print0 | LC_ALL=C sort -z | xargs -0 cat
+} | sha256sum | cut -c1-12)
 PORTAL_IMAGE=localhost/portal:$PORTAL_TAG
 
 build_portal() {
     if image_exists "$PORTAL_IMAGE"; then
         note "reusing $PORTAL_IMAGE"
     else
-        local t0=$(date +%s)
+        local t0
+        t0=$(date +%s)
         note "nice podman build --network host --format docker --build-arg BUILDER_IMAGE=$BUILDER_IMAGE \\"
         note "    --build-arg RUNTIME_IMAGE=$BASE_IMAGE -t $PORTAL_IMAGE .   (log: $LOGS/portal.log)"
         # --format docker: the OCI format has no HEALTHCHECK.
-        nice "${PODMAN[@]}" build --network host --pull=never --format docker \
+        nice "${PODMAN[@]}" build --network host --pull=never "${NO_CACHE[@]}" --format docker \
             --build-arg BUILDER_IMAGE="$BUILDER_IMAGE" --build-arg RUNTIME_IMAGE="$BASE_IMAGE" \
             -t "$PORTAL_IMAGE" . >"$LOGS/portal.log" 2>&1 || {
             tail -n 30 "$LOGS/portal.log" >&2
