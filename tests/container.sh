@@ -11,11 +11,11 @@
 # apt already uses and imported as localhost/debian:bookworm-slim; the
 # Dockerfile's build stage runs on localhost/rust:1-bookworm, that base plus
 # gcc, the host's Rust toolchain (rustc --print sysroot) and the host's CA
-# bundle (cargo fetches crates.io through it as the host does). The repository's
-# Dockerfile is built as it is, with those two bases passed as build
-# arguments. An image whose tag exists is reused (the portal image's tag is a
-# hash of the Dockerfile, Cargo.toml, Cargo.lock and src/). Build logs go to
-# target/container/.
+# bundle (cargo reaches the crate registry with it as the host does). The
+# repository's Dockerfile is built as it is, with those two bases passed as
+# build arguments. An image whose tag exists is reused (the portal image's
+# tag is a hash of the Dockerfile, Cargo.toml, Cargo.lock and src/). Build
+# logs go to target/container/.
 #
 # Older portal images and build layers stay in podman's store: `podman image
 # prune` removes the untagged ones.
@@ -177,8 +177,8 @@ image_exists() { [ "$FORCE" != 1 ] && "${PODMAN[@]}" image exists "$1"; }
 NO_CACHE=()
 [ "$FORCE" != 1 ] || NO_CACHE=(--no-cache)
 
-# The first Debian (not security) mirror in apt's sources, and the security
-# one; deb.debian.org when none is found.
+# The first Debian (not security) mirror in apt's sources, or the security
+# one (empty when there is none).
 apt_uri() {
     local uri
     uri=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources \
@@ -194,7 +194,7 @@ build_base() {
     }
     local mirror security root=$WORK/rootfs
     mirror=${DEBIAN_MIRROR:-$(apt_uri debian)}
-    mirror=${mirror:-http://deb.debian.org/debian}
+    [ -n "$mirror" ] || fail "no Debian mirror in apt's sources: set DEBIAN_MIRROR to one"
     security=$(apt_uri debian-security)
     note "debootstrap --variant=minbase bookworm $root $mirror   (log: $LOGS/debootstrap.log)"
     debootstrap --variant=minbase bookworm "$root" "$mirror" >"$LOGS/debootstrap.log" 2>&1 ||
