@@ -217,8 +217,8 @@ struct Xlog {
 ///   answers, but its PostgreSQL takes no sessions, as Patroni's `/primary`
 ///   and `/replica` checks answer 503 then.
 /// - term: the timeline, within the database system Patroni reports
-///   (`database_system_identifier`); a replica's timeline is the one it
-///   replays (Patroni asks it with `IDENTIFY_SYSTEM`), not a lower bound.
+///   (`database_system_identifier`); a replica's timeline is only a lower
+///   bound (`term_floor`): Patroni caches it (see below).
 /// - position: a primary's `xlog.location`; a replica's
 ///   `xlog.replayed_location` (what Patroni's `/replica?lag=` compares), else
 ///   `received_location`.
@@ -268,7 +268,12 @@ fn observation(body: &[u8], now: SystemTime) -> Result<Observation, Failure> {
             Role::Primary => None,
             _ => delay,
         },
-        term_floor: false,
+        // Patroni reports a replica's timeline from a cache it refreshes
+        // only when it differs from the leader's (`replica_cached_timeline`):
+        // a member promoted and not rewound (pg_rewind finds "no rewind
+        // required" while its control file still shows the old timeline)
+        // can go on showing the leader's timeline. Only a lower bound.
+        term_floor: role == Role::Replica,
     })
 }
 
@@ -393,7 +398,7 @@ mod tests {
                 upstream: None,
                 position: Some(50_431_792),
                 delay: Some(Duration::ZERO),
-                term_floor: false,
+                term_floor: true,
             }
         );
     }
