@@ -43,8 +43,10 @@
 //!    was rewound onto it) and no live member reports a newer term. Then
 //!    the named member's term becomes the reference, and the newer terms
 //!    are *abandoned*: they fence nothing, also when a peer reports them.
-//! 7. A replica whose term is provably older than the leader's serves no
-//!    reads (`behind_leader_term`): a former primary back before
+//! 7. A replica whose term is provably newer than the leader's, or one the
+//!    cluster abandoned (rule 6), serves no reads (`diverged_from_leader`):
+//!    it holds writes the leader lacks. A replica whose term is provably
+//!    older than the leader's serves no reads (`behind_leader_term`): a former primary back before
 //!    `pg_rewind` (its timeline may hold writes the cluster lost), or a
 //!    replica that has not followed the promotion yet. It takes reads again
 //!    once it reports the leader's term.
@@ -424,6 +426,9 @@ pub enum FenceReason {
     NotDcsLeader,
     /// A replica on a term provably older than the leader's (rule 7).
     BehindLeaderTerm,
+    /// A replica on a term newer than the leader's, or on one the cluster
+    /// abandoned (rules 6 and 7): it holds writes the leader lacks.
+    DivergedFromLeader,
     /// A claimant whose history is unrelated to the last leader's (rule 8).
     UnrelatedHistory,
     /// A claimant older than a term a peer portal proved (rule 4).
@@ -440,6 +445,7 @@ impl FenceReason {
             FenceReason::Incumbent => "incumbent_leads",
             FenceReason::NotDcsLeader => "not_dcs_leader",
             FenceReason::BehindLeaderTerm => "behind_leader_term",
+            FenceReason::DivergedFromLeader => "diverged_from_leader",
             FenceReason::UnrelatedHistory => "unrelated_history",
             FenceReason::OlderThanPeer => "older_than_peer_term",
             FenceReason::OperatorPinned => "operator_pinned_another",
@@ -468,6 +474,11 @@ struct MemberState {
     generation: u64,
     /// The role of the last observation, kept once the member is down.
     last_role: Role,
+    /// The term of the last observation and whether it was only a lower
+    /// bound, kept once the member is down: a member that went down
+    /// holding a newer history still holds it (rule 6).
+    last_term: Option<Term>,
+    last_floor: bool,
 }
 
 impl MemberState {
@@ -482,6 +493,8 @@ impl MemberState {
             fenced: None,
             generation,
             last_role: Role::Unknown,
+            last_term: None,
+            last_floor: false,
         }
     }
 }
@@ -666,6 +679,8 @@ impl View {
                 state.fail_streak = 0;
                 state.last_error = None;
                 state.last_role = seen.role;
+                state.last_term = seen.term.clone();
+                state.last_floor = seen.term_floor;
                 state.seen = Some(seen);
                 if state.health != Health::Up && state.ok_streak >= rise {
                     state.health = Health::Up;
@@ -871,6 +886,21 @@ impl View {
             (Some(term), Some(last)) => self.order(term, last) == Some(Ordering::Less),
             _ => false,
         }
+    }
+
+    /// Whether a replica's `term` is provably newer than the leader's, or
+    /// one the cluster abandoned (rule 6): it holds writes the leader does
+    /// not have, and serves no reads.
+    fn diverged(&self, term: Option<&Term>) -> bool {
+        let Some(term) = term else {
+            return false;
+        };
+        self.abandoned.contains(term)
+            || (self.leader.is_some()
+                && self
+                    .leader_term
+                    .as_ref()
+                    .is_some_and(|last| self.newer(term, last)))
     }
 
     /// A claimant that proves a term newer than the last leader's may lead
@@ -1215,6 +1245,8 @@ impl View {
             };
             if self.behind_leader(seen.term.as_ref()) {
                 fenced_now.push((id, FenceReason::BehindLeaderTerm));
+            } else if self.diverged(seen.term.as_ref()) {
+                fenced_now.push((id, FenceReason::DivergedFromLeader));
             } else if Some(id) != leader && m.health == Health::Up {
                 replicas.push(id);
             }
@@ -1276,12 +1308,12 @@ impl View {
         let seen = self.members.get(last_leader)?.seen.as_ref()?;
         // A term that is only a lower bound proves nothing here: the member
         // may still be on the newer history, and so may any other member
-        // that reports one.
+        // whose last report was one, down or not (down is not gone).
         let floors = self
             .members
             .iter()
             .enumerate()
-            .any(|(id, m)| id != named && m.seen.as_ref().is_some_and(|s| s.term_floor));
+            .any(|(id, m)| id != named && m.last_floor);
         if floors {
             return None;
         }
@@ -1293,13 +1325,12 @@ impl View {
                         Some(Ordering::Less | Ordering::Equal)
                     )
             });
-        let newer_alive = self.members.iter().any(|m| {
-            m.seen
+        let newer_held = self.members.iter().any(|m| {
+            m.last_term
                 .as_ref()
-                .and_then(|s| s.term.as_ref())
                 .is_some_and(|t| self.newer(t, named_term))
         });
-        (rewound && !newer_alive).then(|| named_term.clone())
+        (rewound && !newer_held).then(|| named_term.clone())
     }
 
     /// Makes `term` the reference and forgets every remembered term newer

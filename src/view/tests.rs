@@ -975,11 +975,15 @@ proptest! {
                 if let (Some(lead), Some(term)) = (&s.leader_term, &s.members[r].term) {
                     prop_assert!(!oracle_newer(lead, term, &edges),
                         "replica {} on term {} behind the leader's {}", r, term, lead);
+                    if s.leader.is_some() {
+                        prop_assert!(!oracle_newer(term, lead, &edges),
+                            "replica {} on term {} ahead of the leader's {}", r, term, lead);
+                    }
                 }
             }
             for (id, m) in s.members.iter().enumerate() {
                 if m.health == Health::Up && m.role == Role::Replica && !s.replicas.contains(&id) && s.leader != Some(id) {
-                    prop_assert_eq!(m.fenced, Some(FenceReason::BehindLeaderTerm),
+                    prop_assert!(matches!(m.fenced, Some(FenceReason::BehindLeaderTerm | FenceReason::DivergedFromLeader)),
                         "up replica {} left out without a reason: {:?}", id, s);
                 }
             }
@@ -1670,4 +1674,59 @@ fn a_chained_replica_of_a_down_member_does_not_contradict_the_leader() {
     feed(&mut v, 1, primary(Some(Term::Number(3))));
     assert_eq!(v.leader(), Some(1));
     assert_eq!(v.snapshot().members[1].fenced, None);
+}
+
+#[test]
+fn a_member_down_with_the_newer_history_still_holds_a_going_back() {
+    // Three members: 2 streamed timeline 2 from 1, then 1 is rewound onto
+    // 0's timeline 1 while the DCS names 0 again. 2 still holds timeline 2:
+    // stopping it (to rewind it) must not let 0 lead, and once it is back
+    // on timeline 2 (not rewound) it serves no reads.
+    let mut v = View::new(3, T).with_dcs();
+    v.apply_dcs(named(Some(0), 10));
+    for _ in 0..2 {
+        feed(&mut v, 0, pg(1));
+        feed(&mut v, 1, replica(Some(0)));
+        feed(&mut v, 2, replica(Some(0)));
+    }
+    v.apply_dcs(named(Some(1), 11));
+    feed(&mut v, 1, pg(2));
+    feed(&mut v, 2, replica_on(Term::Number(2), Some(1)));
+    assert_eq!(v.leader(), Some(1));
+    v.apply_dcs(named(Some(0), 12));
+    feed(&mut v, 0, pg(1));
+    feed(&mut v, 1, replica_on(Term::Number(1), Some(0)));
+    assert_eq!(v.leader(), None, "2 holds timeline 2");
+    feed(&mut v, 2, hard());
+    feed(&mut v, 0, pg(1));
+    assert_eq!(v.leader(), None, "2 is down, not gone");
+    // 2 comes back, not rewound, streaming nothing: still held.
+    feed(&mut v, 2, replica_on(Term::Number(2), None));
+    assert_eq!(v.leader(), None);
+    // 2 is rewound and streams timeline 1 from 0: the going-back is done.
+    feed(&mut v, 2, replica_on(Term::Number(1), Some(0)));
+    feed(&mut v, 2, replica_on(Term::Number(1), Some(0)));
+    assert_eq!(v.leader(), Some(0));
+    assert_eq!(v.snapshot().replicas, vec![1, 2]);
+}
+
+#[test]
+fn a_replica_ahead_of_the_leader_or_on_an_abandoned_term_serves_no_reads() {
+    let mut v = View::new(2, T);
+    for _ in 0..2 {
+        feed(&mut v, 0, pg(1));
+        feed(&mut v, 1, replica_on(Term::Number(1), Some(0)));
+    }
+    assert_eq!(v.snapshot().replicas, vec![1]);
+    // 1 reports timeline 2 as a standby: it was promoted and demoted
+    // without a rewind; it holds writes 0 lacks.
+    feed(&mut v, 1, replica_on(Term::Number(2), None));
+    assert_eq!(v.leader(), Some(0));
+    assert!(v.snapshot().replicas.is_empty());
+    assert_eq!(
+        v.snapshot().members[1].fenced,
+        Some(FenceReason::DivergedFromLeader)
+    );
+    feed(&mut v, 1, replica_on(Term::Number(1), Some(0)));
+    assert_eq!(v.snapshot().replicas, vec![1]);
 }
