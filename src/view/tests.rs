@@ -759,7 +759,7 @@ fn dcs_scenario() -> impl Strategy<Value = (usize, Vec<Step>)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(ProptestConfig::with_cases(cases(2000)))]
 
     #[test]
     fn with_a_dcs_only_the_named_member_leads((n, steps) in dcs_scenario(), rise in 1u32..4, fall in 1u32..4) {
@@ -1556,4 +1556,17 @@ fn a_stale_dcs_answer_does_not_elect_an_old_primary_restarted_empty() {
         feed(&mut w, 1, primary(Some(lineage("q", None))));
     }
     assert_eq!(w.leader(), Some(1));
+}
+
+// ---- mutation testing ------------------------------------------------------
+
+/// How many cases each property runs: `default`, unless the environment
+/// variable `PORTAL_PROPTEST_CASES` says otherwise (a mutation run,
+/// `bench/mutants.sh`, lowers it to test many builds quickly). A value that
+/// does not parse leaves the default.
+fn cases(default: u32) -> u32 {
+    std::env::var("PORTAL_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
