@@ -762,7 +762,7 @@ fn dcs_scenario() -> impl Strategy<Value = (usize, Vec<Step>)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(ProptestConfig::with_cases(cases(2000)))]
 
     #[test]
     fn with_a_dcs_only_the_named_member_leads((n, steps) in dcs_scenario(), rise in 1u32..4, fall in 1u32..4) {
@@ -1729,4 +1729,17 @@ fn a_replica_ahead_of_the_leader_or_on_an_abandoned_term_serves_no_reads() {
     );
     feed(&mut v, 1, replica_on(Term::Number(1), Some(0)));
     assert_eq!(v.snapshot().replicas, vec![1]);
+}
+
+// ---- mutation testing ------------------------------------------------------
+
+/// How many cases each property runs: `default`, unless the environment
+/// variable `PORTAL_PROPTEST_CASES` says otherwise (a mutation run,
+/// `bench/mutants.sh`, lowers it to test many builds quickly). A value that
+/// does not parse leaves the default.
+fn cases(default: u32) -> u32 {
+    std::env::var("PORTAL_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
