@@ -104,6 +104,7 @@ impl Status {
             position: None,
             delay: None,
             term_floor: false,
+            followers: Vec::new(),
         }
     }
 }

@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::{Failure, ProbeContext, Prober};
-use crate::view::{Observation, Outcome, Role, Term};
+use crate::view::{MemberId, Observation, Outcome, Role, Term};
 
 /// A `/patroni` answer is a few hundred bytes, a few KiB with many
 /// replicas; anything bigger is not Patroni.
@@ -128,7 +128,7 @@ impl Prober for PatroniProber {
             }
             Err(failure) => return (failure.outcome(), None),
         };
-        match observation(&body, SystemTime::now()) {
+        match observation(&body, SystemTime::now(), |name| ctx.roster.id_of(name)) {
             Ok(seen) => (Outcome::Observed(seen), Some(started.elapsed())),
             Err(failure) => (failure.outcome(), None),
         }
@@ -191,6 +191,17 @@ struct Status {
     xlog: Option<Xlog>,
     /// pg_control's system identifier, as a decimal string.
     database_system_identifier: Option<String>,
+    /// A primary's `pg_stat_replication` rows.
+    #[serde(default)]
+    replication: Vec<Replication>,
+}
+
+/// One row of a primary's `replication` list.
+#[derive(Debug, Deserialize)]
+struct Replication {
+    /// The standby's `application_name`: Patroni sets it to the member name.
+    application_name: Option<String>,
+    state: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -224,7 +235,14 @@ struct Xlog {
 ///   `received_location`.
 /// - delay: 0 when the replica replayed all it received; else how long ago
 ///   the last replayed transaction committed; unknown without that time.
-fn observation(body: &[u8], now: SystemTime) -> Result<Observation, Failure> {
+/// - followers: a primary's `replication` rows in state `streaming`, by
+///   member name (`member_named`); names the portal does not know are
+///   skipped.
+fn observation(
+    body: &[u8],
+    now: SystemTime,
+    member_named: impl Fn(&str) -> Option<MemberId>,
+) -> Result<Observation, Failure> {
     let status: Status = serde_json::from_slice(body)
         .map_err(|err| Failure::soft(format!("/patroni is not Patroni's JSON: {err}")))?;
     let state = status.state.as_deref().unwrap_or("unknown");
@@ -274,6 +292,15 @@ fn observation(body: &[u8], now: SystemTime) -> Result<Observation, Failure> {
         // required" while its control file still shows the old timeline)
         // can go on showing the leader's timeline. Only a lower bound.
         term_floor: role == Role::Replica,
+        followers: match role {
+            Role::Primary => status
+                .replication
+                .iter()
+                .filter(|r| r.state.as_deref() == Some("streaming"))
+                .filter_map(|r| member_named(r.application_name.as_deref()?))
+                .collect(),
+            _ => Vec::new(),
+        },
     })
 }
 
@@ -342,12 +369,17 @@ mod tests {
         }
     }
 
+    /// The fixtures' replica is Patroni member `m1`, member 1 here.
+    fn observe(body: &[u8], now: SystemTime) -> Result<Observation, Failure> {
+        observation(body, now, |name| (name == "m1").then_some(1))
+    }
+
     fn at(text: &str) -> SystemTime {
         humantime::parse_rfc3339(text).expect("test timestamp")
     }
 
     fn seen(name: &str) -> Observation {
-        observation(fixture(name), at("2026-11-23T09:45:00Z"))
+        observe(fixture(name), at("2026-11-23T09:45:00Z"))
             .unwrap_or_else(|f| panic!("{name}: {f:?}"))
     }
 
@@ -365,7 +397,7 @@ mod tests {
     fn a_member_without_a_system_identifier_has_a_bare_timeline() {
         let body =
             br#"{"state": "running", "role": "master", "timeline": 4, "xlog": {"location": 1}}"#;
-        let seen = observation(body, SystemTime::UNIX_EPOCH).expect("an observation");
+        let seen = observe(body, SystemTime::UNIX_EPOCH).expect("an observation");
         assert_eq!(seen.term, Some(Term::Number(4)));
     }
 
@@ -380,12 +412,41 @@ mod tests {
                 position: Some(50_331_744),
                 delay: None,
                 term_floor: false,
+                // It lists `m2`, a member this portal does not know.
+                followers: Vec::new(),
             }
         );
         let promoted = seen("primary_promoted_tl3");
         assert_eq!(promoted.role, Role::Primary);
         assert_eq!(promoted.term, Some(timeline(3)));
         assert_eq!(promoted.position, Some(56_858_184));
+    }
+
+    #[test]
+    fn a_primary_names_the_members_streaming_from_it() {
+        assert_eq!(seen("primary_tl2").followers, vec![1]);
+        // Only `streaming` proves the standby is on the primary's history;
+        // `startup` or `catchup` rows and rows without a name do not count.
+        let mut body: serde_json::Value =
+            serde_json::from_slice(fixture("primary_tl2")).expect("fixture json");
+        for state in ["startup", "catchup", "backup", "stopping"] {
+            body["replication"][0]["state"] = serde_json::json!(state);
+            let bytes = serde_json::to_vec(&body).expect("json");
+            let seen = observe(&bytes, SystemTime::UNIX_EPOCH).expect("observation");
+            assert_eq!(seen.followers, Vec::<MemberId>::new(), "{state}");
+        }
+        body["replication"] = serde_json::json!([{"state": "streaming"}]);
+        let bytes = serde_json::to_vec(&body).expect("json");
+        let seen = observe(&bytes, SystemTime::UNIX_EPOCH).expect("observation");
+        assert_eq!(seen.followers, Vec::<MemberId>::new());
+        // A replica's list (a cascading standby's) says nothing about the
+        // primary's history: a replica has no followers here.
+        let mut body: serde_json::Value =
+            serde_json::from_slice(fixture("replica_streaming_tl2")).expect("fixture json");
+        body["replication"] = serde_json::json!([{"application_name": "m1", "state": "streaming"}]);
+        let bytes = serde_json::to_vec(&body).expect("json");
+        let seen = observe(&bytes, SystemTime::UNIX_EPOCH).expect("observation");
+        assert_eq!(seen.followers, Vec::<MemberId>::new());
     }
 
     #[test]
@@ -399,6 +460,7 @@ mod tests {
                 position: Some(50_431_792),
                 delay: Some(Duration::ZERO),
                 term_floor: true,
+                followers: Vec::new(),
             }
         );
     }
@@ -452,7 +514,7 @@ mod tests {
         let mut body: serde_json::Value =
             serde_json::from_slice(fixture("replica_replayed_timestamp")).expect("fixture json");
         // Caught up (received == replayed): no delay, whatever the clock.
-        let caught_up = observation(
+        let caught_up = observe(
             fixture("replica_replayed_timestamp"),
             at("2030-01-01T00:00:00Z"),
         )
@@ -463,7 +525,7 @@ mod tests {
         // now minus `replayed_timestamp` (09:44:15.047248 UTC).
         body["xlog"]["received_location"] = serde_json::json!(50_500_000u64);
         let bytes = serde_json::to_vec(&body).expect("json");
-        let behind = observation(&bytes, at("2026-11-23T09:44:25.047248Z")).expect("observation");
+        let behind = observe(&bytes, at("2026-11-23T09:44:25.047248Z")).expect("observation");
         assert_eq!(behind.delay, Some(Duration::from_secs(10)));
     }
 
@@ -472,14 +534,14 @@ mod tests {
         // After pg_rewind the received position (50331648) trails the
         // replayed one (56858648) until the WAL receiver streams again; but
         // its state is `starting`, so it is not usable yet.
-        let failure = observation(fixture("replica_starting"), at("2026-11-23T09:45:00Z"))
+        let failure = observe(fixture("replica_starting"), at("2026-11-23T09:45:00Z"))
             .expect_err("starting is not running");
         assert!(!failure.hard);
         assert!(failure.error.contains("starting"), "{}", failure.error);
         let mut body: serde_json::Value =
             serde_json::from_slice(fixture("replica_starting")).expect("fixture json");
         body["state"] = serde_json::json!("running");
-        let running = observation(
+        let running = observe(
             &serde_json::to_vec(&body).expect("json"),
             at("2026-11-23T09:45:00Z"),
         )
@@ -490,8 +552,8 @@ mod tests {
 
     #[test]
     fn a_demoted_member_is_a_soft_failure() {
-        let failure = observation(fixture("demoted_stopped"), at("2026-11-23T09:45:00Z"))
-            .expect_err("stopped");
+        let failure =
+            observe(fixture("demoted_stopped"), at("2026-11-23T09:45:00Z")).expect_err("stopped");
         assert!(!failure.hard);
         assert!(failure.error.contains("stopped"), "{}", failure.error);
         assert!(failure.error.contains("demoted"), "{}", failure.error);
@@ -504,17 +566,14 @@ mod tests {
                 serde_json::from_slice(fixture("primary_tl2")).expect("fixture json");
             body["state"] = serde_json::json!(state);
             let bytes = serde_json::to_vec(&body).expect("json");
-            assert!(
-                observation(&bytes, SystemTime::UNIX_EPOCH).is_err(),
-                "{state}"
-            );
+            assert!(observe(&bytes, SystemTime::UNIX_EPOCH).is_err(), "{state}");
         }
         let mut body: serde_json::Value =
             serde_json::from_slice(fixture("primary_tl2")).expect("fixture json");
         body["role"] = serde_json::json!("primary"); // Patroni 3.1 onwards
         let bytes = serde_json::to_vec(&body).expect("json");
         assert_eq!(
-            observation(&bytes, SystemTime::UNIX_EPOCH)
+            observe(&bytes, SystemTime::UNIX_EPOCH)
                 .expect("observation")
                 .role,
             Role::Primary
@@ -522,7 +581,7 @@ mod tests {
         body["role"] = serde_json::json!("standby_leader");
         let bytes = serde_json::to_vec(&body).expect("json");
         assert_eq!(
-            observation(&bytes, SystemTime::UNIX_EPOCH)
+            observe(&bytes, SystemTime::UNIX_EPOCH)
                 .expect("observation")
                 .role,
             Role::Replica
@@ -532,11 +591,11 @@ mod tests {
     #[test]
     fn garbage_is_a_soft_failure() {
         for body in [&b""[..], b"<html>", b"[]", b"{\"state\": 3}"] {
-            let failure = observation(body, SystemTime::UNIX_EPOCH).expect_err("not patroni");
+            let failure = observe(body, SystemTime::UNIX_EPOCH).expect_err("not patroni");
             assert!(!failure.hard);
         }
         // A JSON object without state is not running.
-        assert!(observation(b"{}", SystemTime::UNIX_EPOCH).is_err());
+        assert!(observe(b"{}", SystemTime::UNIX_EPOCH).is_err());
     }
 
     #[test]

@@ -142,6 +142,7 @@ impl Prober for PostgresProber {
                 // A standby that does not stream reports its last
                 // checkpoint's timeline: the one it replays may be newer.
                 term_floor: standby && upstream.is_none(),
+                followers: Vec::new(),
                 upstream: upstream
                     .as_deref()
                     .and_then(crate::probe::redis::split_host_port)

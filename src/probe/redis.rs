@@ -91,6 +91,7 @@ impl Replication {
             position: self.offset,
             delay: None,
             term_floor: false,
+            followers: Vec::new(),
         }
     }
 }

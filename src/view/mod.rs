@@ -39,8 +39,10 @@
 //!    manager went back: Patroni can hand the leader key back to an old
 //!    primary that was frozen past its ttl), the term rules fence it until
 //!    the cluster shows the newer history is gone: the last leader's own
-//!    member reports a replica on a term no newer than the named one's (it
-//!    was rewound onto it) and no live member reports a newer term. Then
+//!    member reports a replica on a term no newer than the named one's, or
+//!    the named member lists it among the members streaming from it (it
+//!    was rewound onto it), and no member outside that list reports a
+//!    newer term or only a lower bound. Then
 //!    the named member's term becomes the reference, and the newer terms
 //!    are *abandoned*: they fence nothing, also when a peer reports them.
 //! 7. A replica whose term is provably newer than the leader's, or one the
@@ -198,6 +200,11 @@ pub struct Observation {
     /// PostgreSQL standby that is not streaming reports its last
     /// checkpoint's timeline, which lags a promotion (rule 6).
     pub term_floor: bool,
+    /// The members this one, a primary, says stream from it now (Patroni's
+    /// `replication` list, `state: streaming`). A standby can only stream
+    /// from a primary whose history contains its own, so each is on this
+    /// member's term whatever its own report says (rule 6).
+    pub followers: Vec<MemberId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1282,10 +1289,12 @@ impl View {
 
     /// Rule 6: the DCS names a member whose term is older than the last
     /// leader's, and the last leader's own member now reports a replica's
-    /// role on a term no newer than the named one's (the manager rewound it
+    /// role on a term no newer than the named one's, or the named member
+    /// says the last leader's member streams from it (the manager rewound it
     /// onto the named member's history: Patroni 3.0.2 can hand the leader
     /// key back to an old primary that was frozen past its ttl), and no
-    /// live member reports a term newer than the named one's. The newer
+    /// member outside the named one's followers reports a term newer than
+    /// the named one's or only a lower bound. The newer
     /// history is then gone from the cluster: the named member's term
     /// becomes the reference.
     fn dcs_went_back(&self) -> Option<Term> {
@@ -1305,7 +1314,13 @@ impl View {
         if self.order(named_term, last) != Some(Ordering::Less) {
             return None;
         }
-        let seen = self.members.get(last_leader)?.seen.as_ref()?;
+        // Members the named one says stream from it are on its history,
+        // whatever their own (possibly cached) reports say.
+        let followers: &[MemberId] = self
+            .members
+            .get(named)
+            .and_then(|m| m.seen.as_ref())
+            .map_or(&[], |seen| &seen.followers);
         // A term that is only a lower bound proves nothing here: the member
         // may still be on the newer history, and so may any other member
         // whose last report was one, down or not (down is not gone).
@@ -1313,22 +1328,26 @@ impl View {
             .members
             .iter()
             .enumerate()
-            .any(|(id, m)| id != named && m.last_floor);
+            .any(|(id, m)| id != named && m.last_floor && !followers.contains(&id));
         if floors {
             return None;
         }
-        let rewound = seen.role == Role::Replica
-            && seen.term.as_ref().is_some_and(|t| {
-                self.order(t, last) == Some(Ordering::Less)
-                    && matches!(
-                        self.order(t, named_term),
-                        Some(Ordering::Less | Ordering::Equal)
-                    )
-            });
-        let newer_held = self.members.iter().any(|m| {
-            m.last_term
-                .as_ref()
-                .is_some_and(|t| self.newer(t, named_term))
+        let rewound = followers.contains(&last_leader) || {
+            let seen = self.members.get(last_leader)?.seen.as_ref()?;
+            seen.role == Role::Replica
+                && seen.term.as_ref().is_some_and(|t| {
+                    self.order(t, last) == Some(Ordering::Less)
+                        && matches!(
+                            self.order(t, named_term),
+                            Some(Ordering::Less | Ordering::Equal)
+                        )
+                })
+        };
+        let newer_held = self.members.iter().enumerate().any(|(id, m)| {
+            !followers.contains(&id)
+                && m.last_term
+                    .as_ref()
+                    .is_some_and(|t| self.newer(t, named_term))
         });
         (rewound && !newer_held).then(|| named_term.clone())
     }

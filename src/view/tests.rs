@@ -25,6 +25,7 @@ fn primary(term: Option<Term>) -> Outcome {
         position: None,
         delay: None,
         term_floor: false,
+        followers: Vec::new(),
     })
 }
 
@@ -36,6 +37,7 @@ fn replica(of: Option<MemberId>) -> Outcome {
         position: None,
         delay: None,
         term_floor: false,
+        followers: Vec::new(),
     })
 }
 
@@ -47,6 +49,7 @@ fn replica_on(term: Term, of: Option<MemberId>) -> Outcome {
         position: None,
         delay: None,
         term_floor: false,
+        followers: Vec::new(),
     })
 }
 
@@ -1140,6 +1143,7 @@ fn replica_lag_is_the_leaders_position_minus_its_own() {
             position: Some(1000),
             delay: None,
             term_floor: false,
+            followers: Vec::new(),
         }),
     );
     feed(
@@ -1152,6 +1156,7 @@ fn replica_lag_is_the_leaders_position_minus_its_own() {
             position: Some(400),
             delay: Some(Duration::from_millis(300)),
             term_floor: false,
+            followers: Vec::new(),
         }),
     );
     let s = v.snapshot();
@@ -1623,6 +1628,7 @@ fn a_standby_that_does_not_stream_proves_nothing_about_a_going_back() {
             position: None,
             delay: None,
             term_floor: true,
+            followers: Vec::new(),
         })
     };
     let mut v = dcs_steady();
@@ -1638,6 +1644,76 @@ fn a_standby_that_does_not_stream_proves_nothing_about_a_going_back() {
     }
     // It streams from 0 on timeline 1: now it is rewound.
     feed(&mut v, 1, replica_on(Term::Number(1), Some(0)));
+    assert_eq!(v.leader(), Some(0));
+}
+
+#[test]
+fn the_named_primarys_streaming_list_proves_a_going_back() {
+    // As above with `check: patroni`: every replica's timeline is a floor
+    // (Patroni caches it). The last leader 1 reports replica on timeline 1
+    // (cached; it may still hold timeline 2): nothing is proved until the
+    // named member 0 lists 1 among the members streaming from it.
+    let floor = |term: Term| {
+        Outcome::Observed(Observation {
+            role: Role::Replica,
+            term: Some(term),
+            upstream: None,
+            position: None,
+            delay: None,
+            term_floor: true,
+            followers: Vec::new(),
+        })
+    };
+    let leading = |term: u64, followers: Vec<MemberId>| {
+        Outcome::Observed(Observation {
+            role: Role::Primary,
+            term: Some(Term::Number(term)),
+            upstream: None,
+            position: None,
+            delay: None,
+            term_floor: false,
+            followers,
+        })
+    };
+    let went_back = || {
+        let mut v = View::new(3, T).with_dcs();
+        v.apply_dcs(named(Some(0), 10));
+        for _ in 0..2 {
+            feed(&mut v, 0, pg(1));
+            feed(&mut v, 1, floor(Term::Number(1)));
+            feed(&mut v, 2, floor(Term::Number(1)));
+        }
+        assert_eq!(v.leader(), Some(0));
+        v.apply_dcs(named(Some(1), 11));
+        feed(&mut v, 1, pg(2));
+        assert_eq!(v.leader(), Some(1));
+        v.apply_dcs(named(Some(0), 12));
+        feed(&mut v, 0, leading(1, Vec::new()));
+        feed(&mut v, 1, floor(Term::Number(1)));
+        v
+    };
+    let mut v = went_back();
+    for _ in 0..3 {
+        feed(&mut v, 0, leading(1, vec![2]));
+        feed(&mut v, 1, floor(Term::Number(1)));
+        assert_eq!(v.leader(), None, "1's cached timeline proved nothing");
+    }
+    // 1 streams from 0 (and 2 does): timeline 2 is gone from the cluster.
+    let t = feed(&mut v, 0, leading(1, vec![1, 2]));
+    assert_eq!(v.leader(), Some(0), "{t:?}");
+    assert_eq!(v.snapshot().leader_term, Some(Term::Number(1)));
+    // 1 streams, but 2, whose report is a floor, does not: 2 may hold
+    // timeline 2 (it may have streamed it from 1).
+    let mut v = went_back();
+    feed(&mut v, 0, leading(1, vec![1]));
+    assert_eq!(v.leader(), None, "2's floor may hide timeline 2");
+    // And a member that streams but whose last report was a newer term
+    // is on the named one's history now.
+    let mut v = went_back();
+    feed(&mut v, 2, replica_on(Term::Number(2), Some(1)));
+    feed(&mut v, 0, leading(1, vec![1]));
+    assert_eq!(v.leader(), None, "2 holds timeline 2");
+    feed(&mut v, 0, leading(1, vec![1, 2]));
     assert_eq!(v.leader(), Some(0));
 }
 
