@@ -294,6 +294,7 @@ fn cluster_json(cluster: &Cluster, snapshot: &Snapshot, endpoints: &[Arc<Endpoin
                 "listen": e.config.listen.to_string(),
                 "route": e.config.route.to_string(),
                 "active": e.active(),
+                "opening": e.openings(),
             })
         })
         .collect();

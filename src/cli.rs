@@ -91,6 +91,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            raise_descriptor_limit(&config);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -146,6 +147,35 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Raises the soft limit on open files to the hard one (each session
+/// holds two descriptors), and warns when the endpoints' limits cannot fit.
+fn raise_descriptor_limit(config: &Config) {
+    let needed = config.descriptors_needed();
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < needed => tracing::warn!(
+            limit,
+            needed,
+            "the open-file limit (RLIMIT_NOFILE) is below what max_connections and max_handshakes allow; raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower them"
+        ),
+        Ok(limit) => tracing::info!(limit, needed, "open-file limit"),
+        Err(err) => tracing::warn!(error = %err, "cannot raise the open-file limit"),
+    }
+}
+
+/// The warnings `portal check` prints after its summary.
+fn check_warnings(config: &Config) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let needed = config.descriptors_needed();
+    if let Ok((_, hard)) = rlimit::Resource::NOFILE.get() {
+        if hard < needed {
+            warnings.push(format!(
+                "warning: the endpoints' max_connections and max_handshakes allow {needed} open files, above this machine's hard limit of {hard} (RLIMIT_NOFILE): raise it (ulimit -Hn, LimitNOFILE=) or lower the limits"
+            ));
+        }
+    }
+    warnings
+}
+
 /// Loads the config and the TLS identities it names; returns a summary.
 fn check(path: &std::path::Path) -> anyhow::Result<String> {
     use std::fmt::Write as _;
@@ -167,7 +197,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<String> {
                 .map_err(|err| anyhow::anyhow!("{}: endpoint {}: {err}", path.display(), e.name))?;
             let _ = writeln!(
                 out,
-                "  endpoint {} on {} (TLS 1.2/1.3, {}): route {}{}, hold {:?}, max {} connections, on leader change {:?}",
+                "  endpoint {} on {} (TLS 1.2/1.3, {}): route {}{}, hold {:?}, max {} connections{}, {} handshakes ({} per source), idle timeout {}, on leader change {:?}",
                 e.name,
                 e.listen,
                 e.tls.cert.display(),
@@ -175,9 +205,16 @@ fn check(path: &std::path::Path) -> anyhow::Result<String> {
                 if e.route == crate::config::Route::Leader { String::new() } else { format!(" ({:?})", e.balance) },
                 e.hold_timeout,
                 e.max_connections,
+                e.max_connections_per_source.map(|n| format!(" ({n} per source)")).unwrap_or_default(),
+                e.max_handshakes,
+                e.max_handshakes_per_source,
+                e.idle_timeout.map(|t| format!("{t:?}")).unwrap_or_else(|| "none".into()),
                 e.on_leader_change,
             );
         }
+    }
+    for warning in check_warnings(&config) {
+        let _ = writeln!(out, "{warning}");
     }
     Ok(out)
 }

@@ -261,7 +261,20 @@ pub struct Endpoint {
     pub tls: TlsFiles,
     pub hold_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// Established sessions at once.
     pub max_connections: usize,
+    /// Established sessions at once from one client address; no limit
+    /// when absent.
+    pub max_connections_per_source: Option<usize>,
+    /// Connections in their opening (TLS handshake and the protocol's first
+    /// read) at once, and from one client address.
+    pub max_handshakes: usize,
+    pub max_handshakes_per_source: usize,
+    /// A session with no byte either way for this long is closed; never
+    /// when absent (or 0).
+    pub idle_timeout: Option<Duration>,
+    /// One INFO line per finished session (target `portal::access`).
+    pub access_log: bool,
     pub on_leader_change: OnLeaderChange,
     /// PostgreSQL: accept clients that do not ask for TLS.
     pub allow_plaintext: bool,
@@ -277,6 +290,19 @@ pub struct TlsFiles {
 }
 
 impl Config {
+    /// File descriptors the endpoints may use at their limits: two per
+    /// session (client and member), one per connection in its opening,
+    /// and a margin for listeners, probes, the DCS and the admin side.
+    pub fn descriptors_needed(&self) -> u64 {
+        let endpoints: u64 = self
+            .clusters
+            .iter()
+            .flat_map(|c| &c.endpoints)
+            .map(|e| 2 * e.max_connections as u64 + e.max_handshakes as u64)
+            .sum();
+        endpoints + 256
+    }
+
     /// Reads, parses and validates `file`.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
@@ -577,6 +603,15 @@ struct RawEndpoint {
     handshake_timeout: Duration,
     #[serde(default = "default_max_connections")]
     max_connections: Spanned<usize>,
+    max_connections_per_source: Option<Spanned<usize>>,
+    #[serde(default = "default_max_handshakes")]
+    max_handshakes: Spanned<usize>,
+    #[serde(default = "default_max_handshakes_per_source")]
+    max_handshakes_per_source: Spanned<usize>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    idle_timeout: Option<Duration>,
+    #[serde(default = "default_false")]
+    access_log: Spanned<bool>,
     #[serde(default)]
     on_leader_change: OnLeaderChange,
     #[serde(default = "default_false")]
@@ -598,6 +633,12 @@ fn default_handshake() -> Duration {
 }
 fn default_max_connections() -> Spanned<usize> {
     unspanned(10_000)
+}
+fn default_max_handshakes() -> Spanned<usize> {
+    unspanned(1_024)
+}
+fn default_max_handshakes_per_source() -> Spanned<usize> {
+    unspanned(256)
 }
 
 /// `tls: auto` or `tls: {cert: PATH, key: PATH}`.
@@ -816,13 +857,26 @@ impl Validator<'_> {
                         ),
                     ));
                 }
-                if re.max_connections.value == 0 {
-                    return Err(self.error(
-                        &re.max_connections,
-                        format!("{eat}.max_connections"),
-                        "must be at least 1",
-                    ));
+                for (value, key) in [
+                    (&re.max_connections, "max_connections"),
+                    (&re.max_handshakes, "max_handshakes"),
+                    (&re.max_handshakes_per_source, "max_handshakes_per_source"),
+                ]
+                .into_iter()
+                .chain(
+                    re.max_connections_per_source
+                        .as_ref()
+                        .map(|v| (v, "max_connections_per_source")),
+                ) {
+                    if value.value == 0 {
+                        return Err(self.error(
+                            value,
+                            format!("{eat}.{key}"),
+                            "must be at least 1",
+                        ));
+                    }
                 }
+
                 let tls = self.tls(&eat, &re.tls, raw.certs_dir.as_ref())?;
                 if re.allow_plaintext.value && rc.protocol != Protocol::Postgres {
                     return Err(self.error(
@@ -861,6 +915,12 @@ impl Validator<'_> {
                     hold_timeout: re.hold_timeout,
                     handshake_timeout: re.handshake_timeout,
                     max_connections: re.max_connections.value,
+                    max_connections_per_source: re.max_connections_per_source.map(|v| v.value),
+                    max_handshakes: re.max_handshakes.value,
+                    max_handshakes_per_source: re.max_handshakes_per_source.value,
+                    // 0 is no timeout, as absent.
+                    idle_timeout: re.idle_timeout.filter(|t| !t.is_zero()),
+                    access_log: re.access_log.value,
                     on_leader_change: re.on_leader_change,
                     allow_plaintext: re.allow_plaintext.value,
                     max_lag,

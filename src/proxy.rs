@@ -7,7 +7,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -15,21 +15,23 @@ use std::time::{Duration, Instant};
 use prometheus::{Histogram, IntCounter, IntGauge};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::{Admission, Denied, Limits, OpeningTicket};
 use crate::backend;
 use crate::cluster::Cluster;
 use crate::config::Protocol;
 use crate::config::{self, OnLeaderChange, Route};
 use crate::frontend::postgres::{CancelKey, KeyWatcher};
 use crate::frontend::{self, Accepted, Frontend, Refusal};
+use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
 use crate::router;
 use crate::splice::{Relayed, Splice};
-use crate::stream::Stream;
+use crate::stream::{Prefixed, Stream};
 use crate::view::{MemberId, Snapshot};
 
 /// Longest one connect attempt to a member may take (TCP, and TLS when
@@ -62,6 +64,7 @@ struct EndpointMetrics {
     hold: Histogram,
     closed_leader_change: IntCounter,
     closed_shutdown: IntCounter,
+    closed_idle: IntCounter,
     all: Arc<Metrics>,
 }
 
@@ -70,7 +73,9 @@ pub struct Endpoint {
     pub config: config::Endpoint,
     pub cluster: Arc<Cluster>,
     acceptor: TlsAcceptor,
-    slots: Arc<Semaphore>,
+    admission: Admission,
+    /// Limits the lines that refused and failed connections log.
+    log_limit: LogLimit,
     turn: AtomicUsize,
     metrics: EndpointMetrics,
 }
@@ -95,10 +100,19 @@ impl Endpoint {
             closed_shutdown: metrics
                 .sessions_closed
                 .with_label_values(&[name, "shutdown"]),
+            closed_idle: metrics
+                .sessions_closed
+                .with_label_values(&[name, "idle_timeout"]),
             all: metrics,
         };
         Endpoint {
-            slots: Arc::new(Semaphore::new(config.max_connections)),
+            admission: Admission::new(Limits {
+                handshakes: config.max_handshakes,
+                handshakes_per_source: config.max_handshakes_per_source,
+                sessions: config.max_connections,
+                sessions_per_source: config.max_connections_per_source,
+            }),
+            log_limit: LogLimit::default(),
             acceptor: TlsAcceptor::from(tls),
             turn: AtomicUsize::new(0),
             metrics: m,
@@ -112,12 +126,34 @@ impl Endpoint {
         self.metrics.active.get()
     }
 
+    /// Connections in their opening now.
+    pub fn openings(&self) -> usize {
+        self.admission.openings()
+    }
+
     fn refused(&self, reason: &str) {
         self.metrics
             .all
             .connections_refused
             .with_label_values(&[&self.config.name, reason])
             .inc();
+    }
+
+    /// Counts and (rate-limited) logs a connection an admission limit
+    /// turned away.
+    fn denied(&self, denied: Denied, peer: SocketAddr) {
+        let reason = denied.reason();
+        self.refused(reason);
+        if let Some(suppressed) = self.log_limit.admit(reason) {
+            let limits = self.admission.limits();
+            let limit = match denied {
+                Denied::Handshakes => limits.handshakes,
+                Denied::HandshakesPerSource => limits.handshakes_per_source,
+                Denied::Sessions => limits.sessions,
+                Denied::SessionsPerSource => limits.sessions_per_source.unwrap_or(0),
+            };
+            tracing::warn!(endpoint = %self.config.name, %peer, reason, limit, suppressed, "connection refused: limit reached");
+        }
     }
 }
 
@@ -138,14 +174,20 @@ pub async fn serve(
         match accepted {
             Ok((tcp, peer)) => {
                 endpoint.metrics.accepted.inc();
-                let permit = endpoint.slots.clone().try_acquire_owned().ok();
-                sessions.spawn(session(
-                    endpoint.clone(),
-                    tcp,
-                    peer,
-                    permit,
-                    close_sessions.clone(),
-                ));
+                match endpoint.admission.opening(peer.ip()) {
+                    Ok(ticket) => {
+                        sessions.spawn(session(
+                            endpoint.clone(),
+                            tcp,
+                            peer,
+                            ticket,
+                            close_sessions.clone(),
+                        ));
+                    }
+                    // Refused as cheaply as possible: closed at once, no
+                    // task, no TLS, no byte read.
+                    Err(denied) => endpoint.denied(denied, peer),
+                }
             }
             Err(err) => {
                 // Out of file descriptors or similar: back off, keep serving.
@@ -170,11 +212,9 @@ async fn session(
     endpoint: Arc<Endpoint>,
     tcp: TcpStream,
     peer: SocketAddr,
-    permit: Option<OwnedSemaphorePermit>,
+    ticket: OpeningTicket,
     close: CancellationToken,
 ) {
-    endpoint.metrics.active.inc();
-    let _active = ActiveGuard(endpoint.metrics.active.clone());
     let ep = endpoint.config.name.as_str();
     let protocol = endpoint.cluster.config.protocol;
     tune(&tcp);
@@ -185,6 +225,7 @@ async fn session(
         acceptor: &endpoint.acceptor,
         allow_plaintext: endpoint.config.allow_plaintext,
         metrics: &endpoint.metrics.all,
+        log_limit: &endpoint.log_limit,
     };
     let opening = tokio::time::timeout(
         endpoint.config.handshake_timeout,
@@ -195,7 +236,9 @@ async fn session(
             Ok(accepted) => accepted,
             Err(_) => {
                 endpoint.metrics.all.tls_handshake_failures.with_label_values(&[ep, "timeout"]).inc();
-                tracing::info!(endpoint = ep, %peer, timeout_ms = endpoint.config.handshake_timeout.as_millis() as u64, "handshake timed out; connection dropped");
+                if let Some(suppressed) = endpoint.log_limit.admit("handshake_timeout") {
+                    tracing::info!(endpoint = ep, %peer, timeout_ms = endpoint.config.handshake_timeout.as_millis() as u64, suppressed, "opening timed out (TLS handshake or first read); connection dropped");
+                }
                 return;
             }
         },
@@ -204,18 +247,26 @@ async fn session(
     let (mut client, preface) = match accepted {
         Accepted::Session { client, preface } => (client, preface),
         Accepted::Cancel(key) => {
+            drop(ticket);
             forward_cancel(&endpoint, key, peer).await;
             return;
         }
         Accepted::Dropped => return,
     };
-
-    if permit.is_none() {
-        endpoint.refused(Refusal::MaxConnections.metric_reason());
-        tracing::warn!(endpoint = ep, %peer, limit = endpoint.config.max_connections, "max_connections reached; connection refused");
-        frontend::refuse(protocol, &mut client, &Refusal::MaxConnections).await;
-        return;
-    }
+    // Established: the opening's place goes back, a session's is taken.
+    drop(ticket);
+    let _ticket = match endpoint.admission.session(peer.ip()) {
+        Ok(ticket) => ticket,
+        Err(denied) => {
+            endpoint.denied(denied, peer);
+            let mut client = Prefixed::new(&preface, &mut client);
+            frontend::refuse(protocol, &mut client, &Refusal::MaxConnections).await;
+            return;
+        }
+    };
+    endpoint.metrics.active.inc();
+    let _active = ActiveGuard(endpoint.metrics.active.clone());
+    let started = Instant::now();
 
     let routed = tokio::select! {
         routed = route(&endpoint, peer) => routed,
@@ -224,8 +275,12 @@ async fn session(
     let (member, mut server, mut routing) = match routed {
         Ok(routed) => routed,
         Err(refusal) => {
-            endpoint.refused(refusal.metric_reason());
-            tracing::warn!(endpoint = ep, %peer, reason = refusal.metric_reason(), "no member to route to; connection refused");
+            let reason = refusal.metric_reason();
+            endpoint.refused(reason);
+            if let Some(suppressed) = endpoint.log_limit.admit(reason) {
+                tracing::warn!(endpoint = ep, %peer, reason, suppressed, "no member to route to; connection refused");
+            }
+            let mut client = Prefixed::new(&preface, &mut client);
             frontend::refuse(protocol, &mut client, &refusal).await;
             return;
         }
@@ -259,10 +314,17 @@ async fn session(
         }
     }
 
+    let bytes = Arc::new(SessionBytes::default());
+    // The client's first bytes, read in the opening, count as its bytes.
+    endpoint.metrics.bytes_in.inc_by(preface.len() as u64);
+    bytes
+        .from_client
+        .fetch_add(preface.len() as u64, Ordering::Relaxed);
     let mut client = Counted {
         inner: client,
         read: endpoint.metrics.bytes_in.clone(),
         written: endpoint.metrics.bytes_out.clone(),
+        session: bytes.clone(),
     };
     let mut server = KeyWatched {
         inner: server,
@@ -273,6 +335,7 @@ async fn session(
     };
     let mut splice = Splice::new(SPLICE_BUFFER, protocol == Protocol::Postgres);
     let mut open = || gate.open();
+    let idle_timeout = endpoint.config.idle_timeout;
     let ended = {
         let relay =
             std::future::poll_fn(|cx| splice.poll_relay(cx, &mut client, &mut server, &mut open));
@@ -282,6 +345,7 @@ async fn session(
             biased;
             _ = no_longer_eligible(&mut routing, route, member), if close_on_change => Ended::Ineligible,
             _ = close.cancelled() => Ended::Shutdown,
+            _ = idle(&bytes, idle_timeout.unwrap_or(Duration::MAX)), if idle_timeout.is_some() => Ended::Idle,
             relayed = relay => match relayed {
                 Relayed::Gated => Ended::Ineligible,
                 Relayed::Finished(result) => Ended::Finished(result),
@@ -289,6 +353,14 @@ async fn session(
         }
     };
     // From here on nothing is written to the member: the relay is gone.
+    let member_name = cluster.member_name(member);
+    let why = match &ended {
+        Ended::Finished(Ok(())) => "closed",
+        Ended::Finished(Err(_)) => "error",
+        Ended::Ineligible => "leader_change",
+        Ended::Shutdown => "shutdown",
+        Ended::Idle => "idle_timeout",
+    };
     match ended {
         Ended::Finished(result) => {
             if let Err(err) = result {
@@ -298,37 +370,31 @@ async fn session(
         Ended::Ineligible => {
             endpoint.metrics.closed_leader_change.inc();
             let epoch = routing.borrow().epoch;
-            let member_name = cluster.member_name(member);
             if protocol == Protocol::Postgres {
                 // Tell the client why, as the server does on a forced
-                // disconnect, where its parser expects a new message: an
-                // ErrorResponse inside a half-relayed DataRow would corrupt
-                // its stream. Closing mid-message is the lesser harm when the
-                // message cannot be finished in time.
-                let notice = frontend::postgres::error_response("57P01", "portal: the member this session used is no longer eligible (leader change); reconnect");
-                let drained = tokio::time::timeout(CLOSE_DRAIN, async {
-                    let relayed = splice.finish_message(&mut client, &mut server).await?;
-                    if relayed.is_some() {
-                        client.write_all(&notice).await?;
-                        client.flush().await?;
-                    }
-                    Ok::<_, io::Error>(relayed)
-                })
+                // disconnect, where its parser expects a new message.
+                let closed = close_at_message_boundary(
+                    &mut splice,
+                    &mut client,
+                    &mut server,
+                    "57P01",
+                    "portal: the member this session used is no longer eligible (leader change); reconnect",
+                )
                 .await;
-                match drained {
-                    Ok(Ok(Some(relayed))) => tracing::info!(
+                match closed {
+                    Closed::AtBoundary(relayed) => tracing::info!(
                         endpoint = ep, %peer, member = member_name, epoch, relayed,
                         "member no longer eligible for this route; session closed at a message boundary with 57P01"
                     ),
-                    Ok(Ok(None)) => tracing::info!(
+                    Closed::MemberEnded => tracing::info!(
                         endpoint = ep, %peer, member = member_name, epoch,
                         "member no longer eligible for this route; session closed (the member's stream ended mid-message)"
                     ),
-                    Ok(Err(err)) => tracing::info!(
+                    Closed::Failed(err) => tracing::info!(
                         endpoint = ep, %peer, member = member_name, epoch, error = %err,
                         "member no longer eligible for this route; session closed (relaying the rest of the message failed)"
                     ),
-                    Err(_) => tracing::info!(
+                    Closed::TimedOut => tracing::info!(
                         endpoint = ep, %peer, member = member_name, epoch, timeout_ms = CLOSE_DRAIN.as_millis() as u64,
                         "member no longer eligible for this route; session closed mid-message, the rest not relayed in time"
                     ),
@@ -341,10 +407,116 @@ async fn session(
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), client.inner.shutdown()).await;
         }
+        Ended::Idle => {
+            endpoint.metrics.closed_idle.inc();
+            if protocol == Protocol::Postgres {
+                // What PostgreSQL's own idle_session_timeout sends.
+                close_at_message_boundary(
+                    &mut splice,
+                    &mut client,
+                    &mut server,
+                    "57P05",
+                    "portal: terminating connection due to idle timeout (idle_timeout)",
+                )
+                .await;
+            }
+            tracing::debug!(endpoint = ep, %peer, member = member_name, "session idle for idle_timeout; closed");
+            let _ = tokio::time::timeout(Duration::from_millis(100), client.inner.shutdown()).await;
+        }
         Ended::Shutdown => {
             endpoint.metrics.closed_shutdown.inc();
             let _ = tokio::time::timeout(Duration::from_millis(100), client.inner.shutdown()).await;
         }
+    }
+    if endpoint.config.access_log {
+        tracing::info!(
+            target: "portal::access",
+            endpoint = ep,
+            client = %peer,
+            member = member_name,
+            from_client = bytes.from_client.load(Ordering::Relaxed),
+            to_client = bytes.to_client.load(Ordering::Relaxed),
+            duration_ms = started.elapsed().as_millis() as u64,
+            ended = why,
+            "session"
+        );
+    }
+}
+
+/// How a PostgreSQL session closed by the portal ended.
+enum Closed {
+    /// The message in flight was finished (`relayed` more bytes), then the
+    /// ErrorResponse sent.
+    AtBoundary(u64),
+    /// The member's stream ended mid-message; no ErrorResponse.
+    MemberEnded,
+    /// Relaying the rest of the message failed.
+    Failed(io::Error),
+    /// The rest did not come within [`CLOSE_DRAIN`]: closed mid-message.
+    TimedOut,
+}
+
+/// Finishes the backend message a PostgreSQL client is in the middle of,
+/// then sends it an ErrorResponse (`sqlstate`, `message`): an ErrorResponse
+/// inside a half-relayed DataRow would corrupt its stream. Closing
+/// mid-message is the lesser harm when the message cannot be finished
+/// within [`CLOSE_DRAIN`].
+async fn close_at_message_boundary(
+    splice: &mut Splice,
+    client: &mut Counted<Stream>,
+    server: &mut KeyWatched,
+    sqlstate: &str,
+    message: &str,
+) -> Closed {
+    let notice = frontend::postgres::error_response(sqlstate, message);
+    let drained = tokio::time::timeout(CLOSE_DRAIN, async {
+        let relayed = splice.finish_message(client, server).await?;
+        if relayed.is_some() {
+            client.write_all(&notice).await?;
+            client.flush().await?;
+        }
+        Ok::<_, io::Error>(relayed)
+    })
+    .await;
+    match drained {
+        Ok(Ok(Some(relayed))) => Closed::AtBoundary(relayed),
+        Ok(Ok(None)) => Closed::MemberEnded,
+        Ok(Err(err)) => Closed::Failed(err),
+        Err(_) => Closed::TimedOut,
+    }
+}
+
+/// Returns once no byte has moved either way for `timeout` (checked four
+/// times per `timeout`, so it returns within a quarter more).
+async fn idle(bytes: &SessionBytes, timeout: Duration) {
+    let tick = (timeout / 4).max(Duration::from_millis(10));
+    let mut last = bytes.total();
+    let mut quiet = Duration::ZERO;
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = bytes.total();
+        if now == last {
+            quiet += tick;
+            if quiet >= timeout {
+                return;
+            }
+        } else {
+            last = now;
+            quiet = Duration::ZERO;
+        }
+    }
+}
+
+/// One session's bytes each way.
+#[derive(Debug, Default)]
+struct SessionBytes {
+    from_client: AtomicU64,
+    to_client: AtomicU64,
+}
+
+impl SessionBytes {
+    fn total(&self) -> u64 {
+        self.from_client.load(Ordering::Relaxed) + self.to_client.load(Ordering::Relaxed)
     }
 }
 
@@ -353,6 +525,8 @@ enum Ended {
     Finished(io::Result<()>),
     Ineligible,
     Shutdown,
+    /// No byte either way for `idle_timeout`.
+    Idle,
 }
 
 /// Forwards a PostgreSQL CancelRequest to the member that issued the key.
@@ -576,6 +750,7 @@ struct Counted<S> {
     inner: S,
     read: IntCounter,
     written: IntCounter,
+    session: Arc<SessionBytes>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
@@ -589,6 +764,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let n = buf.filled().len().saturating_sub(before);
         if n > 0 {
             self.read.inc_by(n as u64);
+            self.session
+                .from_client
+                .fetch_add(n as u64, Ordering::Relaxed);
         }
         polled
     }
@@ -603,6 +781,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &polled {
             self.written.inc_by(*n as u64);
+            self.session
+                .to_client
+                .fetch_add(*n as u64, Ordering::Relaxed);
         }
         polled
     }

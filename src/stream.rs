@@ -77,3 +77,73 @@ impl AsyncWrite for Stream {
         }
     }
 }
+
+/// A stream whose first reads return `prefix`: bytes already read from it
+/// (a client's first bytes, read to open the session) handed back to code
+/// that reads the stream from its start (a refusal in the client's
+/// protocol). Writes go straight to the stream.
+pub struct Prefixed<'a, S> {
+    prefix: &'a [u8],
+    inner: &'a mut S,
+}
+
+impl<'a, S> Prefixed<'a, S> {
+    pub fn new(prefix: &'a [u8], inner: &'a mut S) -> Self {
+        Prefixed { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix = &this.prefix[n..];
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut *this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_prefixed_stream_reads_its_prefix_first() {
+        let (mut near, mut far) = tokio::io::duplex(64);
+        far.write_all(b" world").await.expect("write");
+        drop(far);
+        let mut read = String::new();
+        Prefixed::new(b"hello", &mut near)
+            .read_to_string(&mut read)
+            .await
+            .expect("read");
+        assert_eq!(read, "hello world");
+    }
+}

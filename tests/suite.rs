@@ -8,6 +8,8 @@
 
 mod common;
 
+mod abuse;
+mod admission;
 mod bad_clients;
 mod chaos_patroni;
 mod chaos_postgres;

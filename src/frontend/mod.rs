@@ -9,11 +9,12 @@ pub mod redis;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Protocol;
+use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
 use crate::stream::Stream;
 use postgres::{CancelKey, Opening as PgOpening, ReadError};
@@ -76,8 +77,25 @@ impl Refusal {
     }
 }
 
-/// Answers `refusal` in the client's protocol, then closes.
+/// Longest any refusal may take, whatever the client does (sends PINGs and
+/// never reads, stops reading with a full window): past it the connection
+/// is dropped.
+pub const REFUSAL_DEADLINE: Duration = Duration::from_secs(3);
+
+/// Answers `refusal` in the client's protocol, then closes; within
+/// [`REFUSAL_DEADLINE`].
 pub async fn refuse<S>(protocol: Protocol, stream: &mut S, refusal: &Refusal)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(
+        REFUSAL_DEADLINE,
+        refuse_unbounded(protocol, stream, refusal),
+    )
+    .await;
+}
+
+async fn refuse_unbounded<S>(protocol: Protocol, stream: &mut S, refusal: &Refusal)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -145,10 +163,15 @@ pub async fn sniff(tcp: &TcpStream) -> std::io::Result<Opening> {
     Ok(classify_opening(&first[..n]))
 }
 
+/// The most a Redis or etcd client's first read takes in: the bytes the
+/// member receives first.
+const FIRST_READ: usize = 16 * 1024;
+
 /// What the frontend made of a new connection.
 pub enum Accepted {
     /// A client to route; `preface` is what the member must receive first
-    /// (PostgreSQL: the StartupMessage the portal read).
+    /// (PostgreSQL: the StartupMessage the portal read; Redis and etcd: the
+    /// client's first bytes).
     Session { client: Stream, preface: Vec<u8> },
     /// A PostgreSQL CancelRequest to forward.
     Cancel(CancelKey),
@@ -163,6 +186,8 @@ pub struct Frontend<'a> {
     pub acceptor: &'a TlsAcceptor,
     pub allow_plaintext: bool,
     pub metrics: &'a Metrics,
+    /// Limits the lines a failed opening logs.
+    pub log_limit: &'a LogLimit,
 }
 
 impl Frontend<'_> {
@@ -180,8 +205,17 @@ impl Frontend<'_> {
             .inc();
     }
 
+    /// Whether to log a line for a failed opening; `Some(suppressed)`.
+    fn log(&self, reason: &'static str) -> Option<u64> {
+        self.log_limit.admit(reason)
+    }
+
     /// Runs the opening of a new connection up to the point where it can be
-    /// routed. The caller bounds it with the handshake timeout.
+    /// routed: the TLS handshake and the protocol's first read (PostgreSQL:
+    /// the StartupMessage or CancelRequest; Redis and etcd: the client's
+    /// first bytes, so that a client that says nothing never costs a
+    /// connection to a member). The caller bounds it with the handshake
+    /// timeout.
     pub async fn accept(&self, tcp: TcpStream, peer: SocketAddr) -> Accepted {
         let opening = match sniff(&tcp).await {
             Ok(opening) => opening,
@@ -216,7 +250,9 @@ impl Frontend<'_> {
                     _ => crate::tls::handshake_failure_reason(&err),
                 };
                 self.handshake_failed(reason);
-                tracing::info!(endpoint = self.endpoint, %peer, reason, error = %err, "TLS handshake failed; connection dropped");
+                if let Some(suppressed) = self.log("tls_handshake") {
+                    tracing::info!(endpoint = self.endpoint, %peer, reason, error = %err, suppressed, "TLS handshake failed; connection dropped");
+                }
                 None
             }
         }
@@ -232,20 +268,38 @@ impl Frontend<'_> {
         opening: Opening,
     ) -> Accepted {
         match opening {
-            Opening::Tls { hello_version } => match self.tls(tcp, peer, hello_version).await {
-                Some(client) => Accepted::Session {
-                    client,
-                    preface: Vec::new(),
-                },
-                None => Accepted::Dropped,
-            },
+            Opening::Tls { hello_version } => {
+                let Some(mut client) = self.tls(tcp, peer, hello_version).await else {
+                    return Accepted::Dropped;
+                };
+                let mut preface = vec![0u8; FIRST_READ];
+                match client.read(&mut preface).await {
+                    Ok(n) if n > 0 => {
+                        preface.truncate(n);
+                        Accepted::Session { client, preface }
+                    }
+                    Ok(_) => {
+                        tracing::debug!(endpoint = self.endpoint, %peer, "client closed after the TLS handshake, before sending anything");
+                        Accepted::Dropped
+                    }
+                    Err(err) => {
+                        tracing::debug!(endpoint = self.endpoint, %peer, error = %err, "client connection failed after the TLS handshake");
+                        Accepted::Dropped
+                    }
+                }
+            }
             _ => {
                 self.handshake_failed("not_tls");
-                tracing::info!(endpoint = self.endpoint, %peer, reason = "not_tls", "client did not start TLS; connection dropped");
-                match self.protocol {
-                    Protocol::Etcd => etcd::refuse_plaintext(&mut tcp).await,
-                    _ => redis::refuse_plaintext(&mut tcp).await,
+                if let Some(suppressed) = self.log("not_tls") {
+                    tracing::info!(endpoint = self.endpoint, %peer, reason = "not_tls", suppressed, "client did not start TLS; connection dropped");
                 }
+                let refusal = async {
+                    match self.protocol {
+                        Protocol::Etcd => etcd::refuse_plaintext(&mut tcp).await,
+                        _ => redis::refuse_plaintext(&mut tcp).await,
+                    }
+                };
+                let _ = tokio::time::timeout(REFUSAL_DEADLINE, refusal).await;
                 Accepted::Dropped
             }
         }
@@ -264,7 +318,9 @@ impl Frontend<'_> {
             };
             if client.alpn() != Some(postgres::ALPN) {
                 self.protocol_error("direct_tls_without_alpn");
-                tracing::info!(endpoint = self.endpoint, %peer, "direct TLS without ALPN \"postgresql\"; connection dropped");
+                if let Some(suppressed) = self.log("direct_tls_without_alpn") {
+                    tracing::info!(endpoint = self.endpoint, %peer, suppressed, "direct TLS without ALPN \"postgresql\"; connection dropped");
+                }
                 postgres::send_error(
                     &mut client,
                     "08P01",
@@ -315,7 +371,9 @@ impl Frontend<'_> {
                 }
                 Ok(PgOpening::Startup(_)) => {
                     self.handshake_failed("not_tls");
-                    tracing::info!(endpoint = self.endpoint, %peer, reason = "not_tls", "plaintext PostgreSQL client on a TLS-only endpoint; refused");
+                    if let Some(suppressed) = self.log("not_tls") {
+                        tracing::info!(endpoint = self.endpoint, %peer, reason = "not_tls", suppressed, "plaintext PostgreSQL client on a TLS-only endpoint; refused");
+                    }
                     postgres::send_error(
                         &mut tcp,
                         "28000",
@@ -327,7 +385,9 @@ impl Frontend<'_> {
                 Err(ReadError::Protocol(err)) => return self.reject(&mut tcp, peer, err).await,
                 Err(ReadError::Io(err)) => {
                     self.protocol_error("truncated");
-                    tracing::info!(endpoint = self.endpoint, %peer, error = %err, "client closed mid-opening; connection dropped");
+                    if let Some(suppressed) = self.log("truncated") {
+                        tracing::info!(endpoint = self.endpoint, %peer, error = %err, suppressed, "client closed mid-opening; connection dropped");
+                    }
                     return Accepted::Dropped;
                 }
             }
@@ -353,7 +413,9 @@ impl Frontend<'_> {
             Err(ReadError::Protocol(err)) => self.reject(&mut client, peer, err).await,
             Err(ReadError::Io(err)) => {
                 self.protocol_error("truncated");
-                tracing::info!(endpoint = self.endpoint, %peer, error = %err, "client closed mid-opening; connection dropped");
+                if let Some(suppressed) = self.log("truncated") {
+                    tracing::info!(endpoint = self.endpoint, %peer, error = %err, suppressed, "client closed mid-opening; connection dropped");
+                }
                 Accepted::Dropped
             }
         }
@@ -369,7 +431,9 @@ impl Frontend<'_> {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         self.protocol_error(err.reason());
-        tracing::info!(endpoint = self.endpoint, %peer, reason = err.reason(), error = %err, "protocol violation in the opening; connection dropped");
+        if let Some(suppressed) = self.log("protocol_violation") {
+            tracing::info!(endpoint = self.endpoint, %peer, reason = err.reason(), error = %err, suppressed, "protocol violation in the opening; connection dropped");
+        }
         postgres::send_error(
             stream,
             "08P01",

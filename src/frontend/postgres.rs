@@ -211,9 +211,12 @@ pub fn error_response(sqlstate: &str, message: &str) -> Vec<u8> {
 
 /// Sends an ErrorResponse and closes.
 pub async fn send_error<S: AsyncWrite + Unpin>(stream: &mut S, sqlstate: &str, message: &str) {
-    let _ = stream.write_all(&error_response(sqlstate, message)).await;
-    let _ = stream.flush().await;
-    let _ = stream.shutdown().await;
+    let _ = tokio::time::timeout(super::REFUSAL_DEADLINE, async {
+        stream.write_all(&error_response(sqlstate, message)).await?;
+        stream.flush().await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 /// Watches the first messages a member sends a client for `BackendKeyData`,

@@ -703,6 +703,8 @@ pub struct PortalConfig {
     pub drain_timeout: String,
     pub max_connections: Option<usize>,
     pub on_leader_change: Option<String>,
+    /// More keys for every endpoint, as `key: value` lines.
+    pub endpoint_keys: Vec<String>,
 }
 
 /// Member names in configuration order.
@@ -729,7 +731,14 @@ impl PortalConfig {
             drain_timeout: "10s".into(),
             max_connections: None,
             on_leader_change: None,
+            endpoint_keys: Vec::new(),
         }
+    }
+
+    /// Adds `line` (`key: value`) to every endpoint.
+    pub fn endpoint_key(mut self, line: &str) -> Self {
+        self.endpoint_keys.push(line.into());
+        self
     }
 
     pub fn hold_timeout(mut self, d: &str) -> Self {
@@ -799,6 +808,9 @@ impl PortalConfig {
             }
             if let Some(what) = &self.on_leader_change {
                 y.push_str(&format!("        on_leader_change: {what}\n"));
+            }
+            for line in &self.endpoint_keys {
+                y.push_str(&format!("        {line}\n"));
             }
         }
         y
