@@ -76,6 +76,11 @@ pub struct Endpoint {
     admission: Admission,
     /// Limits the lines that refused and failed connections log.
     log_limit: LogLimit,
+    /// The endpoint's own certificate (DER), to tell a PostgreSQL member
+    /// that presents another one over `backend_tls` (SCRAM channel binding
+    /// then fails), and the members already warned about.
+    certificate: Option<Vec<u8>>,
+    binding_warned: std::sync::Mutex<std::collections::HashSet<MemberId>>,
     turn: AtomicUsize,
     metrics: EndpointMetrics,
 }
@@ -113,6 +118,8 @@ impl Endpoint {
                 sessions_per_source: config.max_connections_per_source,
             }),
             log_limit: LogLimit::default(),
+            certificate: endpoint_certificate(&config.tls.cert),
+            binding_warned: std::sync::Mutex::default(),
             acceptor: TlsAcceptor::from(tls),
             turn: AtomicUsize::new(0),
             metrics: m,
@@ -137,6 +144,32 @@ impl Endpoint {
             .connections_refused
             .with_label_values(&[&self.config.name, reason])
             .inc();
+    }
+
+    /// SCRAM channel binding (`tls-server-end-point`, libpq's default
+    /// `channel_binding=prefer`) binds to the certificate of the TLS
+    /// connection each side sees: the client the endpoint's, the member its
+    /// own. They agree only when the member serves the endpoint's
+    /// certificate; warns once per member when it does not.
+    fn check_channel_binding(&self, member: MemberId, server: &Stream) {
+        let (Some(theirs), Some(ours)) = (server.member_certificate(), &self.certificate) else {
+            return;
+        };
+        if theirs == ours.as_slice() {
+            return;
+        }
+        let first = self
+            .binding_warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(member);
+        if first {
+            tracing::warn!(
+                endpoint = %self.config.name,
+                member = self.cluster.member_name(member),
+                "the member presents another TLS certificate than this endpoint: SCRAM logins with channel binding (libpq's default channel_binding=prefer) fail with \"SCRAM channel binding check failed\"; serve the endpoint's certificate on the members, or have clients set channel_binding=disable"
+            );
+        }
     }
 
     /// Counts and (rate-limited) logs a connection an admission limit
@@ -287,6 +320,9 @@ async fn session(
     };
     let cluster = &endpoint.cluster;
     let _count = cluster.session_guard(member);
+    if protocol == Protocol::Postgres {
+        endpoint.check_channel_binding(member, &server);
+    }
     let epoch = routing.borrow().epoch;
     if protocol == Protocol::Postgres {
         let (user, database) = frontend::postgres::startup_identity(&preface);
@@ -518,6 +554,17 @@ impl SessionBytes {
     fn total(&self) -> u64 {
         self.from_client.load(Ordering::Relaxed) + self.to_client.load(Ordering::Relaxed)
     }
+}
+
+/// The first certificate of the PEM file `path`, DER; none when it cannot
+/// be read (the TLS setup reports that).
+fn endpoint_certificate(path: &std::path::Path) -> Option<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_file_iter(path)
+        .ok()?
+        .next()?
+        .ok()
+        .map(|cert| cert.as_ref().to_vec())
 }
 
 /// Why a session's relay stopped.

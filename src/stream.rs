@@ -22,6 +22,19 @@ impl Stream {
             _ => None,
         }
     }
+
+    /// The certificate a member presented on a TLS leg the portal opened.
+    pub fn member_certificate(&self) -> Option<&[u8]> {
+        match self {
+            Stream::Originated(tls) => tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|cert| cert.as_ref()),
+            _ => None,
+        }
+    }
 }
 
 macro_rules! each {

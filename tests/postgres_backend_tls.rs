@@ -491,3 +491,169 @@ async fn hold_timeout_bounds_a_connect_to_a_member_that_never_answers() {
         )
         .await;
 }
+
+/// A member that requires TLS and a SCRAM password for the role `app`
+/// (`hostssl ... scram-sha-256`; the probe's `postgres` stays `trust`),
+/// serving `cert`/`key`.
+fn scram_member(cert: &Path, key: &Path) -> PgServer {
+    let mut server = PgServer::primary();
+    server.require_tls(cert, key);
+    server.psql(
+        "set password_encryption = 'scram-sha-256'; create role app login password 'app-secret'",
+    );
+    std::fs::write(
+        server.data().join("pg_hba.conf"),
+        "local     all         all          trust\n\
+         hostssl   all         app          127.0.0.1/32 scram-sha-256\n\
+         hostssl   all         postgres     127.0.0.1/32 trust\n\
+         hostnossl all         all          127.0.0.1/32 reject\n",
+    )
+    .expect("write pg_hba.conf");
+    server.psql("select pg_reload_conf()");
+    // The role really needs its password now.
+    let no_password = std::process::Command::new(bin("psql"))
+        .arg(format!(
+            "host=127.0.0.1 port={} sslmode=require user=app dbname=postgres",
+            server.port()
+        ))
+        .args(["-X", "-w", "-At", "-c", "select 1"])
+        .env_remove("PGPASSWORD")
+        .output()
+        .expect("run psql");
+    assert!(
+        !no_password.status.success(),
+        "the member let `app` in without a password"
+    );
+    server
+}
+
+/// psql as `app` through the portal on `port`, with `extra` conninfo.
+async fn psql_app(port: u16, ca: &Path, password: &str, extra: &str) -> PsqlOutput {
+    let conninfo = format!(
+        "host=localhost port={port} sslmode=verify-full sslrootcert={} user=app \
+         dbname=postgres password={password} {extra}",
+        ca.display()
+    );
+    psql(
+        &conninfo,
+        "select current_user || ' ' || inet_server_port()",
+    )
+    .await
+}
+
+/// psycopg 3 (libpq underneath) as `app` through the portal with default
+/// settings; stdout or the error.
+fn psycopg_app(port: u16, ca: &Path) -> Result<String, String> {
+    let script = format!(
+        "import psycopg\n\
+         with psycopg.connect('host=localhost port={port} sslmode=verify-full sslrootcert={} \
+         user=app password=app-secret dbname=postgres') as c:\n    \
+         print(c.execute('select current_user').fetchone()[0])\n",
+        ca.display()
+    );
+    // Debian's Python, where python3-psycopg is installed (not a pyenv shim).
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .output()
+        .expect("run python3");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_logins_pass_with_default_settings_when_the_member_serves_the_endpoints_certificate()
+{
+    // The member serves the portal's own endpoint certificate: channel
+    // binding (tls-server-end-point) hashes the same certificate on both
+    // legs, so libpq's default `channel_binding=prefer`, and even
+    // `require`, work through the portal.
+    let certs = temp_certs();
+    let member = scram_member(&certs.cert, &certs.key);
+    let config = PgPortalConfig::new(&certs, &[member.port()]).backend_tls(&format!(
+        "{{ca: {}, server_name: localhost}}",
+        certs.ca.display()
+    ));
+    let portal = Portal::start(&config.yaml()).await;
+    portal.wait_roles("a", &[]).await;
+    let want = format!("app {}", member.port());
+
+    let out = psql_app(config.ports.rw, &certs.ca, "app-secret", "").await;
+    assert!(out.success(), "psql, default channel_binding: {out:?}");
+    assert_eq!(out.stdout, want);
+    let out = psql_app(
+        config.ports.rw,
+        &certs.ca,
+        "app-secret",
+        "channel_binding=require",
+    )
+    .await;
+    assert!(out.success(), "psql, channel_binding=require: {out:?}");
+    assert_eq!(out.stdout, want);
+    assert_eq!(
+        psycopg_app(config.ports.rw, &certs.ca).as_deref(),
+        Ok("app"),
+        "psycopg 3 with default settings"
+    );
+    // A wrong password is a wrong password, not a binding error.
+    let out = psql_app(config.ports.rw, &certs.ca, "wrong", "").await;
+    assert!(!out.success(), "a wrong password logged in: {out:?}");
+    assert!(
+        out.stderr
+            .contains("password authentication failed for user \"app\""),
+        "{out:?}"
+    );
+    assert!(
+        !portal
+            .stderr_log()
+            .contains("presents another TLS certificate"),
+        "the portal warned about a certificate the member shares"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_another_certificate_on_the_member_the_portal_says_why_binding_fails() {
+    // The member's certificate comes from its own CA: the client binds to
+    // the portal's certificate, the member checks its own. No proxy that
+    // terminates TLS can make those agree; clients must not bind.
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let member_certs = member_certs(dir.path());
+    let member = scram_member(&member_certs.cert, &member_certs.key);
+    let certs = temp_certs();
+    let config = PgPortalConfig::new(&certs, &[member.port()]).backend_tls(&format!(
+        "{{ca: {}, server_name: {MEMBER_NAME}}}",
+        member_certs.ca.display()
+    ));
+    let portal = Portal::start(&config.yaml()).await;
+    portal.wait_roles("a", &[]).await;
+
+    let out = psql_app(config.ports.rw, &certs.ca, "app-secret", "").await;
+    assert!(
+        !out.success(),
+        "binding to different certificates passed: {out:?}"
+    );
+    assert!(out.stderr.contains("channel binding"), "{out:?}");
+    let out = psql_app(
+        config.ports.rw,
+        &certs.ca,
+        "app-secret",
+        "channel_binding=disable",
+    )
+    .await;
+    assert!(out.success(), "psql, channel_binding=disable: {out:?}");
+    assert_eq!(out.stdout, format!("app {}", member.port()));
+    let deadline = Instant::now() + DEADLINE;
+    while !portal
+        .stderr_log()
+        .contains("the member presents another TLS certificate than this endpoint")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no warning about the member's certificate:\n{}",
+            portal.stderr_log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -24,6 +24,7 @@ TEST_PACKAGES=(
     etcd-client  # etcdctl, the stock client of the etcd tests
     patroni      # Patroni and patronictl, for the end-to-end test
     redis-sentinel # redis-sentinel, for the Sentinel source tests
+    python3-psycopg # psycopg 3, a stock PostgreSQL client of the SCRAM tests
 )
 
 STARTED=$(date +%s)

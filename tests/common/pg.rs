@@ -86,7 +86,7 @@ pub fn require_postgres() {
     bindir();
 }
 
-fn bin(name: &str) -> PathBuf {
+pub fn bin(name: &str) -> PathBuf {
     bindir().join(name)
 }
 
@@ -273,7 +273,7 @@ impl PgServer {
         self.root.path()
     }
 
-    fn data(&self) -> PathBuf {
+    pub fn data(&self) -> PathBuf {
         self.root().join("data")
     }
 
