@@ -1732,6 +1732,27 @@ fn an_operators_pin_yields_when_the_dcs_names_another_leader() {
     assert_eq!(v.snapshot().pinned, None);
     feed(&mut v, 1, pg(2));
     assert_eq!(v.leader(), Some(1));
+
+    // A pin on a member the DCS does not name holds while the DCS repeats
+    // the answer the operator overrode: only a new decision unpins it.
+    let mut v = dcs_steady();
+    feed(&mut v, 1, pg(2));
+    v.apply_override(&Override::AcceptLeader(1))
+        .expect("1 claims primary");
+    assert_eq!(v.leader(), Some(1));
+    for _ in 0..3 {
+        v.apply_dcs(named(Some(0), 10));
+        assert_eq!(v.snapshot().pinned, Some(1), "the same answer unpinned it");
+        feed(&mut v, 1, pg(2));
+        assert_eq!(v.leader(), Some(1));
+    }
+    v.apply_dcs(named(Some(0), 12));
+    assert_eq!(v.snapshot().pinned, Some(1), "the same leader, another key revision");
+    v.apply_dcs(DcsReport::Named {
+        leader: None,
+        term: None,
+    });
+    assert_eq!(v.snapshot().pinned, None, "the DCS changed its answer");
 }
 
 #[test]
