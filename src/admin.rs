@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -17,9 +17,10 @@ use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{ActionError, Cluster};
@@ -38,9 +39,23 @@ pub struct AdminState {
     pub draining: AtomicBool,
     /// What the operator's actions and the peer exchange require.
     pub token: Option<Secret>,
+    /// The listener is not on a loopback address: with a token, every
+    /// path but `/health` and `/ready` requires it.
+    pub exposed: bool,
 }
 
+/// Admin connections open at once; past it a new one is closed at once.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request's headers (also the idle
+/// time allowed between requests on a kept-alive connection).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of one admin connection; it then closes after the request
+/// in flight (scrapers reconnect).
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
+
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let limited = crate::log_limit::LogLimit::default();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -53,19 +68,41 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: Cancel
             },
             _ = cancel.cancelled() => return,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if let Some(suppressed) = limited.admit("admin_connections") {
+                tracing::warn!(%peer, limit = MAX_CONNECTIONS, suppressed, "admin connection refused: too many open");
+            }
+            continue;
+        };
         let state = state.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, &req).await) }
             });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                result = conn => if let Err(err) = result {
-                    tracing::debug!(%peer, error = %err, "admin connection error");
-                },
-                _ = cancel.cancelled() => {}
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let aged = tokio::time::sleep(MAX_CONNECTION_AGE);
+            tokio::pin!(aged);
+            loop {
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(err) = result {
+                            tracing::debug!(%peer, error = %err, "admin connection error");
+                        }
+                        return;
+                    }
+                    _ = &mut aged => {
+                        conn.as_mut().graceful_shutdown();
+                        aged.as_mut().reset(tokio::time::Instant::now() + HEADER_READ_TIMEOUT);
+                    }
+                    _ = cancel.cancelled() => return,
+                }
             }
         });
     }
@@ -91,7 +128,13 @@ async fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<By
             "GET or HEAD, or POST for the operator's actions\n".into(),
         );
     }
-    match req.uri().path() {
+    let path = req.uri().path();
+    if state.exposed && state.token.is_some() && path != "/health" && path != "/ready" {
+        if let Some(refusal) = unauthorized(state, req) {
+            return refusal;
+        }
+    }
+    match path {
         peers::PATH => unauthorized(state, req).unwrap_or_else(|| {
             respond(
                 StatusCode::OK,

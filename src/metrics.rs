@@ -28,6 +28,8 @@ pub struct Metrics {
     pub operator_actions: IntCounterVec,
     pub peer_exchanges: IntCounterVec,
     pub fenced: IntCounterVec,
+    pub certificate_not_after: IntGaugeVec,
+    pub reloads: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -194,6 +196,18 @@ impl Metrics {
                 "portal_fenced_total",
                 "Times a member was fenced, by reason (older_term, unrelated_history, older_than_peer_term, ...).",
                 &["cluster", "reason"],
+            ),
+            certificate_not_after: gauge(
+                &r,
+                "portal_certificate_not_after_seconds",
+                "When each endpoint's certificate expires (Unix time of its notAfter).",
+                &["endpoint"],
+            ),
+            reloads: counter(
+                &r,
+                "portal_reloads_total",
+                "Configuration reloads (SIGHUP), by result (ok, failed).",
+                &["result"],
             ),
             registry: r,
         }

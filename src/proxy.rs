@@ -72,14 +72,15 @@ struct EndpointMetrics {
 pub struct Endpoint {
     pub config: config::Endpoint,
     pub cluster: Arc<Cluster>,
-    acceptor: TlsAcceptor,
+    /// Swapped on reload: new handshakes use the new certificate at once.
+    acceptor: arc_swap::ArcSwap<TlsAcceptor>,
     admission: Admission,
     /// Limits the lines that refused and failed connections log.
     log_limit: LogLimit,
     /// The endpoint's own certificate (DER), to tell a PostgreSQL member
     /// that presents another one over `backend_tls` (SCRAM channel binding
     /// then fails), and the members already warned about.
-    certificate: Option<Vec<u8>>,
+    certificate: arc_swap::ArcSwap<Option<Vec<u8>>>,
     binding_warned: std::sync::Mutex<std::collections::HashSet<MemberId>>,
     turn: AtomicUsize,
     metrics: EndpointMetrics,
@@ -118,9 +119,9 @@ impl Endpoint {
                 sessions_per_source: config.max_connections_per_source,
             }),
             log_limit: LogLimit::default(),
-            certificate: endpoint_certificate(&config.tls.cert),
+            certificate: arc_swap::ArcSwap::from_pointee(endpoint_certificate(&config.tls.cert)),
             binding_warned: std::sync::Mutex::default(),
-            acceptor: TlsAcceptor::from(tls),
+            acceptor: arc_swap::ArcSwap::from_pointee(TlsAcceptor::from(tls)),
             turn: AtomicUsize::new(0),
             metrics: m,
             config,
@@ -138,6 +139,17 @@ impl Endpoint {
         self.admission.openings()
     }
 
+    /// Serves `tls` (a reloaded certificate) to every new handshake from
+    /// now on; sessions already open keep theirs.
+    pub fn replace_tls(&self, tls: Arc<rustls::ServerConfig>, cert: &std::path::Path) {
+        self.acceptor.store(Arc::new(TlsAcceptor::from(tls)));
+        self.certificate.store(Arc::new(endpoint_certificate(cert)));
+        self.binding_warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+
     fn refused(&self, reason: &str) {
         self.metrics
             .all
@@ -152,7 +164,8 @@ impl Endpoint {
     /// own. They agree only when the member serves the endpoint's
     /// certificate; warns once per member when it does not.
     fn check_channel_binding(&self, member: MemberId, server: &Stream) {
-        let (Some(theirs), Some(ours)) = (server.member_certificate(), &self.certificate) else {
+        let ours = self.certificate.load();
+        let (Some(theirs), Some(ours)) = (server.member_certificate(), ours.as_ref()) else {
             return;
         };
         if theirs == ours.as_slice() {
@@ -252,10 +265,11 @@ async fn session(
     let protocol = endpoint.cluster.config.protocol;
     tune(&tcp);
 
+    let acceptor = endpoint.acceptor.load_full();
     let frontend = Frontend {
         endpoint: ep,
         protocol,
-        acceptor: &endpoint.acceptor,
+        acceptor: &acceptor,
         allow_plaintext: endpoint.config.allow_plaintext,
         metrics: &endpoint.metrics.all,
         log_limit: &endpoint.log_limit,

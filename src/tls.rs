@@ -47,6 +47,15 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
+/// When the first certificate of the PEM file `path` expires (its
+/// `notAfter`), as Unix seconds.
+pub fn not_after(path: &Path) -> Result<i64, TlsError> {
+    let certs = load_certs(path)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs[0].as_ref())
+        .map_err(|err| file_error(path, format!("not an X.509 certificate: {err}")))?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
 /// Builds the server side configuration for one endpoint.
 pub fn server_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = load_certs(&files.cert)?;

@@ -29,6 +29,7 @@ mod postgres_failover;
 mod postgres_harness;
 mod postgres_routing;
 mod postgres_tls;
+mod reload;
 mod routing;
 mod sentinel;
 mod shutdown;

@@ -1747,7 +1747,11 @@ fn an_operators_pin_yields_when_the_dcs_names_another_leader() {
         assert_eq!(v.leader(), Some(1));
     }
     v.apply_dcs(named(Some(0), 12));
-    assert_eq!(v.snapshot().pinned, Some(1), "the same leader, another key revision");
+    assert_eq!(
+        v.snapshot().pinned,
+        Some(1),
+        "the same leader, another key revision"
+    );
     v.apply_dcs(DcsReport::Named {
         leader: None,
         term: None,

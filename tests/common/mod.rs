@@ -926,11 +926,21 @@ impl Portal {
     }
 
     pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends `SIG{name}` (`TERM`, `HUP`, ...) to the portal.
+    pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([&format!("-{name}"), &self.pid().to_string()])
             .status()
-            .expect("run kill -TERM");
-        assert!(status.success(), "kill -TERM {} failed", self.pid());
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {} failed", self.pid());
+    }
+
+    /// The portal's `portal.yaml`, which a reload re-reads.
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.path().join("portal.yaml")
     }
 
     /// The admin listener's address (`host:port`), as a peer names it.
