@@ -525,6 +525,16 @@ async fn supervise(
                         "member claims primary but is fenced"
                     );
                 }
+                Transition::WentBack { to, abandoned } => {
+                    metrics.went_back.with_label_values(&[name]).inc();
+                    let abandoned: Vec<String> = abandoned.iter().map(|t| t.to_string()).collect();
+                    tracing::warn!(
+                        cluster = name,
+                        term = %to,
+                        abandoned = %abandoned.join(", "),
+                        "the DCS went back to an older history and the newer one is gone from the cluster: the named member's term is the reference, the newer terms are abandoned"
+                    );
+                }
             }
         }
         let snapshot = Arc::new(view.snapshot());

@@ -30,6 +30,7 @@ pub struct Metrics {
     pub fenced: IntCounterVec,
     pub certificate_not_after: IntGaugeVec,
     pub reloads: IntCounterVec,
+    pub went_back: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -202,6 +203,12 @@ impl Metrics {
                 "portal_certificate_not_after_seconds",
                 "When each endpoint's certificate expires (Unix time of its notAfter).",
                 &["endpoint"],
+            ),
+            went_back: counter(
+                &r,
+                "portal_dcs_went_back_total",
+                "Times the view followed a DCS back to an older history once the newer one was gone (view rule 6).",
+                &["cluster"],
             ),
             reloads: counter(
                 &r,

@@ -6,7 +6,8 @@
 //! The source reads the whole scope once, then watches it from the next
 //! revision: a change of the leader key reaches the view as soon as etcd
 //! sends the event. The leader key's create revision is the DCS term: it
-//! changes exactly when a member acquires the key.
+//! changes when a member acquires the key anew (a plain put over the
+//! existing key, as Patroni 3.0.2 does when it retakes the key, keeps it).
 //!
 //! The source speaks etcd's gRPC API through the generated clients of
 //! [`crate::etcd_api`] (KV `Range`, `Watch`, and `Authenticate` when the DCS

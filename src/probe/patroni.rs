@@ -128,7 +128,12 @@ impl Prober for PatroniProber {
             }
             Err(failure) => return (failure.outcome(), None),
         };
-        match observation(&body, SystemTime::now(), |name| ctx.roster.id_of(name)) {
+        let member_named = |name: &str, client: Option<&str>| {
+            let id = ctx.roster.id_of(name)?;
+            let entry = ctx.roster.get(id)?;
+            same_host(&entry.address, client).then_some(id)
+        };
+        match observation(&body, SystemTime::now(), member_named) {
             Ok(seen) => (Outcome::Observed(seen), Some(started.elapsed())),
             Err(failure) => (failure.outcome(), None),
         }
@@ -201,6 +206,8 @@ struct Status {
 struct Replication {
     /// The standby's `application_name`: Patroni sets it to the member name.
     application_name: Option<String>,
+    /// The standby's IP address as the primary sees it.
+    client_addr: Option<String>,
     state: Option<String>,
 }
 
@@ -236,12 +243,12 @@ struct Xlog {
 /// - delay: 0 when the replica replayed all it received; else how long ago
 ///   the last replayed transaction committed; unknown without that time.
 /// - followers: a primary's `replication` rows in state `streaming`, by
-///   member name (`member_named`); names the portal does not know are
-///   skipped.
+///   member name and client address (`member_named`); names the portal
+///   does not know, or whose address is not the member's, are skipped.
 fn observation(
     body: &[u8],
     now: SystemTime,
-    member_named: impl Fn(&str) -> Option<MemberId>,
+    member_named: impl Fn(&str, Option<&str>) -> Option<MemberId>,
 ) -> Result<Observation, Failure> {
     let status: Status = serde_json::from_slice(body)
         .map_err(|err| Failure::soft(format!("/patroni is not Patroni's JSON: {err}")))?;
@@ -297,11 +304,31 @@ fn observation(
                 .replication
                 .iter()
                 .filter(|r| r.state.as_deref() == Some("streaming"))
-                .filter_map(|r| member_named(r.application_name.as_deref()?))
+                .filter_map(|r| {
+                    member_named(r.application_name.as_deref()?, r.client_addr.as_deref())
+                })
                 .collect(),
             _ => Vec::new(),
         },
     })
+}
+
+/// Whether a replication client at `client` can be the member at
+/// `address` (`host:port`): when both are IP addresses they must be the
+/// same; a host name (or no client address) cannot be checked here.
+fn same_host(address: &str, client: Option<&str>) -> bool {
+    let host = address
+        .rsplit_once(':')
+        .map_or(address, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    match (
+        host.parse::<std::net::IpAddr>(),
+        client.map(|c| c.parse::<std::net::IpAddr>()),
+    ) {
+        (Ok(member), Some(Ok(client))) => member.to_canonical() == client.to_canonical(),
+        _ => true,
+    }
 }
 
 fn replay_delay(xlog: &Xlog, now: SystemTime) -> Option<Duration> {
@@ -371,7 +398,9 @@ mod tests {
 
     /// The fixtures' replica is Patroni member `m1`, member 1 here.
     fn observe(body: &[u8], now: SystemTime) -> Result<Observation, Failure> {
-        observation(body, now, |name| (name == "m1").then_some(1))
+        observation(body, now, |name, client| {
+            (name == "m1" && same_host("127.0.0.1:5433", client)).then_some(1)
+        })
     }
 
     fn at(text: &str) -> SystemTime {
@@ -439,6 +468,20 @@ mod tests {
         let bytes = serde_json::to_vec(&body).expect("json");
         let seen = observe(&bytes, SystemTime::UNIX_EPOCH).expect("observation");
         assert_eq!(seen.followers, Vec::<MemberId>::new());
+        // The right name from another address is someone else.
+        body["replication"] = serde_json::json!([
+            {"application_name": "m1", "client_addr": "10.0.0.9", "state": "streaming"}
+        ]);
+        let bytes = serde_json::to_vec(&body).expect("json");
+        let seen = observe(&bytes, SystemTime::UNIX_EPOCH).expect("observation");
+        assert_eq!(seen.followers, Vec::<MemberId>::new());
+        assert!(same_host("[::1]:5432", Some("::1")));
+        assert!(same_host("127.0.0.1:5432", Some("::ffff:127.0.0.1")));
+        assert!(
+            same_host("db1.internal:5432", Some("10.0.0.9")),
+            "names are not checked"
+        );
+        assert!(!same_host("10.0.0.8:5432", Some("10.0.0.9")));
         // A replica's list (a cascading standby's) says nothing about the
         // primary's history: a replica has no followers here.
         let mut body: serde_json::Value =

@@ -61,6 +61,12 @@
 //!    or an operator ([`Override`]) lets it lead. The last leader's history
 //!    moves on only when its own member, now a replica, reports another
 //!    one: it follows that history, which then holds the cluster's data.
+//!    Another member claiming exactly the term the last leader led on is
+//!    fenced too (`reused_term`), DCS or not: a legitimate successor is
+//!    promoted onto a newer term (timeline, replication id, raft term),
+//!    so one on the same term was promoted without the last leader's
+//!    history (a PostgreSQL standby that never received the last leader's
+//!    timeline history file picks the same timeline number again).
 //! 9. A view configured with peers ([`View::with_peers`]) that remembers no
 //!    leader (a portal that just started) elects nobody until a peer has
 //!    answered or the caller says the peers are silent
@@ -421,6 +427,13 @@ pub enum Transition {
         member: MemberId,
         reason: FenceReason,
     },
+    /// The DCS went back to an older history and the newer one is gone
+    /// from the cluster (rule 6): `to` is the reference now, `abandoned`
+    /// the terms given up.
+    WentBack {
+        to: Term,
+        abandoned: Vec<Term>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -440,6 +453,12 @@ pub enum FenceReason {
     UnrelatedHistory,
     /// A claimant older than a term a peer portal proved (rule 4).
     OlderThanPeer,
+    /// Another member than the one that led on the last leader's term
+    /// claims that very term (rule 8): a promotion that reused a term
+    /// number without the history behind it (a PostgreSQL standby promoted
+    /// without the last leader's timeline history picks the same timeline
+    /// number again).
+    ReusedTerm,
     /// An operator pinned another member as leader.
     OperatorPinned,
 }
@@ -455,6 +474,7 @@ impl FenceReason {
             FenceReason::DivergedFromLeader => "diverged_from_leader",
             FenceReason::UnrelatedHistory => "unrelated_history",
             FenceReason::OlderThanPeer => "older_than_peer_term",
+            FenceReason::ReusedTerm => "reused_term",
             FenceReason::OperatorPinned => "operator_pinned_another",
         }
     }
@@ -518,6 +538,10 @@ pub struct View {
     leader_term: Option<Term>,
     /// The member `leader_term` was last seen with as leader.
     last_leader: Option<MemberId>,
+    /// The member that led on `leader_term` itself; none when the term
+    /// came from elsewhere (a peer, a history move, a going-back). Another
+    /// member claiming that same term reused it (rule 8).
+    term_holder: Option<MemberId>,
     /// Rule 9: no first election before the peers are heard.
     awaiting_peers: bool,
     /// The member an operator accepted as leader, while it holds.
@@ -552,6 +576,7 @@ impl View {
             leader: None,
             leader_term: None,
             last_leader: None,
+            term_holder: None,
             awaiting_peers: false,
             pinned: None,
             lineage: VecDeque::new(),
@@ -801,7 +826,7 @@ impl View {
                         out.push(Transition::LeaderLost { member: old });
                         let before = self.epoch;
                         if let Some(t) = term {
-                            self.set_leader_term(t);
+                            self.set_leader_term(t, Some(*member));
                         }
                         self.decide(&mut out);
                         if self.epoch == before {
@@ -811,7 +836,7 @@ impl View {
                     }
                 }
                 if let Some(t) = term {
-                    self.set_leader_term(t);
+                    self.set_leader_term(t, Some(*member));
                 }
             }
             Override::ForgetTerms => {
@@ -826,6 +851,7 @@ impl View {
     fn forget_terms(&mut self) {
         self.leader_term = None;
         self.last_leader = None;
+        self.term_holder = None;
         self.past_leaders.clear();
         self.lineage.clear();
         self.peer_terms.clear();
@@ -977,10 +1003,14 @@ impl View {
         // now and becomes the one claimants must continue. Decided within
         // this same decision, so that deciding again changes nothing.
         if let Some(term) = self.history_moved() {
-            self.set_leader_term(term);
+            self.set_leader_term(term, None);
             self.decide_pass(out);
         } else if let Some(term) = self.dcs_went_back() {
-            self.go_back_to(term);
+            let abandoned = self.go_back_to(term.clone());
+            out.push(Transition::WentBack {
+                to: term,
+                abandoned,
+            });
             self.decide_pass(out);
         }
         if (self.leader, &self.replicas) != (before.0, &before.1) {
@@ -1005,7 +1035,7 @@ impl View {
                 Some(last) => self.newer(&t, last),
             };
             if forward {
-                self.set_leader_term(t);
+                self.set_leader_term(t, self.leader);
             }
         }
 
@@ -1049,6 +1079,16 @@ impl View {
                     (Some(t), Some(last)) => self.order(t, last).is_none(),
                     (None, Some(_)) => true,
                 };
+            // Rule 8: the last leader's own term, claimed by another member.
+            // A legitimate successor is promoted onto a newer term (a new
+            // timeline, replication id or raft term); one on the same term
+            // was promoted without the last leader's history.
+            let reused = match (term, &self.leader_term, self.term_holder) {
+                (Some(t), Some(last), Some(holder)) => {
+                    holder != id && self.order(t, last) == Some(Ordering::Equal)
+                }
+                _ => false,
+            };
             // Reasons that do not depend on who leads now come first, so
             // that deciding again on the same reports gives the same reason.
             if older {
@@ -1059,6 +1099,8 @@ impl View {
                 fenced_now.push((id, FenceReason::Contradicted));
             } else if unrelated {
                 fenced_now.push((id, FenceReason::UnrelatedHistory));
+            } else if reused {
+                fenced_now.push((id, FenceReason::ReusedTerm));
             } else {
                 claimants.push(Claimant {
                     id,
@@ -1212,7 +1254,7 @@ impl View {
             if let Some(new) = leader {
                 let term = self.claim(new).flatten().cloned();
                 if let Some(t) = &term {
-                    self.set_leader_term(t.clone());
+                    self.set_leader_term(t.clone(), Some(new));
                 }
                 self.last_leader = Some(new);
                 self.members[new].fenced = None;
@@ -1238,7 +1280,7 @@ impl View {
                     Some(last) => incumbent.is_none() || self.newer(&t, last),
                 };
                 if moved {
-                    self.set_leader_term(t);
+                    self.set_leader_term(t, Some(l));
                 }
             }
         }
@@ -1316,11 +1358,24 @@ impl View {
         }
         // Members the named one says stream from it are on its history,
         // whatever their own (possibly cached) reports say.
-        let followers: &[MemberId] = self
+        // Only members whose own latest report is a replica's count: a
+        // name in the list is the streaming client's say-so
+        // (`application_name`), and a member that is down may still hold
+        // the newer history whoever streams under its name.
+        let followers: Vec<MemberId> = self
             .members
             .get(named)
             .and_then(|m| m.seen.as_ref())
-            .map_or(&[], |seen| &seen.followers);
+            .map_or(&[][..], |seen| &seen.followers)
+            .iter()
+            .copied()
+            .filter(|&f| {
+                self.members
+                    .get(f)
+                    .and_then(|m| m.seen.as_ref())
+                    .is_some_and(|seen| seen.role == Role::Replica)
+            })
+            .collect();
         // A term that is only a lower bound proves nothing here: the member
         // may still be on the newer history, and so may any other member
         // whose last report was one, down or not (down is not gone).
@@ -1354,7 +1409,7 @@ impl View {
 
     /// Makes `term` the reference and forgets every remembered term newer
     /// than it (past leaders' and peers'), marking them abandoned.
-    fn go_back_to(&mut self, term: Term) {
+    fn go_back_to(&mut self, term: Term) -> Vec<Term> {
         let newer: Vec<Term> = self
             .past_leaders
             .iter()
@@ -1364,18 +1419,22 @@ impl View {
             .collect();
         self.past_leaders.retain(|t| !newer.contains(t));
         self.peer_terms.retain(|t| !newer.contains(t));
-        for t in newer {
-            if !self.abandoned.contains(&t) {
-                self.abandoned.push_back(t);
+        for t in &newer {
+            if !self.abandoned.contains(t) {
+                self.abandoned.push_back(t.clone());
                 if self.abandoned.len() > PAST_LEADERS_MEMORY {
                     self.abandoned.pop_front();
                 }
             }
         }
-        self.set_leader_term(term);
+        self.set_leader_term(term, None);
+        let mut given_up = newer;
+        given_up.dedup();
+        given_up
     }
 
-    fn set_leader_term(&mut self, term: Term) {
+    fn set_leader_term(&mut self, term: Term, holder: Option<MemberId>) {
+        self.term_holder = holder;
         // A term that leads again (a timeline number reused after a
         // rewind) is no longer abandoned.
         self.abandoned.retain(|t| *t != term);

@@ -563,8 +563,69 @@ fn numeric_terms_order_claimants() {
     feed(&mut v, 1, hard());
     feed(&mut v, 0, primary(Some(Term::Number(3))));
     assert_eq!(v.leader(), None);
+    // Another member on 1's own term 4 was not promoted after 1 (that
+    // gives a newer term): it reused the number without 1's history.
     feed(&mut v, 2, primary(Some(Term::Number(4))));
+    assert_eq!(v.leader(), None);
+    assert_eq!(
+        v.snapshot().members[2].fenced,
+        Some(FenceReason::ReusedTerm)
+    );
+    feed(&mut v, 2, primary(Some(Term::Number(5))));
     assert_eq!(v.leader(), Some(2));
+}
+
+#[test]
+fn a_timeline_number_reused_by_another_member_is_not_the_same_history() {
+    // PostgreSQL picks the next timeline number from the history files it
+    // knows: b promoted onto timeline 2 and took writes; a, promoted later
+    // without b's history file, picks timeline 2 again (hostile test B1).
+    let tl = |n| Term::Timeline {
+        system: 7,
+        timeline: n,
+    };
+    let mut v = View::new(2, T);
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(tl(1))));
+        feed(&mut v, 1, replica_on(tl(1), Some(0)));
+    }
+    assert_eq!(v.leader(), Some(0));
+    feed(&mut v, 0, hard());
+    feed(&mut v, 1, primary(Some(tl(2))));
+    assert_eq!(v.leader(), Some(1));
+    feed(&mut v, 1, hard());
+    for _ in 0..3 {
+        feed(&mut v, 0, primary(Some(tl(2))));
+        assert_eq!(v.leader(), None, "a's timeline 2 is not b's");
+    }
+    let s = v.snapshot();
+    assert_eq!(s.members[0].fenced, Some(FenceReason::ReusedTerm));
+    // b comes back on its timeline 2: its own term, it leads again once
+    // it has risen.
+    for _ in 0..2 {
+        feed(&mut v, 1, primary(Some(tl(2))));
+    }
+    assert_eq!(v.leader(), Some(1));
+    // Under a DCS that names a on the reused number (Patroni handing the
+    // key back, hostile test B2): held too.
+    let mut w = dcs_steady();
+    w.apply_dcs(named(Some(1), 11));
+    feed(&mut w, 1, pg(2));
+    assert_eq!(w.leader(), Some(1));
+    w.apply_dcs(named(Some(0), 12));
+    feed(&mut w, 1, replica_on(Term::Number(2), Some(0)));
+    for _ in 0..3 {
+        feed(&mut w, 0, pg(2));
+        assert_eq!(w.leader(), None, "the DCS named a reused timeline");
+    }
+    assert_eq!(
+        w.snapshot().members[0].fenced,
+        Some(FenceReason::ReusedTerm)
+    );
+    // The operator decides: accept-leader.
+    w.apply_override(&Override::AcceptLeader(0))
+        .expect("0 claims");
+    assert_eq!(w.leader(), Some(0));
 }
 
 #[test]
@@ -586,7 +647,11 @@ fn equal_numeric_terms_are_split_brain_and_an_incumbent_keeps_the_role() {
         feed(&mut v, 1, primary(Some(Term::Number(5))));
     }
     assert_eq!(v.leader(), Some(0), "incumbent keeps the role");
-    assert_eq!(v.snapshot().members[1].fenced, Some(FenceReason::Incumbent));
+    // On the incumbent's own term: reused, whatever else it is.
+    assert_eq!(
+        v.snapshot().members[1].fenced,
+        Some(FenceReason::ReusedTerm)
+    );
 }
 
 #[test]
@@ -1713,6 +1778,19 @@ fn the_named_primarys_streaming_list_proves_a_going_back() {
     feed(&mut v, 2, replica_on(Term::Number(2), Some(1)));
     feed(&mut v, 0, leading(1, vec![1]));
     assert_eq!(v.leader(), None, "2 holds timeline 2");
+    feed(&mut v, 0, leading(1, vec![1, 2]));
+    assert_eq!(v.leader(), Some(0));
+    // A name in the list is the streaming client's say-so: while 1 is down
+    // (it may hold timeline 2), a client streaming under its name proves
+    // nothing (hostile test B3: pg_receivewal with application_name=b).
+    let mut v = went_back();
+    feed(&mut v, 1, hard());
+    for _ in 0..3 {
+        feed(&mut v, 0, leading(1, vec![1, 2]));
+        assert_eq!(v.leader(), None, "a forged follower proved a going-back");
+    }
+    // 1 comes back as a replica, and streams: now it counts.
+    feed(&mut v, 1, floor(Term::Number(1)));
     feed(&mut v, 0, leading(1, vec![1, 2]));
     assert_eq!(v.leader(), Some(0));
 }
