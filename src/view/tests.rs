@@ -1922,3 +1922,44 @@ fn cases(default: u32) -> u32 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+#[test]
+fn of_two_claimants_at_once_the_provably_newer_leads() {
+    // A fresh view, no leader yet: both claim in the same rounds. The one
+    // whose term is newer leads (the other is fenced as older than a live
+    // claim); it is not a split brain.
+    let mut v = View::new(2, T);
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(Term::Number(3))));
+        feed(&mut v, 1, primary(Some(Term::Number(4))));
+    }
+    assert_eq!(v.leader(), Some(1));
+    assert!(!v.snapshot().split_brain);
+    let mut v = View::new(3, T);
+    for _ in 0..2 {
+        feed(&mut v, 2, primary(Some(lineage("z", Some("y")))));
+        feed(&mut v, 0, primary(Some(lineage("x", None))));
+        feed(&mut v, 1, replica_on(lineage("y", Some("x")), None));
+    }
+    // 2 descends from x through y: newer than 0's x.
+    assert_eq!(v.leader(), Some(2));
+}
+
+#[test]
+fn half_the_replicas_against_a_claimant_do_not_contradict_it() {
+    // Claimant 0; replica 1 follows it, replica 2 follows 3 (which never
+    // answered). One of two is not a majority against 0: it leads.
+    let mut v = View::new(4, Thresholds { rise: 1, fall: 1 });
+    feed(&mut v, 1, replica(Some(0)));
+    feed(&mut v, 2, replica(Some(3)));
+    feed(&mut v, 0, primary(Some(lineage("p", None))));
+    assert_eq!(v.leader(), Some(0), "one against, one for: not contradicted");
+    // Two of three against: contradicted.
+    let mut v = View::new(5, Thresholds { rise: 1, fall: 1 });
+    feed(&mut v, 1, replica(Some(0)));
+    feed(&mut v, 2, replica(Some(3)));
+    feed(&mut v, 4, replica(Some(3)));
+    feed(&mut v, 0, primary(Some(lineage("p", None))));
+    assert_eq!(v.leader(), None);
+    assert_eq!(v.snapshot().members[0].fenced, Some(FenceReason::Contradicted));
+}
