@@ -1595,26 +1595,6 @@ clusters:
     }
 
     #[test]
-    fn a_sentinel_dcs_does_not_supply_the_members() {
-        let dir = certs();
-        let sentinel = GOOD.replace(
-            "    members:\n",
-            "    dcs:\n      sentinel:\n        addresses: [127.0.0.1:26379]\n        \
-             master_name: mymaster\n    members:\n",
-        );
-        let cfg = config(dir.path(), &sentinel).expect("valid");
-        assert!(matches!(cfg.clusters[0].dcs, Some(Dcs::Sentinel(_))));
-        let without_members = sentinel.replace(
-            "    members:\n      - name: a\n        address: 127.0.0.1:6379\n      \
-             - name: b\n        address: localhost:6380\n",
-            "",
-        );
-        let (_, key, message) = invalid(&without_members);
-        assert_eq!(key, "clusters[0].members", "{message}");
-        assert!(message.contains("at least one member"), "{message}");
-    }
-
-    #[test]
     fn only_postgres_endpoints_accept_plaintext() {
         let dir = certs();
         let plaintext = "        tls: auto\n        allow_plaintext: true\n";
