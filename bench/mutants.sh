@@ -35,7 +35,7 @@
 # timed out). Full results in target/mutants.out/ (caught.txt, missed.txt,
 # unviable.txt, timeout.txt, diffs and logs per mutant).
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 export PROTOC=${PROTOC:-/nonexistent/protoc}
 export PORTAL_PROPTEST_CASES=${PORTAL_PROPTEST_CASES:-200}
 export PROPTEST_RNG_SEED=${PROPTEST_RNG_SEED:-1}
