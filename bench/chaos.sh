@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Long randomized fault injection against real servers and two portals
-# (tests/chaos.rs, tests/chaos_postgres.rs, tests/chaos_sentinel.rs and tests/chaos_patroni.rs, harness in
+# (tests/chaos_redis.rs, tests/chaos_postgres.rs, tests/chaos_sentinel.rs and tests/chaos_patroni.rs, harness in
 # tests/common/chaos/): at least 100 faults per seed under load from four
 # writers, then the table of what the checker found, as markdown.
 #
@@ -25,13 +25,13 @@ export CHAOS_FAULTS=${CHAOS_FAULTS:-100}
 TARGET=${1:-redis}
 mkdir -p target
 case "$TARGET" in
-  redis) TEST=chaos; NAME=redis_chaos_long; LOG=target/chaos-bench.log ;;
-  postgres) TEST=chaos_postgres; NAME=postgres_chaos_long; LOG=target/chaos-bench-postgres.log ;;
-  sentinel) TEST=chaos_sentinel; NAME=sentinel_chaos_long; LOG=target/chaos-bench-sentinel.log ;;
-  patroni) TEST=chaos_patroni; NAME=patroni_chaos_long; LOG=target/chaos-bench-patroni.log ;;
+  redis) NAME=chaos_redis::redis_chaos_long; LOG=target/chaos-bench.log ;;
+  postgres) NAME=chaos_postgres::postgres_chaos_long; LOG=target/chaos-bench-postgres.log ;;
+  sentinel) NAME=chaos_sentinel::sentinel_chaos_long; LOG=target/chaos-bench-sentinel.log ;;
+  patroni) NAME=chaos_patroni::patroni_chaos_long; LOG=target/chaos-bench-patroni.log ;;
   *) echo "usage: bash bench/chaos.sh [redis|postgres|sentinel|patroni]" >&2; exit 2 ;;
 esac
-cargo test --test "$TEST" "$NAME" -- --ignored --exact --nocapture 2>&1 | tee "$LOG"
+cargo test --test suite "$NAME" -- --ignored --exact --nocapture 2>&1 | tee "$LOG"
 STATUS=${PIPESTATUS[0]}
 echo
 echo "## chaos ($TARGET): $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src tests || echo +changes), CHAOS_FAULTS=$CHAOS_FAULTS, CHAOS_PEERS=${CHAOS_PEERS:-1}"

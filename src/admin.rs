@@ -307,6 +307,7 @@ fn cluster_json(cluster: &Cluster, snapshot: &Snapshot, endpoints: &[Arc<Endpoin
         "no_leader": snapshot.no_leader.map(|n| n.as_str()),
         "leader_term": snapshot.leader_term.as_ref().map(|t| t.to_string()),
         "peer_terms": snapshot.peer_terms.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+        "pinned": member_name(cluster, snapshot.pinned),
         "dcs": dcs_json(cluster, &snapshot.dcs),
         "members": members,
         "endpoints": endpoints,

@@ -32,17 +32,29 @@ pub const PATH: &str = "/peer/terms";
 /// Largest answer read from a peer.
 const MAX_ANSWER: usize = 1 << 20;
 
-/// A term as JSON: `{"number": n}` or `{"id": ..., "previous": ...}`.
+/// A term as JSON: `{"number": n}`, `{"number": timeline, "system":
+/// "<decimal>"}` (a string: JSON numbers lose u64 precision in many
+/// readers) or `{"id": ..., "previous": ...}`.
 pub fn term_json(term: &Term) -> Value {
     match term {
         Term::Number(n) => json!({ "number": n }),
+        Term::Timeline { system, timeline } => {
+            json!({ "number": timeline, "system": system.to_string() })
+        }
         Term::Lineage { id, previous } => json!({ "id": id, "previous": previous }),
     }
 }
 
 fn term_from_json(value: &Value) -> Option<Term> {
     if let Some(n) = value.get("number") {
-        return n.as_u64().map(Term::Number);
+        let timeline = n.as_u64()?;
+        return Some(match value.get("system") {
+            None | Some(Value::Null) => Term::Number(timeline),
+            Some(system) => Term::Timeline {
+                system: system.as_str()?.parse().ok()?,
+                timeline,
+            },
+        });
     }
     let id = value.get("id")?.as_str()?.to_string();
     let previous = match value.get("previous") {

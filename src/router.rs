@@ -98,6 +98,7 @@ mod tests {
             no_leader: None,
             peer_terms: Vec::new(),
             lineage: Vec::new(),
+            pinned: None,
         }
     }
 

@@ -1,6 +1,6 @@
 //! Misbehaving clients are dropped without disturbing anyone else.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

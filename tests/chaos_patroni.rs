@@ -5,16 +5,13 @@
 //! The headline check: no write is ever acknowledged by a server process
 //! that is not the real primary of that moment.
 //!
-//! `cargo test --test chaos_patroni -- --nocapture` runs seed 1 with 5
+//! `cargo test --test suite chaos_patroni:: -- --nocapture` runs seed 1 with 5
 //! faults (about 35 s). `CHAOS_SEED=N` replays one seed, `CHAOS_SEEDS=1,2`
 //! picks several, `CHAOS_FAULTS=N` the number of faults, `CHAOS_PEERS=0`
 //! runs the portals without peers. The long run (`--ignored`, or
 //! `bash bench/chaos.sh patroni`) injects 100 faults.
 
-mod common;
-
-#[path = "common/chaos/mod.rs"]
-mod chaos;
+use crate::common::chaos;
 
 use chaos::patroni::run_patroni;
 use chaos::{env_number, peers, seeds, table, Report, Settings};

@@ -3,16 +3,13 @@
 //! `tests/common/chaos/postgres.rs`). The headline check: no write is ever
 //! acknowledged by a server that is not the real primary of that moment.
 //!
-//! `cargo test --test chaos_postgres -- --nocapture` runs seed 1 with 10
+//! `cargo test --test suite chaos_postgres:: -- --nocapture` runs seed 1 with 10
 //! faults (about 30 s). `CHAOS_SEED=N` replays one seed, `CHAOS_SEEDS=1,2`
 //! picks several, `CHAOS_FAULTS=N` the number of faults, `CHAOS_PEERS=0`
 //! runs the portals without peers. The long run (`--ignored`, or
 //! `bash bench/chaos.sh postgres`) injects 100 faults.
 
-mod common;
-
-#[path = "common/chaos/mod.rs"]
-mod chaos;
+use crate::common::chaos;
 
 use chaos::postgres::run_postgres;
 use chaos::{env_number, peers, seeds, table, Report, Settings};

@@ -7,17 +7,14 @@
 //! the real primary of that moment, above all not by an old primary that was
 //! frozen through a failover and wakes up still a master.
 //!
-//! `cargo test --test chaos_sentinel -- --nocapture` runs seed 26 with 7
+//! `cargo test --test suite chaos_sentinel:: -- --nocapture` runs seed 26 with 7
 //! faults, every kind of fault, two Sentinel failovers (about 35 s). `CHAOS_SEED=N` replays one seed's schedule (Sentinel's
 //! own choices, such as which replica it promotes, are not seeded),
 //! `CHAOS_SEEDS=1,2` picks several, `CHAOS_FAULTS=N` the number of faults,
 //! `CHAOS_PEERS=0` runs the portals without peers. The long run
 //! (`--ignored`, or `bash bench/chaos.sh sentinel`) injects 100 faults.
 
-mod common;
-
-#[path = "common/chaos/mod.rs"]
-mod chaos;
+use crate::common::chaos;
 
 use chaos::sentinel::run_sentinel;
 use chaos::{env_number, peers, seeds, table, Report, Settings};

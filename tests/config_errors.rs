@@ -1,7 +1,7 @@
 //! `portal check` and `portal certs init`: mistakes are caught before
 //! serving, and each error says where it is.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -11,7 +11,7 @@
 //! the case this test is for. tests/e2e_patroni.rs runs the same learning
 //! against real Patroni agents.
 
-mod common;
+use crate::common;
 
 use common::etcd::EtcdCluster;
 use common::pg::*;

@@ -957,7 +957,10 @@ pt_agreement() {
 import json, sys
 c = json.load(sys.stdin)["clusters"][0]
 d = c["dcs"] or {}
-print(c["leader"], c["leader_term"], d.get("state"), d.get("leader"), d.get("term"))
+# leader_term reads "3 (system 7713...)": the timeline, then its system.
+term = (c["leader_term"] or "-").split()
+system = term[2].rstrip(")") if len(term) > 2 else "-"
+print(c["leader"], term[0], d.get("state"), d.get("leader"), d.get("term"), system)
 '
 }
 
@@ -965,10 +968,10 @@ print(c["leader"], c["leader_term"], d.get("state"), d.get("leader"), d.get("ter
 # LEADER with the same leader_term and dcs.term, above the given ones, and
 # their DCS view is reachable and names LEADER too. Sets AGREED_LT, AGREED_DT.
 portals_agree() {
-    local a1 a2 leader lt state dleader dt
+    local a1 a2 leader lt state dleader dt system
     a1=$(pt_agreement "$ADMIN_1") && a2=$(pt_agreement "$ADMIN_2") || return 1
     [ "$a1" = "$a2" ] || return 1
-    read -r leader lt state dleader dt <<<"$a1"
+    read -r leader lt state dleader dt system <<<"$a1"
     [ "$leader" = "$1" ] && [ "$dleader" = "$1" ] && [ "$state" = reachable ] || return 1
     [[ $lt =~ ^[0-9]+$ && $dt =~ ^[0-9]+$ ]] || return 1
     ((lt > $2 && dt > $3)) || return 1
@@ -979,8 +982,8 @@ expect_agreement() { # LEADER LEADER_TERM_ABOVE DCS_TERM_ABOVE
     wait_until 30 portals_agree "$@" ||
         fail "the portals do not agree on leader $1 (leader_term > $2, dcs.term > $3):" \
             "portal 1 says '$(pt_agreement "$ADMIN_1" || true)'," \
-            "portal 2 says '$(pt_agreement "$ADMIN_2" || true)' (leader leader_term dcs.state dcs.leader dcs.term)"
-    note "Both portals agree: leader $1, leader_term $AGREED_LT, dcs.term $AGREED_DT (the DCS, reachable, names $1 too)."
+            "portal 2 says '$(pt_agreement "$ADMIN_2" || true)' (leader timeline dcs.state dcs.leader dcs.term system)"
+    note "Both portals agree: leader $1, timeline $AGREED_LT, dcs.term $AGREED_DT (the DCS, reachable, names $1 too)."
 }
 
 # members_learned ADMIN_PORT: /status lists a and b, both learned from etcd,

@@ -1,7 +1,7 @@
 //! The etcd harness itself: a 3-member cluster starts, elects a leader,
 //! survives losing it, and takes the old leader back.
 
-mod common;
+use crate::common;
 
 use common::etcd::EtcdCluster;
 

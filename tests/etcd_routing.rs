@@ -2,7 +2,7 @@
 //! portal, driven with the stock `etcdctl` over TLS
 //! (`--endpoints=localhost:PORT --cacert CA`).
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -1,11 +1,9 @@
 //! Failover: the leader endpoint follows a promotion, closes sessions on the
 //! old leader, and never hands traffic back to a stale primary.
 
-mod common;
+use crate::common;
 // The fault-injection harness's relay: one portal reaches a member through it.
-#[allow(dead_code)]
-#[path = "common/chaos/relay.rs"]
-mod relay;
+use crate::common::chaos::relay;
 
 use std::time::{Duration, Instant};
 
@@ -165,6 +163,53 @@ async fn on_leader_change_keep_leaves_sessions_open() {
         Reply::Simple("PONG".into())
     );
     assert_eq!(old.server_port().await.expect("INFO"), s.a.port());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_session_is_served_once_a_leader_appears_within_hold_timeout() {
+    let mut s = setup(|c| c).await;
+    s.a.kill9();
+    s.portal
+        .wait_for("no leader after the kill", |st| leader(st).is_none())
+        .await;
+
+    // A client arrives while there is no leader: its command waits (the
+    // setup's hold_timeout is 5 s) and is served by the member promoted
+    // 700 ms later, not refused.
+    let client = async {
+        let mut held = session(s.ports.rw, &s.certs).await;
+        let reply = held.cmd(&["SET", "held:key", "served"]).await;
+        let answered = Instant::now();
+        let server = held.server_port().await;
+        (reply, answered, server)
+    };
+    let promote = async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let at = Instant::now();
+        s.b.promote();
+        at
+    };
+    let ((reply, answered, server), promoted) = tokio::join!(client, promote);
+    assert_eq!(
+        reply.expect("a reply to the held SET"),
+        Reply::Simple("OK".into())
+    );
+    assert!(
+        answered > promoted,
+        "the SET was answered before any member could take it"
+    );
+    assert_eq!(server.expect("INFO server"), s.b.port());
+    assert_eq!(s.b.cmd(&["GET", "held:key"]), "served");
+    // The wait shows in the hold histogram: a session held past 0.5 s.
+    let text = s.portal.metrics().await;
+    let held = metric(&text, "portal_hold_seconds_count", &[("endpoint", "rw")]).unwrap_or(0.0);
+    let quick = metric(
+        &text,
+        "portal_hold_seconds_bucket",
+        &[("endpoint", "rw"), ("le", "0.5")],
+    )
+    .unwrap_or(0.0);
+    assert!(held - quick >= 1.0, "no hold over 0.5 s recorded:\n{text}");
 }
 
 // ---- faults the rules must survive -------------------------------------------

@@ -8,7 +8,7 @@
 //! checked where it can: `tests/e2e_patroni.rs`, with a frozen Patroni
 //! agent in front of a still-writable old primary.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -14,7 +14,7 @@
 //! holds a client no longer than `hold_timeout`: the connect is part of the
 //! hold.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

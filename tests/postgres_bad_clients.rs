@@ -2,7 +2,7 @@
 //! huge or tiny length, an unknown request code) are refused one by one and
 //! counted, while a good session beside them keeps running queries.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! cancels it (SQLSTATE 57014). A CancelRequest with a key nobody issued
 //! does nothing.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -210,4 +210,60 @@ async fn cancel_requests_with_unknown_keys_do_nothing() {
     );
     let mut portal = s.portal;
     assert!(portal.is_running(), "the portal died");
+}
+
+/// Sends `select pg_sleep(30)` on `client`, waits until `server` runs it,
+/// cancels it with the client's token through the portal, and checks the
+/// query ended with 57014.
+async fn cancel_sleep_on(client: tokio_postgres::Client, server: &PgServer, certs: &Certs) {
+    let token = client.cancel_token();
+    let sleeping = tokio::spawn(async move { client.simple_query("select pg_sleep(30)").await });
+    wait_running(server, "select pg_sleep(30)");
+    token
+        .cancel_query(PgTls::new(&certs.ca))
+        .await
+        .unwrap_or_else(|err| panic!("cancel_query through the portal: {}", pg_error(&err)));
+    let result = tokio::time::timeout(CANCEL_DEADLINE, sleeping)
+        .await
+        .unwrap_or_else(|_| panic!("pg_sleep(30) still runs {CANCEL_DEADLINE:?} after the cancel"))
+        .expect("query task");
+    let err = result.expect_err("pg_sleep(30) finished normally after a cancel");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::QUERY_CANCELED),
+        "{}",
+        pg_error(&err)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_a_session_on_the_standby_and_on_the_promoted_member() {
+    let (primary, standby) = primary_and_standby();
+    let certs = temp_certs();
+    let config = PgPortalConfig::new(&certs, &[primary.port(), standby.port()]);
+    let portal = Portal::start(&config.yaml()).await;
+    portal.wait_roles("a", &["b"]).await;
+
+    // A session on the standby (replicas endpoint): its cancel key routes
+    // to the standby, not to the leader.
+    let reader = pg_session(config.ports.ro, &certs).await;
+    assert_eq!(server_port_of(&reader).await.expect("port"), standby.port());
+    cancel_sleep_on(reader, &standby, &certs).await;
+
+    // After a failover, a new session on the promoted member: its cancel
+    // reaches the promoted member.
+    standby.promote();
+    wait_pg_reached(config.ports.rw, &certs, standby.port()).await;
+    let writer = pg_session(config.ports.rw, &certs).await;
+    assert_eq!(server_port_of(&writer).await.expect("port"), standby.port());
+    cancel_sleep_on(writer, &standby, &certs).await;
+    let text = portal.metrics().await;
+    for endpoint in ["ro", "rw"] {
+        let forwarded = metric(
+            &text,
+            "portal_cancel_requests_total",
+            &[("endpoint", endpoint), ("outcome", "forwarded")],
+        );
+        assert_eq!(forwarded, Some(1.0), "{endpoint}: {text}");
+    }
 }

@@ -6,7 +6,7 @@
 //! the middle of a large result ends at a message boundary: whole rows, then
 //! the portal's `57P01`, never an `ErrorResponse` inside a half-relayed row.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -161,7 +161,9 @@ async fn the_old_primary_back_as_a_standby_on_its_old_timeline_serves_no_reads()
                 let a = member(st, "a");
                 a["role"] == "replica"
                     && a["health"] == "up"
-                    && a["term"] == "1"
+                    && a["term"]
+                        .as_str()
+                        .is_some_and(|t| t.starts_with("1 (system "))
                     && a["fenced"] == "behind_leader_term"
             },
         )
@@ -213,6 +215,46 @@ async fn promotion_while_the_old_primary_runs_closes_its_sessions() {
             |v| v >= 1.0,
         )
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_leader_change_keep_leaves_postgres_sessions_open() {
+    let (primary, standby) = primary_and_standby();
+    let certs = temp_certs();
+    let config =
+        PgPortalConfig::new(&certs, &[primary.port(), standby.port()]).on_leader_change("keep");
+    let portal = Portal::start(&config.yaml()).await;
+    portal.wait_roles("a", &["b"]).await;
+    let old = pg_session(config.ports.rw, &certs).await;
+    assert_eq!(server_port_of(&old).await.expect("port"), primary.port());
+
+    standby.promote();
+    wait_pg_reached(config.ports.rw, &certs, standby.port()).await;
+    let status = portal.status().await;
+    assert_eq!(leader(&status).as_deref(), Some("b"), "{status:#}");
+
+    // The session routed to `a` stays open and still talks to `a` (the
+    // operator chose `keep`: the client decides when to reconnect).
+    for _ in 0..3 {
+        assert_eq!(
+            server_port_of(&old)
+                .await
+                .expect("the kept session answers"),
+            primary.port()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = portal.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "portal_sessions_closed_total",
+            &[("endpoint", "rw"), ("reason", "leader_change")]
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "{text}"
+    );
 }
 
 /// Bytes of `repeat('x', ROW)`: one `DataRow` of `BIG_QUERY`.

@@ -2,7 +2,7 @@
 //! streaming standby replicate, the standby promotes onto a new timeline, and
 //! a primary stopped like a crash comes back on its old one.
 
-mod common;
+use crate::common;
 
 use common::pg::*;
 

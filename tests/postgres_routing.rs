@@ -3,7 +3,7 @@
 //! qualifies), and with no leader a client on `rw` is told so in
 //! PostgreSQL's own terms (SQLSTATE 57P03) after `hold_timeout`.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

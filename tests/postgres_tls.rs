@@ -4,7 +4,7 @@
 //! client that does not ask for TLS gets a readable error, and a client that
 //! does not trust the portal's CA does not get in.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -85,8 +85,8 @@ cargo clippy --all-targets -- -D warnings
 
 # cargo test rather than cargo-nextest: both took the same time here, and the
 # integration-test harness hands out ports without repeats within one test
-# process, which holds for cargo test (one process per test binary, binaries
-# one after another) but not for nextest (one process per test). The crate
+# process, which holds for cargo test (every integration test is in one
+# binary, tests/suite.rs) but not for nextest (one process per test). The crate
 # has no doctests. cargo test closes on the summary of its last target (often
 # "0 passed"), so the totals of every target are added up and printed last.
 export RUST_BACKTRACE=1

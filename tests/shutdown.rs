@@ -1,7 +1,7 @@
 //! Graceful shutdown: SIGTERM stops new connections, lets open sessions
 //! run for `drain_timeout`, then exits 0.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

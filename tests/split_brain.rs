@@ -1,7 +1,7 @@
 //! Split brain: two unrelated masters and no incumbent mean no leader, and
 //! the portal says so instead of picking one.
 
-mod common;
+use crate::common;
 
 use common::*;
 

@@ -1,6 +1,6 @@
 //! TLS termination: who can talk to an endpoint and who cannot.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -207,16 +207,23 @@ fn grpc(status: &Status) -> String {
     format!("grpc request error: {status}")
 }
 
+/// The shortest time between keepalive pings. etcd closes a client that
+/// pings more often than its `--grpc-keepalive-min-time` (5 s by default)
+/// with GOAWAY `too_many_pings`: with pings every `timeout` (2 s by
+/// default) the watch was cut and re-established every 8 s or so.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// The tonic endpoint of one configured etcd endpoint (`host:port`, as the
 /// configuration requires; the DCS connection is plaintext HTTP/2): connect
-/// timeout and HTTP/2 keepalive (also while idle, so a silent watch notices
-/// a dead member) of `timeout`.
+/// timeout of `timeout`, and HTTP/2 keepalive pings (also while idle, so a
+/// silent watch notices a dead member) every [`KEEPALIVE_INTERVAL`] or
+/// `timeout`, whichever is longer, each answered within `timeout`.
 fn endpoint(address: &str, timeout: Duration) -> Result<Endpoint, String> {
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .map_err(|err| format!("invalid uri: {err}"))?;
     Ok(endpoint
         .connect_timeout(timeout)
-        .http2_keep_alive_interval(timeout)
+        .http2_keep_alive_interval(timeout.max(KEEPALIVE_INTERVAL))
         .keep_alive_timeout(timeout)
         .keep_alive_while_idle(true))
 }

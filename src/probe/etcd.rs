@@ -103,6 +103,7 @@ impl Status {
             // with `max_lag`, so not reported.
             position: None,
             delay: None,
+            term_floor: false,
         }
     }
 }

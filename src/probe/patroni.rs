@@ -189,6 +189,8 @@ struct Status {
     role: Option<String>,
     timeline: Option<u64>,
     xlog: Option<Xlog>,
+    /// pg_control's system identifier, as a decimal string.
+    database_system_identifier: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -214,7 +216,9 @@ struct Xlog {
 ///   `crashed`, `restarting`, `unknown`) is a soft failure: the agent
 ///   answers, but its PostgreSQL takes no sessions, as Patroni's `/primary`
 ///   and `/replica` checks answer 503 then.
-/// - term: the timeline.
+/// - term: the timeline, within the database system Patroni reports
+///   (`database_system_identifier`); a replica's timeline is only a lower
+///   bound (`term_floor`): Patroni caches it (see below).
 /// - position: a primary's `xlog.location`; a replica's
 ///   `xlog.replayed_location` (what Patroni's `/replica?lag=` compares), else
 ///   `received_location`.
@@ -248,13 +252,28 @@ fn observation(body: &[u8], now: SystemTime) -> Result<Observation, Failure> {
     };
     Ok(Observation {
         role,
-        term: status.timeline.map(Term::Number),
+        term: status.timeline.map(|timeline| {
+            match status
+                .database_system_identifier
+                .as_deref()
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                Some(system) => Term::Timeline { system, timeline },
+                None => Term::Number(timeline),
+            }
+        }),
         upstream: None,
         position,
         delay: match role {
             Role::Primary => None,
             _ => delay,
         },
+        // Patroni reports a replica's timeline from a cache it refreshes
+        // only when it differs from the leader's (`replica_cached_timeline`):
+        // a member promoted and not rewound (pg_rewind finds "no rewind
+        // required" while its control file still shows the old timeline)
+        // can go on showing the leader's timeline. Only a lower bound.
+        term_floor: role == Role::Replica,
     })
 }
 
@@ -332,21 +351,40 @@ mod tests {
             .unwrap_or_else(|f| panic!("{name}: {f:?}"))
     }
 
+    /// The fixtures' `database_system_identifier`.
+    const SYSTEM: u64 = 7711300288317185771;
+
+    fn timeline(timeline: u64) -> Term {
+        Term::Timeline {
+            system: SYSTEM,
+            timeline,
+        }
+    }
+
+    #[test]
+    fn a_member_without_a_system_identifier_has_a_bare_timeline() {
+        let body =
+            br#"{"state": "running", "role": "master", "timeline": 4, "xlog": {"location": 1}}"#;
+        let seen = observation(body, SystemTime::UNIX_EPOCH).expect("an observation");
+        assert_eq!(seen.term, Some(Term::Number(4)));
+    }
+
     #[test]
     fn a_running_master_is_primary_with_its_timeline_and_location() {
         assert_eq!(
             seen("primary_tl1"),
             Observation {
                 role: Role::Primary,
-                term: Some(Term::Number(1)),
+                term: Some(timeline(1)),
                 upstream: None,
                 position: Some(50_331_744),
                 delay: None,
+                term_floor: false,
             }
         );
         let promoted = seen("primary_promoted_tl3");
         assert_eq!(promoted.role, Role::Primary);
-        assert_eq!(promoted.term, Some(Term::Number(3)));
+        assert_eq!(promoted.term, Some(timeline(3)));
         assert_eq!(promoted.position, Some(56_858_184));
     }
 
@@ -356,10 +394,11 @@ mod tests {
             seen("replica_streaming_tl2"),
             Observation {
                 role: Role::Replica,
-                term: Some(Term::Number(2)),
+                term: Some(timeline(2)),
                 upstream: None,
                 position: Some(50_431_792),
                 delay: Some(Duration::ZERO),
+                term_floor: true,
             }
         );
     }
@@ -419,7 +458,7 @@ mod tests {
         )
         .expect("observation");
         assert_eq!(caught_up.delay, Some(Duration::ZERO));
-        assert_eq!(caught_up.term, Some(Term::Number(1)));
+        assert_eq!(caught_up.term, Some(timeline(1)));
         // The same answer with more received than replayed: the delay is
         // now minus `replayed_timestamp` (09:44:15.047248 UTC).
         body["xlog"]["received_location"] = serde_json::json!(50_500_000u64);

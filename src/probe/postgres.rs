@@ -19,7 +19,9 @@ use crate::view::{Observation, Outcome, Role, Term};
 /// One round trip. A primary's timeline is the first 8 hex digits of its
 /// current WAL file name; a standby's is the one its WAL receiver streams
 /// (or the last checkpoint's when it is not streaming). `delay` is how far
-/// replay trails what was received, in seconds, 0 when caught up.
+/// replay trails what was received, in seconds, 0 when caught up. `system`
+/// tells apart database systems (every initdb draws a new one), so that a
+/// member re-created from scratch is an unrelated history (view rule 8).
 const QUERY: &str = "\
 select pg_is_in_recovery() as standby,
   (case when pg_is_in_recovery()
@@ -33,7 +35,8 @@ select pg_is_in_recovery() as standby,
      where status = 'streaming' limit 1) as upstream,
   (case when not pg_is_in_recovery() or pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() then 0
      else coalesce(extract(epoch from now() - pg_last_xact_replay_timestamp()), 0)
-   end)::float8 as delay";
+   end)::float8 as delay,
+  (select system_identifier from pg_control_system()) as system";
 
 pub struct PostgresProber {
     origination: Option<Origination>,
@@ -119,15 +122,26 @@ impl Prober for PostgresProber {
             let position: Option<i64> = row.try_get("position")?;
             let upstream: Option<String> = row.try_get("upstream")?;
             let delay: Option<f64> = row.try_get("delay")?;
+            let system: Option<i64> = row.try_get("system")?;
+            let timeline = timeline.and_then(|t| u64::try_from(t).ok());
             Ok(Observation {
                 role: if standby {
                     Role::Replica
                 } else {
                     Role::Primary
                 },
-                term: timeline
-                    .and_then(|t| u64::try_from(t).ok())
-                    .map(Term::Number),
+                term: timeline.map(|timeline| match system {
+                    // The identifier is an unsigned 64-bit number that SQL
+                    // shows as a signed one: the same bits either way.
+                    Some(system) => Term::Timeline {
+                        system: system as u64,
+                        timeline,
+                    },
+                    None => Term::Number(timeline),
+                }),
+                // A standby that does not stream reports its last
+                // checkpoint's timeline: the one it replays may be newer.
+                term_floor: standby && upstream.is_none(),
                 upstream: upstream
                     .as_deref()
                     .and_then(crate::probe::redis::split_host_port)

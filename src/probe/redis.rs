@@ -90,6 +90,7 @@ impl Replication {
             upstream,
             position: self.offset,
             delay: None,
+            term_floor: false,
         }
     }
 }

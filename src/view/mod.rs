@@ -24,7 +24,8 @@
 //!    fenced. A claimant that proves a term newer than the last leader's
 //!    needs no `rise`: that is the fast path of a promotion.
 //! 5. A claimant contradicted by a majority of the replicas that report whom
-//!    they follow is not leader.
+//!    they follow is not leader. A replica that follows a replica (chained
+//!    replication, also once that one is down) says nothing about who leads.
 //! 6. With a DCS (Patroni's keys in etcd, Redis Sentinel), the DCS names the
 //!    leader and a probe must confirm it: only the named member may lead, and
 //!    only while its own probe says primary and the term rules above do not
@@ -42,8 +43,10 @@
 //!    was rewound onto it) and no live member reports a newer term. Then
 //!    the named member's term becomes the reference, and the newer terms
 //!    are *abandoned*: they fence nothing, also when a peer reports them.
-//! 7. A replica whose term is provably older than the leader's serves no
-//!    reads (`behind_leader_term`): a former primary back before
+//! 7. A replica whose term is provably newer than the leader's, or one the
+//!    cluster abandoned (rule 6), serves no reads (`diverged_from_leader`):
+//!    it holds writes the leader lacks. A replica whose term is provably
+//!    older than the leader's serves no reads (`behind_leader_term`): a former primary back before
 //!    `pg_rewind` (its timeline may hold writes the cluster lost), or a
 //!    replica that has not followed the promotion yet. It takes reads again
 //!    once it reports the leader's term.
@@ -103,9 +106,14 @@ impl Role {
 /// What orders two leaders in time.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Term {
-    /// A counter that only grows: PostgreSQL timeline, etcd Raft term,
-    /// Sentinel config epoch.
+    /// A counter that only grows: etcd Raft term, Sentinel config epoch (and
+    /// a PostgreSQL timeline whose system identifier is unknown).
     Number(u64),
+    /// A PostgreSQL timeline within one database system: `system` is
+    /// `pg_control_system()`'s identifier, drawn afresh by every `initdb`.
+    /// Timelines of different systems are unordered (rule 8: a member
+    /// re-created with initdb is back on timeline 1 of another history).
+    Timeline { system: u64, timeline: u64 },
     /// Redis replication history: `id` is the member's `master_replid`,
     /// `previous` its `master_replid2`, the history it continued when it was
     /// promoted.
@@ -121,6 +129,20 @@ impl Term {
     pub fn compare(&self, other: &Term) -> Option<Ordering> {
         match (self, other) {
             (Term::Number(a), Term::Number(b)) => Some(a.cmp(b)),
+            (
+                Term::Timeline {
+                    system: sa,
+                    timeline: a,
+                },
+                Term::Timeline {
+                    system: sb,
+                    timeline: b,
+                },
+            ) => (sa == sb).then(|| a.cmp(b)),
+            // A timeline whose system is unknown (a peer portal of an older
+            // version, a probe that could not read it) compares by number.
+            (Term::Number(a), Term::Timeline { timeline: b, .. })
+            | (Term::Timeline { timeline: a, .. }, Term::Number(b)) => Some(a.cmp(b)),
             (
                 Term::Lineage {
                     id: a,
@@ -150,6 +172,7 @@ impl fmt::Display for Term {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Term::Number(n) => write!(f, "{n}"),
+            Term::Timeline { system, timeline } => write!(f, "{timeline} (system {system})"),
             Term::Lineage { id, previous: None } => write!(f, "replid:{id}"),
             Term::Lineage {
                 id,
@@ -171,6 +194,10 @@ pub struct Observation {
     pub position: Option<u64>,
     /// How long a replica's replay trails what it received (PostgreSQL).
     pub delay: Option<std::time::Duration>,
+    /// `term` is only a lower bound: the member may be on a newer one. A
+    /// PostgreSQL standby that is not streaming reports its last
+    /// checkpoint's timeline, which lags a promotion (rule 6).
+    pub term_floor: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,6 +318,8 @@ pub struct Snapshot {
     /// The lineage steps `(id, previous)` the view knows, oldest first:
     /// what a peer needs to order Redis replication ids.
     pub lineage: Vec<(String, String)>,
+    /// The member an operator accepted as leader, while the pin holds.
+    pub pinned: Option<MemberId>,
 }
 
 /// Why a snapshot has no leader.
@@ -331,7 +360,8 @@ pub enum Override {
     /// remembered terms are forgotten, its term becomes the one later
     /// claimants are ordered against, and it is *pinned*: it leads while it
     /// claims primary and is not down, whatever other members or peers
-    /// claim, until it fails or stops claiming (or another decision).
+    /// claim, until it fails or stops claiming, a DCS names another leader
+    /// than it did, or another decision.
     AcceptLeader(MemberId),
     /// Forget every remembered term (past leaders, lineage, peer terms): the
     /// rules then decide as on a fresh start.
@@ -396,6 +426,9 @@ pub enum FenceReason {
     NotDcsLeader,
     /// A replica on a term provably older than the leader's (rule 7).
     BehindLeaderTerm,
+    /// A replica on a term newer than the leader's, or on one the cluster
+    /// abandoned (rules 6 and 7): it holds writes the leader lacks.
+    DivergedFromLeader,
     /// A claimant whose history is unrelated to the last leader's (rule 8).
     UnrelatedHistory,
     /// A claimant older than a term a peer portal proved (rule 4).
@@ -412,6 +445,7 @@ impl FenceReason {
             FenceReason::Incumbent => "incumbent_leads",
             FenceReason::NotDcsLeader => "not_dcs_leader",
             FenceReason::BehindLeaderTerm => "behind_leader_term",
+            FenceReason::DivergedFromLeader => "diverged_from_leader",
             FenceReason::UnrelatedHistory => "unrelated_history",
             FenceReason::OlderThanPeer => "older_than_peer_term",
             FenceReason::OperatorPinned => "operator_pinned_another",
@@ -438,6 +472,13 @@ struct MemberState {
     /// Fence reason last reported, so each is logged once.
     fenced: Option<FenceReason>,
     generation: u64,
+    /// The role of the last observation, kept once the member is down.
+    last_role: Role,
+    /// The term of the last observation and whether it was only a lower
+    /// bound, kept once the member is down: a member that went down
+    /// holding a newer history still holds it (rule 6).
+    last_term: Option<Term>,
+    last_floor: bool,
 }
 
 impl MemberState {
@@ -451,6 +492,9 @@ impl MemberState {
             last_error: None,
             fenced: None,
             generation,
+            last_role: Role::Unknown,
+            last_term: None,
+            last_floor: false,
         }
     }
 }
@@ -548,6 +592,17 @@ impl View {
         if self.dcs == DcsView::Absent {
             return out;
         }
+        // An operator's pin yields when the DCS names another leader than
+        // it did: the manager made a decision after the operator's.
+        if let (Some(p), DcsReport::Named { leader, .. }) = (self.pinned, &report) {
+            let before = match &self.dcs {
+                DcsView::Named { leader, .. } => *leader,
+                _ => None,
+            };
+            if *leader != before && *leader != Some(p) {
+                self.pinned = None;
+            }
+        }
         self.dcs = match report {
             DcsReport::Named { leader, term } => DcsView::Named {
                 leader: leader.filter(|m| *m < self.members.len()),
@@ -623,6 +678,9 @@ impl View {
                 state.ok_streak = state.ok_streak.saturating_add(1);
                 state.fail_streak = 0;
                 state.last_error = None;
+                state.last_role = seen.role;
+                state.last_term = seen.term.clone();
+                state.last_floor = seen.term_floor;
                 state.seen = Some(seen);
                 if state.health != Health::Up && state.ok_streak >= rise {
                     state.health = Health::Up;
@@ -830,6 +888,21 @@ impl View {
         }
     }
 
+    /// Whether a replica's `term` is provably newer than the leader's, or
+    /// one the cluster abandoned (rule 6): it holds writes the leader does
+    /// not have, and serves no reads.
+    fn diverged(&self, term: Option<&Term>) -> bool {
+        let Some(term) = term else {
+            return false;
+        };
+        self.abandoned.contains(term)
+            || (self.leader.is_some()
+                && self
+                    .leader_term
+                    .as_ref()
+                    .is_some_and(|last| self.newer(term, last)))
+    }
+
     /// A claimant that proves a term newer than the last leader's may lead
     /// before `rise` reports: the fast path of a promotion.
     fn proves_newer_than_last_leader(&self, term: Option<&Term>) -> bool {
@@ -868,6 +941,16 @@ impl View {
                 ..
             }) = &m.seen
             {
+                // A replica that follows a replica (chained replication;
+                // also when that replica has gone down since) says nothing
+                // about who leads.
+                if self
+                    .members
+                    .get(*up)
+                    .is_some_and(|m| m.last_role == Role::Replica)
+                {
+                    continue;
+                }
                 reporting += 1;
                 if *up != claimant {
                     against += 1;
@@ -1162,6 +1245,8 @@ impl View {
             };
             if self.behind_leader(seen.term.as_ref()) {
                 fenced_now.push((id, FenceReason::BehindLeaderTerm));
+            } else if self.diverged(seen.term.as_ref()) {
+                fenced_now.push((id, FenceReason::DivergedFromLeader));
             } else if Some(id) != leader && m.health == Health::Up {
                 replicas.push(id);
             }
@@ -1221,6 +1306,17 @@ impl View {
             return None;
         }
         let seen = self.members.get(last_leader)?.seen.as_ref()?;
+        // A term that is only a lower bound proves nothing here: the member
+        // may still be on the newer history, and so may any other member
+        // whose last report was one, down or not (down is not gone).
+        let floors = self
+            .members
+            .iter()
+            .enumerate()
+            .any(|(id, m)| id != named && m.last_floor);
+        if floors {
+            return None;
+        }
         let rewound = seen.role == Role::Replica
             && seen.term.as_ref().is_some_and(|t| {
                 self.order(t, last) == Some(Ordering::Less)
@@ -1229,13 +1325,12 @@ impl View {
                         Some(Ordering::Less | Ordering::Equal)
                     )
             });
-        let newer_alive = self.members.iter().any(|m| {
-            m.seen
+        let newer_held = self.members.iter().any(|m| {
+            m.last_term
                 .as_ref()
-                .and_then(|s| s.term.as_ref())
                 .is_some_and(|t| self.newer(t, named_term))
         });
-        (rewound && !newer_alive).then(|| named_term.clone())
+        (rewound && !newer_held).then(|| named_term.clone())
     }
 
     /// Makes `term` the reference and forgets every remembered term newer
@@ -1289,6 +1384,7 @@ impl View {
             no_leader: self.no_leader,
             peer_terms: self.peer_terms.iter().cloned().collect(),
             lineage: self.lineage.iter().cloned().collect(),
+            pinned: self.pinned,
             members: self
                 .members
                 .iter()

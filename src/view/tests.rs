@@ -24,6 +24,7 @@ fn primary(term: Option<Term>) -> Outcome {
         upstream: None,
         position: None,
         delay: None,
+        term_floor: false,
     })
 }
 
@@ -34,6 +35,7 @@ fn replica(of: Option<MemberId>) -> Outcome {
         upstream: of,
         position: None,
         delay: None,
+        term_floor: false,
     })
 }
 
@@ -44,6 +46,7 @@ fn replica_on(term: Term, of: Option<MemberId>) -> Outcome {
         upstream: of,
         position: None,
         delay: None,
+        term_floor: false,
     })
 }
 
@@ -972,11 +975,15 @@ proptest! {
                 if let (Some(lead), Some(term)) = (&s.leader_term, &s.members[r].term) {
                     prop_assert!(!oracle_newer(lead, term, &edges),
                         "replica {} on term {} behind the leader's {}", r, term, lead);
+                    if s.leader.is_some() {
+                        prop_assert!(!oracle_newer(term, lead, &edges),
+                            "replica {} on term {} ahead of the leader's {}", r, term, lead);
+                    }
                 }
             }
             for (id, m) in s.members.iter().enumerate() {
                 if m.health == Health::Up && m.role == Role::Replica && !s.replicas.contains(&id) && s.leader != Some(id) {
-                    prop_assert_eq!(m.fenced, Some(FenceReason::BehindLeaderTerm),
+                    prop_assert!(matches!(m.fenced, Some(FenceReason::BehindLeaderTerm | FenceReason::DivergedFromLeader)),
                         "up replica {} left out without a reason: {:?}", id, s);
                 }
             }
@@ -1132,6 +1139,7 @@ fn replica_lag_is_the_leaders_position_minus_its_own() {
             upstream: None,
             position: Some(1000),
             delay: None,
+            term_floor: false,
         }),
     );
     feed(
@@ -1143,6 +1151,7 @@ fn replica_lag_is_the_leaders_position_minus_its_own() {
             upstream: Some(0),
             position: Some(400),
             delay: Some(Duration::from_millis(300)),
+            term_floor: false,
         }),
     );
     let s = v.snapshot();
@@ -1556,6 +1565,170 @@ fn a_stale_dcs_answer_does_not_elect_an_old_primary_restarted_empty() {
         feed(&mut w, 1, primary(Some(lineage("q", None))));
     }
     assert_eq!(w.leader(), Some(1));
+}
+
+fn tl(system: u64, timeline: u64) -> Term {
+    Term::Timeline { system, timeline }
+}
+
+#[test]
+fn timelines_of_different_database_systems_are_unordered() {
+    assert_eq!(
+        tl(7, 2).compare(&tl(7, 1)),
+        Some(std::cmp::Ordering::Greater)
+    );
+    assert_eq!(tl(7, 1).compare(&tl(8, 1)), None);
+    // Without a system on one side (an older peer), by number.
+    assert_eq!(
+        tl(7, 1).compare(&Term::Number(2)),
+        Some(std::cmp::Ordering::Less)
+    );
+}
+
+#[test]
+fn a_member_recreated_with_initdb_never_leads_on_its_own() {
+    // 0 led on timeline 1 of system 7; it dies. 1 is re-created with initdb
+    // (system 8), promoted: timeline 2 of another history. It is not a
+    // successor of 0 (rule 8), whatever its timeline number.
+    let mut v = View::new(2, T);
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(tl(7, 1))));
+        feed(&mut v, 1, replica_on(tl(7, 1), Some(0)));
+    }
+    assert_eq!(v.leader(), Some(0));
+    feed(&mut v, 0, hard());
+    for _ in 0..3 {
+        feed(&mut v, 1, primary(Some(tl(8, 2))));
+        assert_eq!(v.leader(), None);
+    }
+    assert_eq!(
+        v.snapshot().members[1].fenced,
+        Some(FenceReason::UnrelatedHistory)
+    );
+    // Its own timeline 1 would not do either.
+    feed(&mut v, 1, primary(Some(tl(8, 1))));
+    assert_eq!(v.leader(), None);
+}
+
+#[test]
+fn a_standby_that_does_not_stream_proves_nothing_about_a_going_back() {
+    // As in the DCS going-back test, but the last leader 1 comes back as a
+    // standby that does not stream (not rewound: it cannot follow 0): its
+    // checkpoint's timeline 1 is only a floor, it may still hold timeline 2.
+    let floor = |term: Term| {
+        Outcome::Observed(Observation {
+            role: Role::Replica,
+            term: Some(term),
+            upstream: None,
+            position: None,
+            delay: None,
+            term_floor: true,
+        })
+    };
+    let mut v = dcs_steady();
+    v.apply_dcs(named(Some(1), 11));
+    feed(&mut v, 1, pg(2));
+    assert_eq!(v.leader(), Some(1));
+    v.apply_dcs(named(Some(0), 12));
+    feed(&mut v, 0, pg(1));
+    for _ in 0..3 {
+        feed(&mut v, 1, floor(Term::Number(1)));
+        feed(&mut v, 0, pg(1));
+        assert_eq!(v.leader(), None, "a floor proved the history gone");
+    }
+    // It streams from 0 on timeline 1: now it is rewound.
+    feed(&mut v, 1, replica_on(Term::Number(1), Some(0)));
+    assert_eq!(v.leader(), Some(0));
+}
+
+#[test]
+fn an_operators_pin_yields_when_the_dcs_names_another_leader() {
+    let mut v = dcs_steady();
+    v.apply_override(&Override::AcceptLeader(0))
+        .expect("0 claims primary");
+    assert_eq!(v.snapshot().pinned, Some(0));
+    // The same answer again changes nothing.
+    v.apply_dcs(named(Some(0), 10));
+    assert_eq!(v.snapshot().pinned, Some(0));
+    // The manager fails over to 1 (timeline 2): the DCS decided after the
+    // operator, and 1 leads.
+    v.apply_dcs(named(Some(1), 11));
+    assert_eq!(v.snapshot().pinned, None);
+    feed(&mut v, 1, pg(2));
+    assert_eq!(v.leader(), Some(1));
+}
+
+#[test]
+fn a_chained_replica_of_a_down_member_does_not_contradict_the_leader() {
+    // 1 leads; 0 replicates from 1; 2 replicates from 0 (chained). 0 stops:
+    // 2 still reports 0 as its upstream, which says nothing about 1.
+    let mut v = View::new(3, T);
+    for _ in 0..2 {
+        feed(&mut v, 1, primary(Some(Term::Number(3))));
+        feed(&mut v, 0, replica(Some(1)));
+        feed(&mut v, 2, replica(Some(0)));
+    }
+    assert_eq!(v.leader(), Some(1));
+    feed(&mut v, 0, hard());
+    feed(&mut v, 2, replica(Some(0)));
+    feed(&mut v, 1, primary(Some(Term::Number(3))));
+    assert_eq!(v.leader(), Some(1));
+    assert_eq!(v.snapshot().members[1].fenced, None);
+}
+
+#[test]
+fn a_member_down_with_the_newer_history_still_holds_a_going_back() {
+    // Three members: 2 streamed timeline 2 from 1, then 1 is rewound onto
+    // 0's timeline 1 while the DCS names 0 again. 2 still holds timeline 2:
+    // stopping it (to rewind it) must not let 0 lead, and once it is back
+    // on timeline 2 (not rewound) it serves no reads.
+    let mut v = View::new(3, T).with_dcs();
+    v.apply_dcs(named(Some(0), 10));
+    for _ in 0..2 {
+        feed(&mut v, 0, pg(1));
+        feed(&mut v, 1, replica(Some(0)));
+        feed(&mut v, 2, replica(Some(0)));
+    }
+    v.apply_dcs(named(Some(1), 11));
+    feed(&mut v, 1, pg(2));
+    feed(&mut v, 2, replica_on(Term::Number(2), Some(1)));
+    assert_eq!(v.leader(), Some(1));
+    v.apply_dcs(named(Some(0), 12));
+    feed(&mut v, 0, pg(1));
+    feed(&mut v, 1, replica_on(Term::Number(1), Some(0)));
+    assert_eq!(v.leader(), None, "2 holds timeline 2");
+    feed(&mut v, 2, hard());
+    feed(&mut v, 0, pg(1));
+    assert_eq!(v.leader(), None, "2 is down, not gone");
+    // 2 comes back, not rewound, streaming nothing: still held.
+    feed(&mut v, 2, replica_on(Term::Number(2), None));
+    assert_eq!(v.leader(), None);
+    // 2 is rewound and streams timeline 1 from 0: the going-back is done.
+    feed(&mut v, 2, replica_on(Term::Number(1), Some(0)));
+    feed(&mut v, 2, replica_on(Term::Number(1), Some(0)));
+    assert_eq!(v.leader(), Some(0));
+    assert_eq!(v.snapshot().replicas, vec![1, 2]);
+}
+
+#[test]
+fn a_replica_ahead_of_the_leader_or_on_an_abandoned_term_serves_no_reads() {
+    let mut v = View::new(2, T);
+    for _ in 0..2 {
+        feed(&mut v, 0, pg(1));
+        feed(&mut v, 1, replica_on(Term::Number(1), Some(0)));
+    }
+    assert_eq!(v.snapshot().replicas, vec![1]);
+    // 1 reports timeline 2 as a standby: it was promoted and demoted
+    // without a rewind; it holds writes 0 lacks.
+    feed(&mut v, 1, replica_on(Term::Number(2), None));
+    assert_eq!(v.leader(), Some(0));
+    assert!(v.snapshot().replicas.is_empty());
+    assert_eq!(
+        v.snapshot().members[1].fenced,
+        Some(FenceReason::DivergedFromLeader)
+    );
+    feed(&mut v, 1, replica_on(Term::Number(1), Some(0)));
+    assert_eq!(v.snapshot().replicas, vec![1]);
 }
 
 // ---- mutation testing ------------------------------------------------------

@@ -1136,10 +1136,12 @@ pub fn assert_none_acked_by_after(what: &str, acks: &[Ack], old: u16, since: Ins
     );
 }
 
-/// The leader's term (timeline) as `/status` shows it.
+/// The leader's timeline, from its term as `/status` shows it
+/// (`3 (system 7713...)`).
 pub fn leader_term(status: &serde_json::Value) -> Option<u64> {
     let name = leader(status)?;
-    member(status, &name)["term"].as_str()?.parse().ok()
+    let term = member(status, &name)["term"].as_str()?;
+    term.split_whitespace().next()?.parse().ok()
 }
 
 pub async fn wait_roles_within(portal: &Portal, name: &str, replicas: &[&str], limit: Duration) {

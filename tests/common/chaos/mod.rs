@@ -12,7 +12,7 @@
 //! - here: the writers, the `/status` sampler, one run, and the report.
 //!
 //! Every failure message and every log line names `CHAOS_SEED=<n>`: run
-//! `CHAOS_SEED=<n> cargo test --test chaos -- --nocapture` to replay it.
+//! `CHAOS_SEED=<n> cargo test --test suite chaos_redis:: -- --nocapture` to replay it.
 
 #![allow(dead_code)]
 
@@ -94,7 +94,7 @@ pub struct Report {
     pub verdict: Verdict,
     pub harness_errors: Vec<String>,
     pub took: Duration,
-    /// The test binary that replays it (`cargo test --test TEST`).
+    /// The test module that replays it (`cargo test --test suite TEST::`).
     pub test: &'static str,
 }
 
@@ -126,7 +126,7 @@ impl Report {
     /// The failures, each block naming the seed.
     pub fn failure_text(&self) -> String {
         let mut out = format!(
-            "CHAOS_SEED={} failed (replay: CHAOS_SEED={} cargo test --test {} -- --nocapture):\n{}",
+            "CHAOS_SEED={} failed (replay: CHAOS_SEED={} cargo test --test suite {}:: -- --nocapture):\n{}",
             self.seed,
             self.seed,
             self.test,
@@ -687,7 +687,14 @@ pub async fn run_redis(settings: Settings) -> Report {
         writers_from,
         writers_to,
     };
-    conclude(&world, history, settings.seed, counts, started, "chaos")
+    conclude(
+        &world,
+        history,
+        settings.seed,
+        counts,
+        started,
+        "chaos_redis",
+    )
 }
 
 /// The reports as a markdown table.

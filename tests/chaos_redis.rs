@@ -2,7 +2,7 @@
 //! (see `tests/common/chaos/`). The headline check: no write is ever
 //! acknowledged by a member that is not the real primary of that moment.
 //!
-//! `cargo test --test chaos -- --nocapture` runs seeds 1 and 2 with 12
+//! `cargo test --test suite chaos_redis:: -- --nocapture` runs seeds 1 and 2 with 12
 //! faults each (about 25 s each). `CHAOS_SEED=N` replays one seed,
 //! `CHAOS_SEEDS=1,2,3` picks several, `CHAOS_FAULTS=N` the number of
 //! faults, `CHAOS_MEMBERS=2..4` the number of Redis members (default 3),
@@ -11,10 +11,7 @@
 //! The long run (`--ignored`, or `bench/chaos.sh`) injects 100 faults per
 //! seed.
 
-mod common;
-
-#[path = "common/chaos/mod.rs"]
-mod chaos;
+use crate::common::chaos;
 
 use chaos::{env_number, peers, run_redis, seeds, table, Report, Settings};
 
