@@ -1619,4 +1619,135 @@ clusters:
         let (_, key, _) = invalid(&sentinel);
         assert_eq!(key, "clusters[0].dcs.sentinel.master_name");
     }
+
+    /// `GOOD` and a second Redis cluster named `cluster` whose endpoint is
+    /// named `endpoint`.
+    fn with_second_cluster(cluster: &str, endpoint: &str) -> String {
+        format!(
+            "{GOOD}  - name: {cluster}\n    protocol: redis\n    members:\n      \
+             - name: a\n        address: 127.0.0.1:6390\n    endpoints:\n      \
+             - name: {endpoint}\n        listen: 127.0.0.1:7001\n        route: leader\n        \
+             tls: auto\n"
+        )
+    }
+
+    #[test]
+    fn cluster_names_are_unique_and_not_empty() {
+        let dir = certs();
+        let cfg = config(dir.path(), &with_second_cluster("other", "ro")).expect("valid");
+        assert_eq!(cfg.clusters.len(), 2);
+        let (line, key, message) = invalid(&with_second_cluster("cache", "ro"));
+        assert_eq!((line, key.as_str()), (16, "clusters[1].name"), "{message}");
+        let (line, key, _) = invalid(&GOOD.replace("name: cache", "name: \"\""));
+        assert_eq!((line, key.as_str()), (3, "clusters[0].name"));
+    }
+
+    #[test]
+    fn endpoint_names_are_unique_across_clusters_and_not_empty() {
+        let (line, key, message) = invalid(&with_second_cluster("other", "rw"));
+        assert_eq!(
+            (line, key.as_str()),
+            (22, "clusters[1].endpoints[0].name"),
+            "{message}"
+        );
+        let (line, key, _) = invalid(&GOOD.replace("name: rw", "name: \"\""));
+        assert_eq!((line, key.as_str()), (11, "clusters[0].endpoints[0].name"));
+    }
+
+    #[test]
+    fn only_postgres_endpoints_accept_plaintext() {
+        let dir = certs();
+        let plaintext = "        tls: auto\n        allow_plaintext: true\n";
+        let cfg = config(
+            dir.path(),
+            &PATRONI.replace("        tls: auto\n", plaintext),
+        )
+        .expect("valid");
+        assert!(cfg.clusters[0].endpoints[0].allow_plaintext);
+        let (line, key, _) = invalid(&GOOD.replace("        tls: auto\n", plaintext));
+        assert_eq!(
+            (line, key.as_str()),
+            (15, "clusters[0].endpoints[0].allow_plaintext")
+        );
+    }
+
+    #[test]
+    fn max_lag_applies_to_read_routes_and_needs_a_limit() {
+        let dir = certs();
+        let read = |lag: &str| {
+            GOOD.replace("route: leader", "route: replicas").replace(
+                "hold_timeout: 2s",
+                &format!("hold_timeout: 2s\n        max_lag: {lag}"),
+            )
+        };
+        let cfg = config(dir.path(), &read("{bytes: 100}")).expect("valid");
+        let lag = cfg.clusters[0].endpoints[0].max_lag;
+        assert_eq!((lag.bytes, lag.duration), (Some(100), None));
+        let cfg = config(dir.path(), &read("{duration: 1s}")).expect("valid");
+        let lag = cfg.clusters[0].endpoints[0].max_lag;
+        assert_eq!(
+            (lag.bytes, lag.duration),
+            (None, Some(Duration::from_secs(1)))
+        );
+
+        let (line, key, message) = invalid(&read("{}"));
+        assert_eq!(
+            (line, key.as_str()),
+            (16, "clusters[0].endpoints[0].max_lag")
+        );
+        assert!(message.contains("set `bytes`"), "{message}");
+        let leader = read("{bytes: 100}").replace("route: replicas", "route: leader");
+        let (line, key, message) = invalid(&leader);
+        assert_eq!(
+            (line, key.as_str()),
+            (16, "clusters[0].endpoints[0].max_lag")
+        );
+        assert!(message.contains("not `leader`"), "{message}");
+    }
+
+    #[test]
+    fn tls_to_the_members_is_refused_for_redis() {
+        let dir = certs();
+        let backend_tls = |body: &str, protocol: &str| {
+            body.replace(
+                &format!("    protocol: {protocol}\n"),
+                &format!("    protocol: {protocol}\n    backend_tls:\n      ca: server.crt\n"),
+            )
+        };
+        let cfg = config(dir.path(), &backend_tls(PATRONI, "postgres")).expect("valid");
+        let tls = cfg.clusters[0].backend_tls.as_ref().expect("backend TLS");
+        assert_eq!(tls.ca, dir.path().join("server.crt"));
+        let (line, key, _) = invalid(&backend_tls(GOOD, "redis"));
+        assert_eq!((line, key.as_str()), (6, "clusters[0].backend_tls"));
+    }
+
+    #[test]
+    fn max_members_is_bounded_by_the_limit_and_the_configured_members() {
+        let dir = certs();
+        let slots = |max: usize| LEARNING.replace("max_members: 4", &format!("max_members: {max}"));
+        let cfg = config(dir.path(), &slots(MAX_MEMBERS_LIMIT)).expect("valid");
+        assert_eq!(cfg.clusters[0].member_slots(), MAX_MEMBERS_LIMIT);
+        let (line, key, message) = invalid(&slots(MAX_MEMBERS_LIMIT + 1));
+        assert_eq!(
+            (line, key.as_str()),
+            (11, "clusters[0].dcs.etcd.max_members")
+        );
+        assert!(message.contains("between 1 and"), "{message}");
+        // As many slots as configured members is enough.
+        let two_members = slots(2).replace(
+            "    endpoints:\n      - name: rw",
+            "    members:\n      - {name: a, address: 127.0.0.1:5432, api: 127.0.0.1:8008}\n      \
+             - {name: b, address: 127.0.0.1:5433, api: 127.0.0.1:8009}\n    endpoints:\n      - name: rw",
+        );
+        let cfg = config(dir.path(), &two_members).expect("valid");
+        assert_eq!(cfg.clusters[0].member_slots(), 2);
+    }
+
+    #[test]
+    fn host_names_are_letters_digits_dots_dashes_and_underscores() {
+        assert!(valid_host_port("redis_0.svc-1:6379"));
+        for bad in ["red is:6379", "redis/0:6379", "redis@0:6379"] {
+            assert!(!valid_host_port(bad), "{bad}");
+        }
+    }
 }

@@ -1923,6 +1923,406 @@ fn cases(default: u32) -> u32 {
         .unwrap_or(default)
 }
 
+// The tests below each state a behaviour that a mutant of src/view/mod.rs
+// broke without any other test failing (bench/mutants.sh).
+
+#[test]
+fn terms_print_as_the_status_page_documents() {
+    assert_eq!(Term::Number(7).to_string(), "7");
+    assert_eq!(lineage("ab12", None).to_string(), "replid:ab12");
+    assert_eq!(
+        lineage("cd34", Some("ab12")).to_string(),
+        "replid:cd34 (after ab12)"
+    );
+}
+
+#[test]
+fn status_names_are_the_documented_ones() {
+    // README, "Status": `members[].health`, `members[].role`,
+    // `clusters[].no_leader` and `members[].fenced`.
+    let health = [Health::Unknown, Health::Up, Health::Down].map(Health::as_str);
+    assert_eq!(health, ["unknown", "up", "down"]);
+    let role = [Role::Primary, Role::Replica, Role::Unknown].map(Role::as_str);
+    assert_eq!(role, ["primary", "replica", "unknown"]);
+    let no_leader = [
+        NoLeader::NoClaimant,
+        NoLeader::Rising,
+        NoLeader::SplitBrain,
+        NoLeader::Fenced,
+        NoLeader::AwaitingPeers,
+        NoLeader::Dcs,
+    ]
+    .map(NoLeader::as_str);
+    assert_eq!(
+        no_leader,
+        [
+            "no_member_claims_primary",
+            "claimant_rising",
+            "split_brain",
+            "every_claimant_fenced",
+            "awaiting_peers",
+            "dcs_names_no_confirmed_leader",
+        ]
+    );
+    let fenced = [
+        FenceReason::Incumbent,
+        FenceReason::OlderTerm,
+        FenceReason::OlderThanPeer,
+        FenceReason::UnrelatedHistory,
+        FenceReason::Contradicted,
+        FenceReason::OperatorPinned,
+        FenceReason::NotDcsLeader,
+        FenceReason::BehindLeaderTerm,
+    ]
+    .map(FenceReason::as_str);
+    assert_eq!(
+        fenced,
+        [
+            "incumbent_leads",
+            "older_term",
+            "older_than_peer_term",
+            "unrelated_history",
+            "contradicted_by_replicas",
+            "operator_pinned_another",
+            "not_dcs_leader",
+            "behind_leader_term",
+        ]
+    );
+}
+
+#[test]
+fn the_reason_for_no_leader_names_the_case() {
+    let mut v = View::new(2, T);
+    feed(&mut v, 0, replica(None));
+    assert_eq!(v.snapshot().no_leader, Some(NoLeader::NoClaimant));
+    feed(&mut v, 1, primary(Some(lineage("x", None))));
+    assert_eq!(v.snapshot().no_leader, Some(NoLeader::Rising));
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(lineage("y", None))));
+    }
+    feed(&mut v, 1, primary(Some(lineage("x", None))));
+    assert!(v.snapshot().split_brain);
+    assert_eq!(v.snapshot().no_leader, Some(NoLeader::SplitBrain));
+}
+
+#[test]
+fn a_dcs_naming_a_member_past_the_last_names_nobody() {
+    // Members 0 and 1: index 2 is one past the last.
+    let mut v = dcs_steady();
+    v.apply_dcs(named(Some(2), 11));
+    assert_eq!(
+        v.snapshot().dcs,
+        DcsView::Named {
+            leader: None,
+            term: Some(11)
+        }
+    );
+    assert_eq!(v.leader(), None);
+}
+
+#[test]
+fn an_unreachable_dcs_keeps_the_last_term_it_named_while_it_stays_away() {
+    let mut v = dcs_steady();
+    for error in ["timeout", "refused"] {
+        v.apply_dcs(DcsReport::Unreachable {
+            error: error.into(),
+        });
+        assert_eq!(
+            v.snapshot().dcs,
+            DcsView::Unreachable {
+                error: error.into(),
+                last_term: Some(10)
+            }
+        );
+    }
+}
+
+#[test]
+fn the_view_remembers_as_many_lineage_steps_as_its_memory_holds() {
+    // One more step than the memory holds: the oldest is forgotten, the
+    // others are all kept (a peer needs them to order replication ids).
+    let mut v = View::new(2, T);
+    for i in 1..=LINEAGE_MEMORY + 1 {
+        let (id, previous) = (format!("s{i}"), format!("s{}", i - 1));
+        feed(&mut v, 0, replica_on(lineage(&id, Some(&previous)), None));
+    }
+    let steps = v.snapshot().lineage;
+    assert_eq!(steps.len(), LINEAGE_MEMORY);
+    assert_eq!(steps[0], ("s2".to_string(), "s1".to_string()));
+    let last = format!("s{}", LINEAGE_MEMORY + 1);
+    assert_eq!(steps[LINEAGE_MEMORY - 1].0, last);
+}
+
+#[test]
+fn the_view_remembers_as_many_unordered_peer_terms_as_its_memory_holds() {
+    let mut v = View::new(2, T);
+    let terms: Vec<Term> = (0..=PEER_TERMS_MEMORY)
+        .map(|i| lineage(&format!("f{i}"), None))
+        .collect();
+    for term in &terms {
+        v.apply_peer(PeerTerms {
+            term: term.clone(),
+            lineage: Vec::new(),
+        });
+    }
+    assert_eq!(v.snapshot().peer_terms, terms[1..].to_vec());
+}
+
+#[test]
+fn a_dcs_named_claimant_older_than_any_remembered_leader_is_fenced() {
+    // Leaders of PAST_LEADERS_MEMORY + 1 unrelated histories in turn (the
+    // DCS names each), each history `h<k>` continuing `p<k>`; then the DCS
+    // names a member on `p2`, older than the second of them, which the view
+    // still remembers.
+    let mut v = View::new(2, Thresholds { rise: 1, fall: 1 }).with_dcs();
+    let leaders = PAST_LEADERS_MEMORY as u64 + 1;
+    for k in 1..=leaders {
+        let (m, other) = ((k % 2) as MemberId, ((k + 1) % 2) as MemberId);
+        feed(&mut v, other, replica(Some(m)));
+        v.apply_dcs(named(Some(m), k));
+        let term = lineage(&format!("h{k}"), Some(&format!("p{k}")));
+        feed(&mut v, m, primary(Some(term)));
+        assert_eq!(v.leader(), Some(m), "leader {k}");
+    }
+    let last = (leaders % 2) as MemberId;
+    let first = 1 - last;
+    feed(&mut v, last, replica(Some(first)));
+    v.apply_dcs(named(Some(first), leaders + 1));
+    feed(&mut v, first, primary(Some(lineage("p2", None))));
+    assert_eq!(v.leader(), None);
+    assert_eq!(
+        v.snapshot().members[first].fenced,
+        Some(FenceReason::OlderTerm)
+    );
+}
+
+#[test]
+fn every_term_abandoned_when_the_dcs_went_back_fences_nothing_within_the_views_memory() {
+    // 0 leads on timelines 1 to 17 in turn; a peer proves 18. The DCS then
+    // goes back to 1 on timeline 1, 0 rewound onto it: 2..=18 are
+    // abandoned, seventeen terms, one more than the memory holds. A peer
+    // still reporting any of the sixteen newest fences nothing.
+    let mut v = dcs_steady();
+    let newest = PAST_LEADERS_MEMORY as u64 + 2;
+    for timeline in 2..newest {
+        feed(&mut v, 0, pg(timeline));
+        assert_eq!(v.leader(), Some(0));
+    }
+    feed(&mut v, 1, pg(1));
+    feed(&mut v, 0, replica_on(Term::Number(1), Some(1)));
+    v.apply_peer(PeerTerms {
+        term: Term::Number(newest),
+        lineage: Vec::new(),
+    });
+    v.apply_dcs(named(Some(1), 11));
+    assert_eq!(v.leader(), Some(1), "the DCS went back to timeline 1");
+    for abandoned in 3..=newest {
+        v.apply_peer(PeerTerms {
+            term: Term::Number(abandoned),
+            lineage: Vec::new(),
+        });
+        assert_eq!(v.leader(), Some(1), "peer term {abandoned}");
+    }
+}
+
+#[test]
+fn accepting_the_member_that_already_leads_changes_no_routing() {
+    let mut v = steady();
+    let epoch = v.epoch();
+    let t = v
+        .apply_override(&Override::AcceptLeader(0))
+        .expect("0 claims primary");
+    assert!(t.is_empty(), "{t:?}");
+    assert_eq!(v.leader(), Some(0));
+    assert_eq!(v.epoch(), epoch);
+}
+
+#[test]
+fn accepting_a_rising_member_takes_the_role_from_the_incumbent_at_once() {
+    let mut v = View::new(3, T);
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(lineage("x", None))));
+        feed(&mut v, 1, replica(Some(0)));
+    }
+    feed(&mut v, 2, primary(Some(lineage("z", None))));
+    assert_eq!(v.leader(), Some(0));
+    let epoch = v.epoch();
+    let t = v
+        .apply_override(&Override::AcceptLeader(2))
+        .expect("2 claims primary");
+    assert!(t.contains(&Transition::LeaderLost { member: 0 }), "{t:?}");
+    assert_eq!(v.leader(), None, "2 is not up yet");
+    assert_eq!(v.epoch(), epoch + 1, "routing changed: the leader is gone");
+    feed(&mut v, 2, primary(Some(lineage("z", None))));
+    assert_eq!(v.leader(), Some(2));
+}
+
+#[test]
+fn an_accepted_leader_that_stops_claiming_primary_loses_the_role() {
+    let mut v = steady();
+    feed(&mut v, 0, hard());
+    for _ in 0..2 {
+        feed(&mut v, 1, primary(Some(lineage("z", None))));
+    }
+    v.apply_override(&Override::AcceptLeader(1))
+        .expect("1 claims primary");
+    assert_eq!(v.leader(), Some(1));
+    feed(&mut v, 1, replica(None));
+    assert_eq!(v.leader(), None);
+    assert_eq!(v.snapshot().members[1].health, Health::Up);
+}
+
+#[test]
+fn an_accepted_leader_carries_no_fence_of_its_own() {
+    // 2 restarted empty while 1 still replicates from 0: the replicas
+    // contradict 2, but the operator's decision overrides that.
+    let mut v = View::new(3, T);
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(lineage("x", None))));
+        feed(&mut v, 1, replica(Some(0)));
+        feed(&mut v, 2, primary(Some(lineage("z", None))));
+    }
+    assert_eq!(v.leader(), Some(0));
+    v.apply_override(&Override::AcceptLeader(2))
+        .expect("2 claims primary");
+    assert_eq!(v.leader(), Some(2));
+    let s = v.snapshot();
+    assert_eq!(s.members[2].fenced, None);
+    assert_eq!(s.members[0].fenced, Some(FenceReason::OperatorPinned));
+}
+
+#[test]
+fn a_lone_claimant_without_a_term_leads_on_a_fresh_view() {
+    // Rule 3 with one claimant: nothing to order it against.
+    let mut v = View::new(2, T);
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(None));
+        feed(&mut v, 1, replica(Some(0)));
+    }
+    assert_eq!(v.leader(), Some(0));
+}
+
+#[test]
+fn a_replica_that_is_not_up_yet_does_not_contradict_the_leader() {
+    let mut v = View::new(3, T);
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(lineage("x", None))));
+    }
+    assert_eq!(v.leader(), Some(0));
+    // One report (rise is 2) of a replica that follows another member.
+    feed(&mut v, 1, replica(Some(2)));
+    assert_eq!(v.leader(), Some(0));
+    assert_eq!(v.snapshot().members[0].fenced, None);
+}
+
+#[test]
+fn half_the_replicas_following_another_member_do_not_contradict_the_leader() {
+    // Cascading replication: 2 streams from 1, which streams from 0. Only
+    // a majority of the reporting replicas contradicts (rule 5).
+    let mut v = View::new(3, T);
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(lineage("x", None))));
+        feed(&mut v, 1, replica(Some(0)));
+        feed(&mut v, 2, replica(Some(1)));
+    }
+    assert_eq!(v.leader(), Some(0));
+    assert_eq!(v.snapshot().members[0].fenced, None);
+    assert_eq!(v.snapshot().replicas, vec![1, 2]);
+}
+
+#[test]
+fn a_named_leader_that_moves_to_another_history_keeps_the_role_when_the_dcs_goes_away() {
+    // Sentinel names 0, which restarts between two probes with a fresh
+    // replication id and is still named: the leader's term moves with it,
+    // so that when the DCS goes away its probes still confirm it (rule 6).
+    let mut v = View::new(2, T).with_dcs();
+    v.apply_dcs(named(Some(0), 3));
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(lineage("x", None))));
+        feed(&mut v, 1, replica(Some(0)));
+    }
+    feed(&mut v, 0, primary(Some(lineage("y", None))));
+    assert_eq!(v.leader(), Some(0));
+    assert_eq!(v.snapshot().leader_term, Some(lineage("y", None)));
+    v.apply_dcs(DcsReport::Unreachable {
+        error: "timeout".into(),
+    });
+    feed(&mut v, 0, primary(Some(lineage("y", None))));
+    assert_eq!(v.leader(), Some(0));
+}
+
+#[test]
+fn under_a_dcs_the_last_leaders_member_following_another_history_moves_no_reference() {
+    // 0 led on x. 1 restarted empty (z) and 0 was made its replica; 2 was
+    // promoted and continues x. A (stale) DCS answer naming 1 must not win
+    // while 2 holds x's data: with a DCS, rule 8's move of the reference to
+    // the history the last leader's member follows does not apply.
+    let mut v = View::new(3, T).with_dcs();
+    v.apply_dcs(named(Some(0), 3));
+    for _ in 0..2 {
+        feed(&mut v, 0, primary(Some(lineage("x", None))));
+        feed(&mut v, 1, replica(Some(0)));
+        feed(&mut v, 2, replica(Some(0)));
+    }
+    assert_eq!(v.leader(), Some(0));
+    feed(&mut v, 1, primary(Some(lineage("z", None))));
+    feed(&mut v, 0, replica_on(lineage("z", None), Some(1)));
+    feed(&mut v, 2, primary(Some(lineage("x2", Some("x")))));
+    assert_eq!(v.leader(), None);
+    assert_eq!(v.snapshot().leader_term, Some(lineage("x", None)));
+    v.apply_dcs(named(Some(1), 4));
+    assert_eq!(v.leader(), None);
+    assert_eq!(
+        v.snapshot().members[1].fenced,
+        Some(FenceReason::UnrelatedHistory)
+    );
+}
+
+#[test]
+fn a_dcs_that_went_back_is_not_followed_while_the_last_leaders_term_is_unknown() {
+    // As in the_view_follows_a_dcs_that_went_back_once_the_newer_history_is_gone,
+    // but 1, the last leader, reports a replica without a timeline: nothing
+    // shows that it was rewound.
+    let mut v = dcs_steady();
+    v.apply_dcs(named(Some(1), 11));
+    feed(&mut v, 1, pg(2));
+    assert_eq!(v.leader(), Some(1));
+    v.apply_dcs(named(Some(0), 12));
+    for _ in 0..2 {
+        feed(&mut v, 0, pg(1));
+        feed(&mut v, 1, replica(Some(0)));
+        assert_eq!(v.leader(), None);
+    }
+    assert_eq!(v.snapshot().members[0].fenced, Some(FenceReason::OlderTerm));
+}
+
+#[test]
+fn a_dcs_that_went_back_is_not_followed_while_the_last_leader_follows_a_history_in_between() {
+    // Redis lineages n <- k <- l: 1 led on n, 0 on k, then on l. The DCS
+    // names 1 again (on n); 0 is demoted and reports k without its
+    // predecessor (a replica after a full resync reports no replid2): k is
+    // older than l but not shown to be no newer than n, so nothing shows
+    // that the newer history is gone.
+    let mut v = View::new(2, T).with_dcs();
+    v.apply_dcs(named(Some(1), 1));
+    for _ in 0..2 {
+        feed(&mut v, 1, primary(Some(lineage("n", None))));
+        feed(&mut v, 0, replica_on(lineage("n", None), Some(1)));
+    }
+    assert_eq!(v.leader(), Some(1));
+    v.apply_dcs(named(Some(0), 2));
+    feed(&mut v, 0, primary(Some(lineage("k", Some("n")))));
+    feed(&mut v, 1, replica_on(lineage("k", Some("n")), Some(0)));
+    assert_eq!(v.leader(), Some(0));
+    feed(&mut v, 0, primary(Some(lineage("l", Some("k")))));
+    assert_eq!(v.snapshot().leader_term, Some(lineage("l", Some("k"))));
+    feed(&mut v, 1, primary(Some(lineage("n", None))));
+    v.apply_dcs(named(Some(1), 3));
+    feed(&mut v, 0, replica_on(lineage("k", None), Some(1)));
+    assert_eq!(v.leader(), None);
+    assert_eq!(v.snapshot().members[1].fenced, Some(FenceReason::OlderTerm));
+}
+
 #[test]
 fn of_two_claimants_at_once_the_provably_newer_leads() {
     // A fresh view, no leader yet: both claim in the same rounds. The one
@@ -1953,7 +2353,11 @@ fn half_the_replicas_against_a_claimant_do_not_contradict_it() {
     feed(&mut v, 1, replica(Some(0)));
     feed(&mut v, 2, replica(Some(3)));
     feed(&mut v, 0, primary(Some(lineage("p", None))));
-    assert_eq!(v.leader(), Some(0), "one against, one for: not contradicted");
+    assert_eq!(
+        v.leader(),
+        Some(0),
+        "one against, one for: not contradicted"
+    );
     // Two of three against: contradicted.
     let mut v = View::new(5, Thresholds { rise: 1, fall: 1 });
     feed(&mut v, 1, replica(Some(0)));
@@ -1961,5 +2365,8 @@ fn half_the_replicas_against_a_claimant_do_not_contradict_it() {
     feed(&mut v, 4, replica(Some(3)));
     feed(&mut v, 0, primary(Some(lineage("p", None))));
     assert_eq!(v.leader(), None);
-    assert_eq!(v.snapshot().members[0].fenced, Some(FenceReason::Contradicted));
+    assert_eq!(
+        v.snapshot().members[0].fenced,
+        Some(FenceReason::Contradicted)
+    );
 }
