@@ -271,7 +271,7 @@ pub struct Endpoint {
     pub max_handshakes: usize,
     pub max_handshakes_per_source: usize,
     /// A session with no byte either way for this long is closed; never
-    /// when absent (or 0).
+    /// when absent.
     pub idle_timeout: Option<Duration>,
     /// One INFO line per finished session (target `portal::access`).
     pub access_log: bool,
@@ -918,8 +918,7 @@ impl Validator<'_> {
                     max_connections_per_source: re.max_connections_per_source.map(|v| v.value),
                     max_handshakes: re.max_handshakes.value,
                     max_handshakes_per_source: re.max_handshakes_per_source.value,
-                    // 0 is no timeout, as absent.
-                    idle_timeout: re.idle_timeout.filter(|t| !t.is_zero()),
+                    idle_timeout: re.idle_timeout,
                     access_log: re.access_log.value,
                     on_leader_change: re.on_leader_change,
                     allow_plaintext: re.allow_plaintext.value,
@@ -1365,6 +1364,67 @@ clusters:
         assert_eq!(c.endpoints[0].on_leader_change, OnLeaderChange::Close);
         assert_eq!(c.endpoints[0].tls.cert, dir.path().join("./server.crt"));
         assert_eq!(cfg.admin.listen, "127.0.0.1:9090".parse().expect("addr"));
+    }
+
+    #[test]
+    fn admission_keys_have_defaults_and_limits() {
+        let dir = certs();
+        let cfg = config(dir.path(), GOOD).expect("valid");
+        let e = &cfg.clusters[0].endpoints[0];
+        assert_eq!(
+            (
+                e.max_connections,
+                e.max_connections_per_source,
+                e.max_handshakes,
+                e.max_handshakes_per_source
+            ),
+            (10_000, None, 1_024, 256)
+        );
+        assert_eq!((e.idle_timeout, e.access_log), (None, false));
+        assert_eq!(cfg.descriptors_needed(), 2 * 10_000 + 1_024 + 256);
+        let with = |line: &str| {
+            GOOD.replace(
+                "        hold_timeout: 2s\n",
+                &format!("        hold_timeout: 2s\n        {line}\n"),
+            )
+        };
+        let endpoint = |line: &str| {
+            config(dir.path(), &with(line)).expect("valid").clusters[0].endpoints[0].clone()
+        };
+        assert_eq!(
+            endpoint("idle_timeout: 90s").idle_timeout,
+            Some(Duration::from_secs(90))
+        );
+        let (_, at, message) = invalid(&with("idle_timeout: 0s"));
+        assert_eq!(
+            (at.as_str(), message.as_str()),
+            (
+                "clusters[0].endpoints[0].idle_timeout",
+                "a duration must be greater than zero"
+            )
+        );
+        assert_eq!(
+            endpoint("max_connections_per_source: 3").max_connections_per_source,
+            Some(3)
+        );
+        assert!(endpoint("access_log: true").access_log);
+        for key in [
+            "max_connections",
+            "max_connections_per_source",
+            "max_handshakes",
+            "max_handshakes_per_source",
+        ] {
+            let (line, at, message) = invalid(&with(&format!("{key}: 0")));
+            assert_eq!(
+                (line, at.as_str(), message.as_str()),
+                (
+                    16,
+                    format!("clusters[0].endpoints[0].{key}").as_str(),
+                    "must be at least 1"
+                ),
+                "{key}"
+            );
+        }
     }
 
     fn invalid(body: &str) -> (u32, String, String) {
