@@ -7,7 +7,7 @@
 
 use crate::common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,21 +17,12 @@ use common::pg::*;
 use common::*;
 use rand::{Rng, SeedableRng};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, TcpStream};
 
 const STRANGER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 /// Connections of each kind per endpoint.
 const GARBAGE: usize = 600;
 const SILENT: usize = 300;
 const HALF_OPEN: usize = 300;
-
-async fn connect_from(port: u16) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(STRANGER, 0))?;
-    socket
-        .connect(SocketAddr::from(([127, 0, 0, 1], port)))
-        .await
-}
 
 /// The portal's resident memory, KiB (`VmRSS`).
 fn rss_kib(pid: u32) -> u64 {
@@ -52,7 +43,7 @@ async fn attack(port: u16, seed: u64, release: Arc<AtomicBool>) -> (usize, usize
     let mut refused = 0;
     let hello = client_hello(0x0303);
     for i in 0..GARBAGE + SILENT + HALF_OPEN {
-        let Ok(mut tcp) = connect_from(port).await else {
+        let Ok(mut tcp) = connect_from(STRANGER, port).await else {
             refused += 1;
             continue;
         };

@@ -8,26 +8,16 @@
 
 use crate::common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::io::AsyncWriteExt;
 use tokio_rustls::TlsConnector;
 
 const STRANGER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
-
-/// A TCP connection to the endpoint on `port` from `source`.
-async fn connect_from(source: IpAddr, port: u16) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
-    socket
-        .connect(SocketAddr::from(([127, 0, 0, 1], port)))
-        .await
-}
 
 /// A finished TLS handshake from `source`, nothing sent after it.
 async fn tls_from(source: IpAddr, port: u16, certs: &Certs) -> std::io::Result<Tls> {
@@ -37,21 +27,6 @@ async fn tls_from(source: IpAddr, port: u16, certs: &Certs) -> std::io::Result<T
     tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake"))?
-}
-
-/// Whether the portal closed `stream` within `limit` (EOF or an error).
-async fn closed_within<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, limit: Duration) -> bool {
-    tokio::time::timeout(limit, async {
-        let mut chunk = [0u8; 1024];
-        loop {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .is_ok()
 }
 
 /// `connected_clients` of the Redis server on `port`.
@@ -122,13 +97,13 @@ async fn silent_strangers_lock_out_no_real_client() {
     // handshake_timeout ends every silent one.
     for tcp in &mut silent_tcp {
         assert!(
-            closed_within(tcp, DEADLINE).await,
+            closed_by_peer(tcp, DEADLINE).await,
             "a silent socket was never closed"
         );
     }
     for tls in &mut silent_tls {
         assert!(
-            closed_within(tls, DEADLINE).await,
+            closed_by_peer(tls, DEADLINE).await,
             "a silent TLS session was never closed"
         );
     }
@@ -181,7 +156,7 @@ async fn openings_past_the_per_source_cap_are_closed_at_once() {
     // 60 s handshake_timeout.
     let mut extra = connect_from(STRANGER, ports.rw).await.expect("connect");
     assert!(
-        closed_within(&mut extra, DEADLINE).await,
+        closed_by_peer(&mut extra, DEADLINE).await,
         "the 21st opening from one address was not closed"
     );
     portal
@@ -199,7 +174,7 @@ async fn openings_past_the_per_source_cap_are_closed_at_once() {
     );
     // The 20 still wait for their handshake: none was closed.
     for tcp in &mut held {
-        assert!(!closed_within(tcp, Duration::from_millis(10)).await);
+        assert!(!closed_by_peer(tcp, Duration::from_millis(10)).await);
     }
 }
 

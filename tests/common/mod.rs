@@ -601,6 +601,33 @@ pub fn client_config(
     Arc::new(config)
 }
 
+/// A TCP connection to `127.0.0.1:port` from the local address `source`
+/// (any of 127.0.0.0/8 on Linux): a client the per-address limits can tell
+/// apart from the tests' others.
+pub async fn connect_from(source: std::net::IpAddr, port: u16) -> io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket
+        .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+}
+
+/// Reads (and drops) until the peer closes `stream`; true if it did (EOF
+/// or an error) within `limit`.
+pub async fn closed_by_peer<S: AsyncRead + Unpin>(stream: &mut S, limit: Duration) -> bool {
+    tokio::time::timeout(limit, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
 /// TLS 1.2 and 1.3, trusting `ca_file`.
 pub fn default_client_config(ca_file: &Path) -> Arc<ClientConfig> {
     client_config(ca_file, &[&rustls::version::TLS13, &rustls::version::TLS12])
