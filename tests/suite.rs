@@ -9,6 +9,7 @@
 mod common;
 
 mod abuse;
+mod admin;
 mod admission;
 mod bad_clients;
 mod chaos_patroni;

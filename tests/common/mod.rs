@@ -992,6 +992,11 @@ impl Portal {
         self.request("GET", path, None).await
     }
 
+    /// An HTTP/1.0 GET on the admin listener with a bearer token.
+    pub async fn get_with_token(&self, path: &str, token: &str) -> io::Result<(u16, String)> {
+        self.request("GET", path, Some(token)).await
+    }
+
     /// An HTTP/1.0 POST on the admin listener, with a bearer token if given.
     pub async fn post(&self, path: &str, token: Option<&str>) -> io::Result<(u16, String)> {
         self.request("POST", path, token).await
@@ -1138,7 +1143,12 @@ fn admin_address(yaml: &str) -> SocketAddr {
                 break;
             }
             if let Some(value) = line.trim().strip_prefix("listen:") {
-                return value.trim().parse().expect("admin.listen address");
+                let mut address: SocketAddr = value.trim().parse().expect("admin.listen address");
+                // A listener on every address is asked on loopback.
+                if address.ip().is_unspecified() {
+                    address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                return address;
             }
         }
     }
