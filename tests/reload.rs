@@ -230,8 +230,16 @@ async fn reload_adds_changes_and_removes_endpoints_while_a_session_flows() {
         1,
     );
     std::fs::write(portal.config_file(), &new_yaml).expect("write the new config");
-    let (code, answer) = post_reload(&portal).await;
-    assert_eq!(code, 200, "{answer}");
+    // By SIGHUP here (the other tests use POST /reload, the same reload).
+    portal.signal("HUP");
+    portal
+        .wait_metric("portal_reloads_total", &[("result", "ok")], |v| v >= 1.0)
+        .await;
+    let log = portal.stderr_log();
+    let answer = log
+        .lines()
+        .find(|l| l.contains(" reloaded "))
+        .unwrap_or_else(|| panic!("no reloaded line in:\n{log}"));
     for part in [
         "endpoints added: extra",
         "changed: rw",
