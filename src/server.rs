@@ -359,8 +359,5 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
 }
 
 fn old_tls_placeholder() -> config::TlsFiles {
-    config::TlsFiles {
-        cert: Default::default(),
-        key: Default::default(),
-    }
+    config::TlsFiles::default()
 }
