@@ -570,6 +570,72 @@ async fn a_trusted_source_without_a_valid_header_is_dropped_in_time() {
     drop(direct);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_its_header_an_opening_counts_against_the_client_not_the_balancer() {
+    let (_redis, certs, ports, portal) = redis_setup("127.0.0.1/32", |c| {
+        c.handshake_timeout("30s")
+            .endpoint_key("max_handshakes_per_source: 3")
+    })
+    .await;
+    let rw = ports.rw;
+    // Three clients of the balancer that send their header, then nothing:
+    // they hold openings for 192.0.2.7, not for the balancer...
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let mut tcp = connect_from(BALANCER, rw).await.expect("connect");
+        tcp.write_all(&v1(addr(&format!("192.0.2.7:{}", 1000 + i)), rw))
+            .await
+            .expect("header");
+        held.push(tcp);
+    }
+    let deadline = Instant::now() + DEADLINE;
+    while portal.status().await["clusters"][0]["endpoints"][0]["opening"] != 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the three openings were not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...so a fourth from that client is closed at once...
+    let mut fourth = connect_from(BALANCER, rw).await.expect("connect");
+    fourth
+        .write_all(&v1(addr("192.0.2.7:1003"), rw))
+        .await
+        .expect("header");
+    assert!(
+        closed_after(&mut fourth, Duration::from_secs(10))
+            .await
+            .is_some_and(|t| t < Duration::from_secs(5)),
+        "a fourth opening of 192.0.2.7 was kept (max_handshakes_per_source: 3)"
+    );
+    portal
+        .wait_metric(
+            "portal_connections_refused_total",
+            &[("endpoint", "rw"), ("reason", "max_handshakes_per_source")],
+            |v| v >= 1.0,
+        )
+        .await;
+    wait_log_line(&portal, &["limit reached", "peer=192.0.2.7:1003"]).await;
+    // ...while the balancer, with three silent openings under way, still
+    // brings in other clients.
+    for i in 0..3 {
+        assert_eq!(
+            ping_through(
+                BALANCER,
+                rw,
+                v2(addr(&format!("192.0.2.{}:1", 20 + i)), rw, &[]),
+                &certs
+            )
+            .await,
+            Ok(Reply::Simple("PONG".into())),
+            "another client of the balancer"
+        );
+    }
+    for tcp in &mut held {
+        assert!(!closed_by_peer(tcp, Duration::from_millis(10)).await);
+    }
+}
+
 /// The PostgreSQL setup: a lone primary, a portal whose endpoints trust
 /// the balancer and log sessions.
 async fn pg_setup() -> (PgServer, Certs, PgPorts, Portal) {
