@@ -103,6 +103,27 @@ impl Admission {
         })
     }
 
+    /// Moves an opening's per-source share to `source` (the client a
+    /// trusted balancer's PROXY header names; the share was taken for the
+    /// balancer's address at accept): the endpoint's place is kept, the
+    /// balancer's share goes back once the client's is taken. Denied when
+    /// `source` holds `max_handshakes_per_source` openings already.
+    pub fn reassign(&self, ticket: OpeningTicket, source: IpAddr) -> Result<OpeningTicket, Denied> {
+        if ticket._source.source == source {
+            return Ok(ticket);
+        }
+        let share = PerSource::take(
+            &self.handshakes_by_source,
+            source,
+            self.limits.handshakes_per_source,
+        )
+        .ok_or(Denied::HandshakesPerSource)?;
+        Ok(OpeningTicket {
+            _slot: ticket._slot,
+            _source: share,
+        })
+    }
+
     /// A place for an established session, or why there is none.
     pub fn session(&self, source: IpAddr) -> Result<SessionTicket, Denied> {
         let share = match self.limits.sessions_per_source {
@@ -247,6 +268,38 @@ mod tests {
         let _b = admission.opening(B).expect("B");
         assert_eq!(admission.opening(A).expect_err("full"), Denied::Handshakes);
         assert_eq!(admission.opening_sources(), 1);
+    }
+
+    #[test]
+    fn a_reassigned_opening_counts_for_its_new_source() {
+        let admission = Admission::new(limits());
+        // A balancer (A) accepted two, each for a client B.
+        let first = admission.opening(A).expect("first");
+        let second = admission.opening(A).expect("second");
+        assert_eq!(
+            admission.opening(A).expect_err("A's share is full"),
+            Denied::HandshakesPerSource
+        );
+        let first = admission.reassign(first, B).expect("B's first");
+        assert_eq!(admission.openings(), 2, "the endpoint's places are kept");
+        // A has a place again; B holds one.
+        let third = admission.opening(A).expect("A's place came back");
+        drop(third);
+        let second = admission.reassign(second, B).expect("B's second");
+        let again = admission.opening(A).expect("from A");
+        assert_eq!(
+            admission.reassign(again, B).expect_err("B holds two"),
+            Denied::HandshakesPerSource
+        );
+        assert_eq!(
+            admission.openings(),
+            2,
+            "a refused move gives the place back"
+        );
+        // Moving to the same address changes nothing, even at the limit.
+        let second = admission.reassign(second, B).expect("same address");
+        drop((first, second));
+        assert_eq!((admission.openings(), admission.opening_sources()), (0, 0));
     }
 
     #[test]

@@ -154,6 +154,7 @@ mod tests {
         let files = crate::config::TlsFiles {
             cert: dir.path().join(SERVER_CERT),
             key: dir.path().join(SERVER_KEY),
+            ..Default::default()
         };
         crate::tls::server_config(&files, &[]).expect("rustls accepts the identity");
         assert!(matches!(

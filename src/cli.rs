@@ -197,10 +197,12 @@ fn check(path: &std::path::Path) -> anyhow::Result<String> {
                 .map_err(|err| anyhow::anyhow!("{}: endpoint {}: {err}", path.display(), e.name))?;
             let _ = writeln!(
                 out,
-                "  endpoint {} on {} (TLS 1.2/1.3, {}): route {}{}, hold {:?}, max {} connections{}, {} handshakes ({} per source), idle timeout {}, on leader change {:?}",
+                "  endpoint {} on {} (TLS 1.2/1.3, {}{}{}): route {}{}, hold {:?}, max {} connections{}, {} handshakes ({} per source), idle timeout {}, on leader change {:?}",
                 e.name,
                 e.listen,
                 e.tls.cert.display(),
+                e.tls.client_ca.as_ref().map(|ca| format!(", client certificates from {} ({:?})", ca.display(), e.tls.client_auth)).unwrap_or_default(),
+                e.proxy_protocol.as_ref().map(|pp| format!(", PROXY protocol from {}", pp.trusted.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "))).unwrap_or_default(),
                 e.route,
                 if e.route == crate::config::Route::Leader { String::new() } else { format!(" ({:?})", e.balance) },
                 e.hold_timeout,

@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -284,13 +284,131 @@ pub struct Endpoint {
     pub allow_plaintext: bool,
     pub max_lag: MaxLag,
     pub replica_fallback: ReplicaFallback,
+    /// Connections from these networks start with a PROXY protocol header
+    /// naming the client; none when absent.
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
-/// Certificate chain and private key files, PEM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The endpoint's TLS identity (certificate chain and private key files,
+/// PEM) and, when `client_ca` is set, the CAs that sign the client
+/// certificates it asks for. Everything [`crate::tls::server_config`]
+/// reads, so that a reload re-reads all of it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// PEM file of the CAs client certificates must chain to; no client
+    /// certificate is asked for when absent.
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: whether a client without a certificate may still
+    /// connect (a certificate it does present must be valid either way).
+    pub client_auth: ClientAuth,
+}
+
+/// Whether clients must present a certificate (`tls.client_auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// No certificate signed by `client_ca`, no connection.
+    #[default]
+    Required,
+    /// Clients without a certificate connect too; one that presents a
+    /// certificate must present a valid one.
+    Optional,
+}
+
+/// PROXY protocol (v1 or v2) in front of an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyProtocol {
+    /// Balancers whose connections must start with a header; every other
+    /// source is a direct client.
+    pub trusted: Vec<Cidr>,
+}
+
+impl ProxyProtocol {
+    /// Whether connections from `ip` must start with a header.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted.iter().any(|net| net.contains(ip))
+    }
+}
+
+/// An IP network: an address and a prefix length (`10.0.0.0/8`,
+/// `2001:db8::/32`; a bare address is the one host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `ADDRESS/PREFIX` or `ADDRESS`. Host bits must be zero (a
+    /// typo such as `10.0.0.1/8` is an error, not a surprise), and an
+    /// IPv4-mapped IPv6 network is the IPv4 network it maps.
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (text, None),
+        };
+        let network: IpAddr = address.trim().parse().map_err(|_| {
+            format!("{text:?} is not an IP network (write 10.0.0.0/8, 192.0.2.7 or 2001:db8::/32)")
+        })?;
+        let bits = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => bits,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= bits)
+                .ok_or_else(|| format!("{text:?}: the prefix length must be 0 to {bits}"))?,
+        };
+        let (network, prefix) = match network {
+            IpAddr::V6(v6) if prefix >= 96 => match v6.to_ipv4_mapped() {
+                Some(v4) => (IpAddr::V4(v4), prefix - 96),
+                None => (network, prefix),
+            },
+            _ => (network, prefix),
+        };
+        let cidr = Cidr { network, prefix };
+        if cidr.masked(network) != network {
+            return Err(format!(
+                "{text:?} has bits set past its prefix length; write {}/{prefix}",
+                cidr.masked(network)
+            ));
+        }
+        Ok(cidr)
+    }
+
+    /// `ip` with the bits past the prefix cleared.
+    fn masked(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(v4) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V4((u32::from(v4) & mask).into())
+            }
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+        }
+    }
+
+    /// Whether `ip` is in this network (an IPv4 address is never in an
+    /// IPv6 network, nor the other way round).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() == self.network.is_ipv4() && self.masked(ip) == self.network
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
 }
 
 impl Config {
@@ -626,6 +744,13 @@ struct RawEndpoint {
     max_lag: Option<Spanned<RawMaxLag>>,
     #[serde(default)]
     replica_fallback: ReplicaFallback,
+    proxy_protocol: Option<Spanned<RawProxyProtocol>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxyProtocol {
+    trusted: Vec<Spanned<String>>,
 }
 
 fn default_false() -> Spanned<bool> {
@@ -648,26 +773,32 @@ fn default_max_handshakes_per_source() -> Spanned<usize> {
     unspanned(256)
 }
 
-/// `tls: auto` or `tls: {cert: PATH, key: PATH}`.
+/// `tls: auto` or `tls: {cert: PATH, key: PATH, client_ca: PATH,
+/// client_auth: required|optional}` (`cert` and `key` both, or neither for
+/// `certs_dir`'s, as `auto`).
 enum RawTls {
     Auto,
-    Files { cert: String, key: String },
+    Files(Box<RawTlsFiles>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTlsFiles {
+    cert: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+    client_ca: Option<Spanned<String>>,
+    client_auth: Option<Spanned<ClientAuth>>,
 }
 
 impl<'de> Deserialize<'de> for RawTls {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Files {
-            cert: String,
-            key: String,
-        }
-
         struct TlsVisitor;
         impl<'de> Visitor<'de> for TlsVisitor {
             type Value = RawTls;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("`auto` or a map with `cert` and `key`")
+                f.write_str(
+                    "`auto` or a map with `cert` and `key` (and `client_ca`, `client_auth`)",
+                )
             }
             fn visit_str<E: de::Error>(self, value: &str) -> Result<RawTls, E> {
                 if value == "auto" {
@@ -677,11 +808,8 @@ impl<'de> Deserialize<'de> for RawTls {
                 }
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawTls, A::Error> {
-                let files = Files::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(RawTls::Files {
-                    cert: files.cert,
-                    key: files.key,
-                })
+                let files = RawTlsFiles::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawTls::Files(Box::new(files)))
             }
         }
         deserializer.deserialize_any(TlsVisitor)
@@ -890,6 +1018,10 @@ impl Validator<'_> {
                 }
 
                 let tls = self.tls(&eat, &re.tls, raw.certs_dir.as_ref())?;
+                let proxy_protocol = match &re.proxy_protocol {
+                    None => None,
+                    Some(pp) => Some(self.proxy_protocol(&eat, pp)?),
+                };
                 if re.allow_plaintext.value && rc.protocol != Protocol::Postgres {
                     return Err(self.error(
                         &re.allow_plaintext,
@@ -936,6 +1068,7 @@ impl Validator<'_> {
                     allow_plaintext: re.allow_plaintext.value,
                     max_lag,
                     replica_fallback: re.replica_fallback,
+                    proxy_protocol,
                 });
             }
 
@@ -1281,24 +1414,43 @@ impl Validator<'_> {
         raw: &Spanned<RawTls>,
         certs_dir: Option<&Spanned<String>>,
     ) -> Result<TlsFiles, ConfigError> {
-        let files = match &raw.value {
+        let from_certs_dir = || -> Result<(PathBuf, PathBuf), ConfigError> {
+            let dir = certs_dir.map(|d| self.resolve(&d.value)).ok_or_else(|| {
+                self.error(
+                    raw,
+                    format!("{at}.tls"),
+                    "`tls: auto` (or `tls` without `cert` and `key`) needs `certs_dir` at the top level",
+                )
+            })?;
+            Ok((dir.join("server.crt"), dir.join("server.key")))
+        };
+        let mut files = match &raw.value {
             RawTls::Auto => {
-                let dir = certs_dir.map(|d| self.resolve(&d.value)).ok_or_else(|| {
-                    self.error(
-                        raw,
-                        format!("{at}.tls"),
-                        "`tls: auto` needs `certs_dir` at the top level",
-                    )
-                })?;
+                let (cert, key) = from_certs_dir()?;
                 TlsFiles {
-                    cert: dir.join("server.crt"),
-                    key: dir.join("server.key"),
+                    cert,
+                    key,
+                    ..TlsFiles::default()
                 }
             }
-            RawTls::Files { cert, key } => TlsFiles {
-                cert: self.resolve(cert),
-                key: self.resolve(key),
-            },
+            RawTls::Files(f) => {
+                let (cert, key) = match (&f.cert, &f.key) {
+                    (Some(cert), Some(key)) => (self.resolve(&cert.value), self.resolve(&key.value)),
+                    (None, None) => from_certs_dir()?,
+                    (Some(one), None) | (None, Some(one)) => {
+                        return Err(self.error(
+                            one,
+                            format!("{at}.tls"),
+                            "set both `cert` and `key`, or neither (then `certs_dir`'s server.crt and server.key are used)",
+                        ))
+                    }
+                };
+                TlsFiles {
+                    cert,
+                    key,
+                    ..TlsFiles::default()
+                }
+            }
         };
         for (path, key) in [(&files.cert, "cert"), (&files.key, "key")] {
             if let Err(err) = std::fs::metadata(path) {
@@ -1312,7 +1464,56 @@ impl Validator<'_> {
                 ));
             }
         }
+        if let RawTls::Files(f) = &raw.value {
+            match (&f.client_ca, &f.client_auth) {
+                (None, Some(auth)) => {
+                    return Err(self.error(
+                        auth,
+                        format!("{at}.tls.client_auth"),
+                        "`client_auth` applies with `client_ca` (the CAs that sign client certificates)",
+                    ))
+                }
+                (None, None) => {}
+                (Some(ca), auth) => {
+                    let path = self.resolve(&ca.value);
+                    if let Err(err) = std::fs::metadata(&path) {
+                        return Err(self.error(
+                            ca,
+                            format!("{at}.tls.client_ca"),
+                            format!(
+                                "{}: {err} (the PEM file of the CAs that sign client certificates)",
+                                path.display()
+                            ),
+                        ));
+                    }
+                    files.client_ca = Some(path);
+                    files.client_auth = auth.as_ref().map(|a| a.value).unwrap_or_default();
+                }
+            }
+        }
         Ok(files)
+    }
+
+    fn proxy_protocol(
+        &self,
+        at: &str,
+        raw: &Spanned<RawProxyProtocol>,
+    ) -> Result<ProxyProtocol, ConfigError> {
+        if raw.value.trusted.is_empty() {
+            return Err(self.error(
+                raw,
+                format!("{at}.proxy_protocol.trusted"),
+                "list the balancers' networks (CIDRs such as 10.0.0.0/8) whose connections carry a PROXY header; it must not be empty",
+            ));
+        }
+        let mut trusted = Vec::new();
+        for (i, entry) in raw.value.trusted.iter().enumerate() {
+            let cidr = Cidr::parse(&entry.value).map_err(|message| {
+                self.error(entry, format!("{at}.proxy_protocol.trusted[{i}]"), message)
+            })?;
+            trusted.push(cidr);
+        }
+        Ok(ProxyProtocol { trusted })
     }
 }
 
@@ -1550,6 +1751,133 @@ clusters:
         );
         let (line, key, _) = invalid(&GOOD.replace("tls: auto", "tls: maybe"));
         assert_eq!((line, key.as_str()), (14, "clusters[0].endpoints[0].tls"));
+    }
+
+    #[test]
+    fn client_certificates_need_a_ca_file() {
+        let dir = certs();
+        std::fs::write(dir.path().join("clients.crt"), "x").expect("write");
+        let with_tls =
+            |tls: &str| GOOD.replace("        tls: auto\n", &format!("        tls:\n{tls}"));
+        let cfg = config(
+            dir.path(),
+            &with_tls("          cert: server.crt\n          key: server.key\n          client_ca: clients.crt\n"),
+        )
+        .expect("valid");
+        let tls = &cfg.clusters[0].endpoints[0].tls;
+        assert_eq!(tls.client_ca, Some(dir.path().join("clients.crt")));
+        assert_eq!(tls.client_auth, ClientAuth::Required, "required by default");
+        // Without cert and key: certs_dir's, as `auto`.
+        let cfg = config(
+            dir.path(),
+            &with_tls("          client_ca: clients.crt\n          client_auth: optional\n"),
+        )
+        .expect("valid");
+        let tls = &cfg.clusters[0].endpoints[0].tls;
+        assert_eq!(tls.cert, dir.path().join("./server.crt"));
+        assert_eq!(tls.client_auth, ClientAuth::Optional);
+
+        let (line, key, message) = invalid(&with_tls("          client_ca: missing.crt\n"));
+        assert_eq!(
+            (line, key.as_str()),
+            (15, "clusters[0].endpoints[0].tls.client_ca")
+        );
+        assert!(message.contains("missing.crt"), "{message}");
+        let (line, key, message) = invalid(&with_tls("          client_auth: optional\n"));
+        assert_eq!(
+            (line, key.as_str()),
+            (15, "clusters[0].endpoints[0].tls.client_auth")
+        );
+        assert!(message.contains("client_ca"), "{message}");
+        let (line, key, _) = invalid(&with_tls(
+            "          client_ca: clients.crt\n          client_auth: sometimes\n",
+        ));
+        assert_eq!(
+            (line, key.as_str()),
+            (16, "clusters[0].endpoints[0].tls.client_auth")
+        );
+        let (line, key, message) = invalid(&with_tls("          cert: server.crt\n"));
+        assert_eq!((line, key.as_str()), (15, "clusters[0].endpoints[0].tls"));
+        assert!(message.contains("both"), "{message}");
+    }
+
+    #[test]
+    fn proxy_protocol_trusts_listed_networks_only() {
+        let dir = certs();
+        let with = |pp: &str| {
+            GOOD.replace(
+                "        hold_timeout: 2s\n",
+                &format!("        hold_timeout: 2s\n        proxy_protocol:\n{pp}"),
+            )
+        };
+        let cfg = config(
+            dir.path(),
+            &with("          trusted: [127.0.0.2/32, 10.0.0.0/8, \"2001:db8::/32\", 192.0.2.7]\n"),
+        )
+        .expect("valid");
+        let pp = cfg.clusters[0].endpoints[0]
+            .proxy_protocol
+            .clone()
+            .expect("proxy_protocol");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        for yes in [
+            "127.0.0.2",
+            "10.1.2.3",
+            "2001:db8::1",
+            "192.0.2.7",
+            "::ffff:10.9.9.9",
+        ] {
+            assert!(pp.trusts(ip(yes)), "{yes}");
+        }
+        for no in ["127.0.0.1", "11.0.0.1", "2001:db9::1", "192.0.2.8", "::1"] {
+            assert!(!pp.trusts(ip(no)), "{no}");
+        }
+        assert!(
+            config(dir.path(), GOOD).expect("valid").clusters[0].endpoints[0]
+                .proxy_protocol
+                .is_none()
+        );
+
+        let (line, key, _) = invalid(&with("          trusted: []\n"));
+        assert_eq!(
+            (line, key.as_str()),
+            (17, "clusters[0].endpoints[0].proxy_protocol.trusted")
+        );
+        let (line, key, message) = invalid(&with(
+            "          trusted:\n            - 10.0.0.0/8\n            - 10.0.0.1/8\n",
+        ));
+        assert_eq!(
+            (line, key.as_str()),
+            (19, "clusters[0].endpoints[0].proxy_protocol.trusted[1]")
+        );
+        assert!(message.contains("10.0.0.0/8"), "{message}");
+        let (_, key, _) = invalid(&with("          trusted: [10.0.0.0/33]\n"));
+        assert_eq!(key, "clusters[0].endpoints[0].proxy_protocol.trusted[0]");
+        let (_, key, _) = invalid(&with("          trusted: [balancer.local]\n"));
+        assert_eq!(key, "clusters[0].endpoints[0].proxy_protocol.trusted[0]");
+        let (_, key, _) = invalid(&with(
+            "          trusted: [10.0.0.0/8]\n          v2: true\n",
+        ));
+        assert!(
+            key.starts_with("clusters[0].endpoints[0].proxy_protocol"),
+            "{key}"
+        );
+    }
+
+    #[test]
+    fn cidr_edges() {
+        let any4 = Cidr::parse("0.0.0.0/0").expect("all of IPv4");
+        assert!(any4.contains("203.0.113.1".parse().expect("ip")));
+        assert!(!any4.contains("::1".parse().expect("ip")));
+        let any6 = Cidr::parse("::/0").expect("all of IPv6");
+        assert!(any6.contains("2001:db8::1".parse().expect("ip")));
+        assert!(!any6.contains("10.0.0.1".parse().expect("ip")));
+        let mapped = Cidr::parse("::ffff:10.0.0.0/104").expect("mapped");
+        assert_eq!(mapped.to_string(), "10.0.0.0/8");
+        assert!(Cidr::parse("10.0.0.0/").is_err());
+        assert!(Cidr::parse("/8").is_err());
+        assert!(Cidr::parse("2001:db8::1/32").is_err());
+        assert_eq!(Cidr::parse("::1").expect("host").to_string(), "::1/128");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! named (Patroni's keys in etcd, Sentinel), [`roster`] holds the members
 //! (configured or learned from the DCS), [`cluster`] feeds both to the
 //! view and publishes snapshots, [`router`] picks members, [`proxy`] is the
-//! data path ([`admission`] counts what connections may take, [`splice`]
+//! data path ([`admission`] counts what connections may take,
+//! [`proxy_protocol`] reads a trusted balancer's PROXY header, [`splice`]
 //! relays a session's bytes), [`frontend`] the
 //! protocol-specific openings and refusals, [`tls`] and [`certs`] the TLS
 //! material, [`admin`] and [`metrics`] the operator's side ([`log_limit`]
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod peers;
 pub mod probe;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod roster;
 pub mod router;
 pub mod server;

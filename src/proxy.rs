@@ -29,6 +29,7 @@ use crate::frontend::postgres::{CancelKey, KeyWatcher};
 use crate::frontend::{self, Accepted, Frontend, Refusal};
 use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
+use crate::proxy_protocol::{self, HeaderError};
 use crate::router;
 use crate::splice::{Relayed, Splice};
 use crate::stream::{Prefixed, Stream};
@@ -184,6 +185,47 @@ impl Endpoint {
         }
     }
 
+    /// The client a trusted source's PROXY header names (its own address
+    /// for a header that names none), or `None` when the header is missing,
+    /// invalid, or not read within the opening's deadline: then the
+    /// connection is dropped, counted (`portal_connections_refused_total
+    /// {reason="proxy_protocol"}`) and logged (rate-limited).
+    fn proxied(
+        &self,
+        read: Result<Result<proxy_protocol::Header, HeaderError>, tokio::time::error::Elapsed>,
+        peer: SocketAddr,
+    ) -> Option<SocketAddr> {
+        let ep = self.config.name.as_str();
+        let failed = |reason: &'static str, error: String| {
+            self.refused("proxy_protocol");
+            // Each kind of failure has its own budget of lines.
+            let key = match reason {
+                "timeout" => "proxy_protocol_timeout",
+                "missing" => "proxy_protocol_missing",
+                _ => "proxy_protocol_invalid",
+            };
+            if let Some(suppressed) = self.log_limit.admit(key) {
+                tracing::info!(endpoint = ep, %peer, reason, error, suppressed, "no valid PROXY protocol header from a trusted source; connection dropped");
+            }
+            None
+        };
+        match read {
+            Ok(Ok(header)) => {
+                let client = header.source.unwrap_or(peer);
+                tracing::debug!(endpoint = ep, peer = %client, proxy = %peer, version = header.version, "PROXY protocol header");
+                Some(client)
+            }
+            Ok(Err(err)) => failed(err.reason(), err.to_string()),
+            Err(_) => failed(
+                "timeout",
+                format!(
+                    "no whole header within handshake_timeout ({}ms)",
+                    self.config.handshake_timeout.as_millis()
+                ),
+            ),
+        }
+    }
+
     /// Counts and (rate-limited) logs a connection an admission limit
     /// turned away.
     fn denied(&self, denied: Denied, peer: SocketAddr) {
@@ -267,7 +309,7 @@ impl Drop for ActiveGuard {
 
 async fn session(
     endpoint: Arc<Endpoint>,
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     ticket: OpeningTicket,
     close: CancellationToken,
@@ -275,6 +317,26 @@ async fn session(
     let ep = endpoint.config.name.as_str();
     let protocol = endpoint.cluster.config.protocol;
     tune(&tcp);
+    // The opening's deadline covers the PROXY header too.
+    let deadline = tokio::time::Instant::now() + endpoint.config.handshake_timeout;
+    // From a trusted balancer, the client is the one its header names:
+    // from here on `peer` is that client, for the limits and the logs.
+    let (peer, ticket) = match &endpoint.config.proxy_protocol {
+        Some(pp) if pp.trusts(peer.ip()) => {
+            let read = tokio::select! {
+                read = tokio::time::timeout_at(deadline, proxy_protocol::read(&mut tcp)) => read,
+                _ = close.cancelled() => return,
+            };
+            let Some(client) = endpoint.proxied(read, peer) else {
+                return;
+            };
+            match endpoint.admission.reassign(ticket, client.ip()) {
+                Ok(ticket) => (client, ticket),
+                Err(denied) => return endpoint.denied(denied, client),
+            }
+        }
+        _ => (peer, ticket),
+    };
 
     let frontend = Frontend {
         endpoint: ep,
@@ -284,10 +346,7 @@ async fn session(
         metrics: &endpoint.metrics.all,
         log_limit: &endpoint.log_limit,
     };
-    let opening = tokio::time::timeout(
-        endpoint.config.handshake_timeout,
-        frontend.accept(tcp, peer),
-    );
+    let opening = tokio::time::timeout_at(deadline, frontend.accept(tcp, peer));
     let accepted = tokio::select! {
         result = opening => match result {
             Ok(accepted) => accepted,
@@ -310,6 +369,10 @@ async fn session(
         }
         Accepted::Dropped => return,
     };
+    // With `tls.client_ca`: who the client's certificate says it is.
+    let client_cert = client
+        .client_certificate()
+        .and_then(crate::tls::certificate_subject);
     // Established: the opening's place goes back, a session's is taken.
     drop(ticket);
     let _ticket = match endpoint.admission.session(peer.ip()) {
@@ -489,17 +552,23 @@ async fn session(
         }
     }
     if endpoint.config.access_log {
-        tracing::info!(
-            target: "portal::access",
-            endpoint = ep,
-            client = %peer,
-            member = member_name,
-            from_client = bytes.from_client.load(Ordering::Relaxed),
-            to_client = bytes.to_client.load(Ordering::Relaxed),
-            duration_ms = started.elapsed().as_millis() as u64,
-            ended = why,
-            "session"
-        );
+        let from_client = bytes.from_client.load(Ordering::Relaxed);
+        let to_client = bytes.to_client.load(Ordering::Relaxed);
+        let duration_ms = started.elapsed().as_millis() as u64;
+        match &client_cert {
+            Some(subject) => tracing::info!(
+                target: "portal::access",
+                endpoint = ep, client = %peer, client_cert = subject.as_str(), member = member_name,
+                from_client, to_client, duration_ms, ended = why,
+                "session"
+            ),
+            None => tracing::info!(
+                target: "portal::access",
+                endpoint = ep, client = %peer, member = member_name,
+                from_client, to_client, duration_ms, ended = why,
+                "session"
+            ),
+        }
     }
 }
 

@@ -23,6 +23,20 @@ impl Stream {
         }
     }
 
+    /// The certificate a client presented on a TLS leg the portal accepted
+    /// (only when the endpoint asks for one: `tls.client_ca`).
+    pub fn client_certificate(&self) -> Option<&[u8]> {
+        match self {
+            Stream::Accepted(tls) => tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|cert| cert.as_ref()),
+            _ => None,
+        }
+    }
+
     /// The certificate a member presented on a TLS leg the portal opened.
     pub fn member_certificate(&self) -> Option<&[u8]> {
         match self {

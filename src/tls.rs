@@ -4,16 +4,19 @@
 //! secrecy: TLS 1.3 AES-256-GCM, AES-128-GCM and ChaCha20-Poly1305, and for
 //! TLS 1.2 ECDHE with the same ciphers. The server's order wins. TLS 1.0 and
 //! 1.1 ClientHellos are refused with a `protocol_version` alert. ECDSA, Ed25519
-//! and RSA keys (PKCS#8, PKCS#1 or SEC1 PEM) are accepted.
+//! and RSA keys (PKCS#8, PKCS#1 or SEC1 PEM) are accepted. With a
+//! `client_ca`, clients authenticate with a certificate that chains to it
+//! (required, or optional with `client_auth: optional`).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;
 
-use crate::config::TlsFiles;
+use crate::config::{ClientAuth, TlsFiles};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -56,29 +59,66 @@ pub fn not_after(path: &Path) -> Result<i64, TlsError> {
     Ok(cert.validity().not_after.timestamp())
 }
 
-/// Builds the server side configuration for one endpoint.
+/// Builds the server side configuration for one endpoint: its certificate
+/// and key and, with `client_ca`, the verifier of client certificates
+/// (rustls's WebPKI verifier: a chain to one of those CAs, valid now, for
+/// client authentication).
 pub fn server_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = load_certs(&files.cert)?;
     let key =
         PrivateKeyDer::from_pem_file(&files.key).map_err(|err| file_error(&files.key, err))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let identity_error = |source| TlsError::Identity {
+        cert: files.cert.display().to_string(),
+        key: files.key.display().to_string(),
+        source,
+    };
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|source| TlsError::Identity {
-            cert: files.cert.display().to_string(),
-            key: files.key.display().to_string(),
-            source,
-        })?
-        .with_no_client_auth()
+        .map_err(identity_error)?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            builder.with_client_cert_verifier(client_verifier(ca, files.client_auth, provider)?)
+        }
+    };
+    let mut config = builder
         .with_single_cert(certs, key)
-        .map_err(|source| TlsError::Identity {
-            cert: files.cert.display().to_string(),
-            key: files.key.display().to_string(),
-            source,
-        })?;
+        .map_err(identity_error)?;
     config.ignore_client_order = true;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
+}
+
+/// Verifies client certificates against the CAs in the PEM file `ca`.
+fn client_verifier(
+    ca: &Path,
+    auth: ClientAuth,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(ca)? {
+        roots
+            .add(cert)
+            .map_err(|err| file_error(ca, format!("not a usable CA certificate: {err}")))?;
+    }
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    let builder = match auth {
+        ClientAuth::Required => builder,
+        ClientAuth::Optional => builder.allow_unauthenticated(),
+    };
+    builder.build().map_err(|err| {
+        file_error(
+            ca,
+            format!("cannot verify client certificates with it: {err}"),
+        )
+    })
+}
+
+/// The subject of a client's certificate (DER), as `CN=app,O=example`.
+pub fn certificate_subject(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.subject().to_string())
 }
 
 /// A client configuration trusting only the CAs in `ca` (PEM), for TLS the

@@ -142,6 +142,86 @@ fn missing_cert_file_is_rejected_naming_the_file() {
 }
 
 #[test]
+fn a_missing_client_ca_names_the_file_the_line_and_the_key() {
+    let certs = temp_certs();
+    let config = valid_config(&certs);
+    let key = format!("          key: {}\n", certs.key.display());
+    let missing = certs.dir.join("clients-ca.crt");
+    let yaml = config.yaml().replacen(
+        &key,
+        &format!("{key}          client_ca: {}\n", missing.display()),
+        1,
+    );
+    let line = line_of(&yaml, "client_ca:");
+    let stderr = check_fails(&ConfigFile::new(&yaml));
+    assert!(
+        stderr.contains(&format!("portal.yaml:{line}:")),
+        "expected portal.yaml:{line}: in {stderr}"
+    );
+    assert!(
+        stderr.contains("endpoints[0].tls.client_ca"),
+        "expected the key in {stderr}"
+    );
+    assert!(stderr.contains("clients-ca.crt"), "{stderr}");
+
+    // A file that holds no certificate: `check` loads it and says so.
+    std::fs::write(&missing, "not PEM\n").expect("write");
+    let stderr = check_fails(&ConfigFile::new(&yaml));
+    assert!(
+        stderr.contains("clients-ca.crt") && stderr.contains("no PEM certificate"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_bad_proxy_protocol_network_names_its_line_and_key() {
+    let certs = temp_certs();
+    let yaml = valid_config(&certs)
+        .endpoint_key("proxy_protocol:")
+        .endpoint_key("  trusted:")
+        .endpoint_key("    - 10.0.0.0/8")
+        .endpoint_key("    - 10.0.0.1/8")
+        .yaml();
+    let line = line_of(&yaml, "- 10.0.0.1/8");
+    let stderr = check_fails(&ConfigFile::new(&yaml));
+    assert!(
+        stderr.contains(&format!("portal.yaml:{line}:")),
+        "expected portal.yaml:{line}: in {stderr}"
+    );
+    assert!(
+        stderr.contains("endpoints[0].proxy_protocol.trusted[1]"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("10.0.0.0/8"),
+        "the fix is suggested: {stderr}"
+    );
+
+    let empty = valid_config(&certs)
+        .endpoint_key("proxy_protocol: {trusted: []}")
+        .yaml();
+    let stderr = check_fails(&ConfigFile::new(&empty));
+    assert!(stderr.contains("proxy_protocol.trusted"), "{stderr}");
+
+    // A valid one passes, and `check` says what it will expect.
+    let good = valid_config(&certs)
+        .endpoint_key("proxy_protocol: {trusted: [10.0.0.0/8, \"2001:db8::/32\"]}")
+        .yaml();
+    let file = ConfigFile::new(&good);
+    let out = portal(&["check"], Some(&file.path));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("PROXY protocol from 10.0.0.0/8 2001:db8::/32"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn run_refuses_a_bad_config_too() {
     let certs = temp_certs();
     let yaml = valid_config(&certs)

@@ -230,9 +230,29 @@ impl Frontend<'_> {
             tracing::debug!(endpoint = self.endpoint, %peer, "client closed before the handshake");
             return Accepted::Dropped;
         }
+        if opening == Opening::Plaintext {
+            self.note_untrusted_header(&tcp, peer).await;
+        }
         match self.protocol {
             Protocol::Postgres => self.accept_postgres(tcp, peer, opening).await,
             Protocol::Redis | Protocol::Etcd => self.accept_tls_only(tcp, peer, opening).await,
+        }
+    }
+
+    /// A PROXY protocol header from a source the endpoint does not trust
+    /// (or on an endpoint without `proxy_protocol`) is the client's first
+    /// bytes like any others, and fails the opening as they would; this
+    /// only says so in the log, since it usually means a balancer missing
+    /// from `proxy_protocol.trusted`.
+    async fn note_untrusted_header(&self, tcp: &TcpStream, peer: SocketAddr) {
+        let mut first = [0u8; 12];
+        let Ok(n) = tcp.peek(&mut first).await else {
+            return;
+        };
+        if crate::proxy_protocol::looks_like_header(&first[..n]) {
+            if let Some(suppressed) = self.log("proxy_protocol_untrusted") {
+                tracing::info!(endpoint = self.endpoint, %peer, suppressed, "a PROXY protocol header from a source this endpoint does not trust (proxy_protocol.trusted); treated as a direct client's bytes, the opening fails");
+            }
         }
     }
 
