@@ -13,13 +13,13 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 
-use crate::config::TlsFiles;
+use crate::config::{ClientTls, TlsFiles};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{path}: {what}")]
     File { path: String, what: String },
-    #[error("certificate {cert} and key {key} do not make a server identity: {source}")]
+    #[error("certificate {cert} and key {key} do not make an identity: {source}")]
     Identity {
         cert: String,
         key: String,
@@ -81,19 +81,41 @@ pub fn server_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<Arc<ServerConfi
     Ok(Arc::new(config))
 }
 
-/// A client configuration trusting only the CAs in `ca` (PEM), for TLS the
-/// portal originates to members.
-pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+/// The client side of TLS the portal originates (to members, a DCS,
+/// Patroni's REST API): TLS 1.3 and 1.2, trusting only the CAs in
+/// `tls.ca` (PEM), presenting `tls.identity` when set (servers that ask
+/// for a client certificate: Redis's `tls-auth-clients`, etcd's
+/// `--client-cert-auth`), offering `alpn`.
+pub fn client_config(
+    tls: &ClientTls,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let ca = &tls.ca;
     let mut roots = rustls::RootCertStore::empty();
     for cert in load_certs(ca)? {
         roots.add(cert).map_err(|err| file_error(ca, err))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|err| file_error(ca, err))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match &tls.identity {
+        None => builder.with_no_client_auth(),
+        Some(files) => {
+            let certs = load_certs(&files.cert)?;
+            let key = PrivateKeyDer::from_pem_file(&files.key)
+                .map_err(|err| file_error(&files.key, err))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|source| TlsError::Identity {
+                    cert: files.cert.display().to_string(),
+                    key: files.key.display().to_string(),
+                    source,
+                })?
+        }
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 
