@@ -1,4 +1,6 @@
-//! TLS termination settings: rustls with TLS 1.3 and 1.2 only.
+//! TLS settings: the endpoints' server side, and the client side of every
+//! TLS connection the portal originates (members, Patroni's REST API, etcd,
+//! Sentinel); rustls with TLS 1.3 and 1.2 only.
 //!
 //! The suites are rustls's (ring) modern defaults, all AEAD with forward
 //! secrecy: TLS 1.3 AES-256-GCM, AES-128-GCM and ChaCha20-Poly1305, and for
