@@ -30,11 +30,22 @@ use crate::peers;
 use crate::proxy::Endpoint;
 use crate::view::{DcsView, Override, OverrideError, Snapshot};
 
-/// What the admin pages read.
-pub struct AdminState {
+/// The cluster and endpoint instances serving now; a reload swaps them.
+pub struct Served {
     pub clusters: Vec<Arc<Cluster>>,
     pub endpoints: Vec<Arc<Endpoint>>,
+}
+
+/// What a reload did (`Ok`) or why it was refused (`Err`), in words.
+pub type ReloadOutcome = Result<String, String>;
+
+/// What the admin pages read.
+pub struct AdminState {
+    pub served: arc_swap::ArcSwap<Served>,
     pub metrics: Arc<Metrics>,
+    /// `POST /reload` asks the main task for a reload here and waits for
+    /// its outcome.
+    pub reload: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ReloadOutcome>>,
     /// Set once shutdown starts: `/ready` then answers 503.
     pub draining: AtomicBool,
     /// What the operator's actions and the peer exchange require.
@@ -129,7 +140,8 @@ async fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<By
         );
     }
     let path = req.uri().path();
-    if state.exposed && state.token.is_some() && path != "/health" && path != "/ready" {
+    let probe_path = path == "/health" || path == "/ready" || path.starts_with("/ready/");
+    if state.exposed && state.token.is_some() && !probe_path {
         if let Some(refusal) = unauthorized(state, req) {
             return refusal;
         }
@@ -139,11 +151,12 @@ async fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<By
             respond(
                 StatusCode::OK,
                 "application/json",
-                format!("{}\n", peers::terms_document(&state.clusters)),
+                format!("{}\n", peers::terms_document(&state.served.load().clusters)),
             )
         }),
         "/health" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
         "/ready" => ready(state),
+        _ if path.starts_with("/ready/") => ready_part(state, &path["/ready/".len()..]),
         "/metrics" => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4",
@@ -214,13 +227,17 @@ async fn operator_action(state: &AdminState, req: &Request<Incoming>) -> Respons
     }
     let text = |status, body: String| respond(status, "text/plain", body);
     let path = req.uri().path();
+    if path == "/reload" {
+        return reload(state).await;
+    }
     let Some((name, action)) = path
         .strip_prefix("/clusters/")
         .and_then(|rest| rest.split_once('/'))
     else {
         return text(StatusCode::NOT_FOUND, "not found\n".into());
     };
-    let Some(cluster) = state.clusters.iter().find(|c| c.config.name == name) else {
+    let served = state.served.load_full();
+    let Some(cluster) = served.clusters.iter().find(|c| c.config.name == name) else {
         return text(StatusCode::NOT_FOUND, format!("no cluster {name:?}\n"));
     };
     let decision = match action {
@@ -254,7 +271,10 @@ async fn operator_action(state: &AdminState, req: &Request<Incoming>) -> Respons
             respond(
                 StatusCode::OK,
                 "application/json",
-                format!("{:#}\n", cluster_json(cluster, &snapshot, &state.endpoints)),
+                format!(
+                    "{:#}\n",
+                    cluster_json(cluster, &snapshot, &served.endpoints)
+                ),
             )
         }
         Err(ActionError::Refused(err @ OverrideError::NotClaiming(_))) => {
@@ -272,7 +292,8 @@ fn ready(state: &AdminState) -> Response<Full<Bytes>> {
             "draining\n".into(),
         );
     }
-    let missing: Vec<&str> = state
+    let served = state.served.load();
+    let missing: Vec<&str> = served
         .clusters
         .iter()
         .filter(|c| c.status.load().leader.is_none())
@@ -286,6 +307,73 @@ fn ready(state: &AdminState) -> Response<Full<Bytes>> {
             "text/plain",
             format!("no leader for: {}\n", missing.join(", ")),
         )
+    }
+}
+
+/// `POST /reload`: the same reload as SIGHUP, answered with its outcome.
+async fn reload(state: &AdminState) -> Response<Full<Bytes>> {
+    let text = |status, body: String| respond(status, "text/plain", body);
+    let (reply, outcome) = tokio::sync::oneshot::channel();
+    if state.reload.send(reply).await.is_err() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
+    }
+    match outcome.await {
+        Ok(Ok(done)) => text(StatusCode::OK, format!("{done}\n")),
+        Ok(Err(refused)) => text(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("reload refused; the running configuration stays: {refused}\n"),
+        ),
+        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into()),
+    }
+}
+
+/// `/ready/cluster/NAME`: the cluster has a leader. `/ready/endpoint/NAME`:
+/// the endpoint has a member to route a new session to now (its route,
+/// lag limit and replica fallback applied). Both 503 while draining.
+fn ready_part(state: &AdminState, what: &str) -> Response<Full<Bytes>> {
+    let text = |status, body: String| respond(status, "text/plain", body);
+    let served = state.served.load();
+    let unavailable = |why: String| text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
+    let answer = match what.split_once('/') {
+        Some(("cluster", name)) => {
+            let Some(cluster) = served.clusters.iter().find(|c| c.config.name == name) else {
+                return text(StatusCode::NOT_FOUND, format!("no cluster {name:?}\n"));
+            };
+            if cluster.status.load().leader.is_some() {
+                Ok(())
+            } else {
+                Err(format!("no leader for {name}"))
+            }
+        }
+        Some(("endpoint", name)) => {
+            let Some(endpoint) = served.endpoints.iter().find(|e| e.config.name == name) else {
+                return text(StatusCode::NOT_FOUND, format!("no endpoint {name:?}\n"));
+            };
+            let snapshot = endpoint.cluster.routing.borrow().clone();
+            let config = &endpoint.config;
+            let candidates =
+                crate::router::candidates(&snapshot, config.route, config.replica_fallback, |r| {
+                    crate::router::within_lag(snapshot.members.get(r), config.max_lag)
+                });
+            if candidates.is_empty() {
+                Err(format!("no member for {name} (route {})", config.route))
+            } else {
+                Ok(())
+            }
+        }
+        _ => {
+            return text(
+                StatusCode::NOT_FOUND,
+                "/ready/cluster/NAME or /ready/endpoint/NAME\n".into(),
+            )
+        }
+    };
+    if state.draining.load(Ordering::Relaxed) {
+        return unavailable("draining".into());
+    }
+    match answer {
+        Ok(()) => text(StatusCode::OK, "ready\n".into()),
+        Err(why) => unavailable(why),
     }
 }
 
@@ -384,10 +472,11 @@ fn dcs_json(cluster: &Cluster, dcs: &DcsView) -> Value {
 
 /// The `/status` document.
 pub fn status_json(state: &AdminState) -> Value {
-    let clusters: Vec<Value> = state
+    let served = state.served.load();
+    let clusters: Vec<Value> = served
         .clusters
         .iter()
-        .map(|c| cluster_json(c, &c.status.load(), &state.endpoints))
+        .map(|c| cluster_json(c, &c.status.load(), &served.endpoints))
         .collect();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -411,7 +500,7 @@ fn status_page(state: &AdminState) -> String {
          td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}.leader{background:#dfd}\
          .down{background:#fdd}.warn{color:#b00;font-weight:bold}</style></head><body><h1>portal</h1>",
     );
-    for cluster in &state.clusters {
+    for cluster in &state.served.load().clusters {
         let s = cluster.status.load();
         let leader = s
             .leader

@@ -56,6 +56,9 @@ pub struct Cluster {
     /// Changes only when the epoch does: sessions watch it to close on a
     /// leader change, new connections wait on it while there is no leader.
     pub routing: watch::Receiver<Arc<Snapshot>>,
+    /// Its sender: the view task's, or, once a reload replaced this
+    /// instance, [`follow_successor`]'s.
+    routing_tx: watch::Sender<Arc<Snapshot>>,
     /// The latest snapshot with every member's last report, for `/status`.
     pub status: ArcSwap<Snapshot>,
     /// Sessions open per member, for least-connections.
@@ -111,6 +114,7 @@ impl Cluster {
             origination,
             status: ArcSwap::new(first),
             routing,
+            routing_tx,
             reports,
             control,
             roster,
@@ -159,7 +163,6 @@ impl Cluster {
                 control: control_rx,
                 peer_wait,
             },
-            routing_tx,
             urgent_tx,
             poke,
             metrics,
@@ -226,6 +229,75 @@ impl Cluster {
             cluster: self.clone(),
             member,
         }
+    }
+}
+
+/// What a reload hands from a cluster's running instance to the one that
+/// replaces it: the newest term the old view saw a leader hold and the
+/// lineage it learned, given to the new view as a peer's (view rule 4), so
+/// the new view fences what the old one fenced from its first report.
+pub fn inherited_terms(old: &Cluster) -> Option<PeerTerms> {
+    let snapshot = old.status.load();
+    Some(PeerTerms {
+        term: snapshot.leader_term.clone()?,
+        lineage: snapshot.lineage.clone(),
+    })
+}
+
+/// After a reload replaced `old` with `new` (and `old`'s view stopped):
+/// feeds `old`'s sessions `new`'s view, so that each stays open exactly
+/// while its member, the same name at the same address, is eligible under
+/// `new`. Returns when `done` does.
+pub async fn follow_successor(
+    old: Arc<Cluster>,
+    new: Arc<Cluster>,
+    done: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(done);
+    let base = old.routing.borrow().epoch;
+    let mut next = new.routing.clone();
+    loop {
+        let snapshot = next.borrow_and_update().clone();
+        let in_old = |id: MemberId| {
+            let entry = new.roster.get(id)?;
+            let old_id = old.roster.id_of(&entry.name)?;
+            let before = old.roster.get(old_id)?;
+            (before.address == entry.address).then_some(old_id)
+        };
+        old.routing_tx
+            .send_replace(Arc::new(successor_snapshot(&snapshot, in_old, base)));
+        tokio::select! {
+            changed = next.changed() => if changed.is_err() { return },
+            () = &mut done => return,
+        }
+    }
+}
+
+/// `snapshot` of a successor instance in the member ids of its predecessor
+/// (`in_old`; `None` for a member the predecessor did not have), under an
+/// epoch above every one the predecessor's sessions saw (`base`). Only what
+/// a running session asks (`router::still_eligible`) is carried.
+fn successor_snapshot(
+    snapshot: &Snapshot,
+    in_old: impl Fn(MemberId) -> Option<MemberId>,
+    base: u64,
+) -> Snapshot {
+    Snapshot {
+        epoch: base + 1 + snapshot.epoch,
+        leader: snapshot.leader.and_then(&in_old),
+        replicas: snapshot
+            .replicas
+            .iter()
+            .filter_map(|&r| in_old(r))
+            .collect(),
+        split_brain: snapshot.split_brain,
+        leader_term: snapshot.leader_term.clone(),
+        dcs: snapshot.dcs.clone(),
+        members: Vec::new(),
+        no_leader: snapshot.no_leader,
+        peer_terms: Vec::new(),
+        lineage: Vec::new(),
+        pinned: None,
     }
 }
 
@@ -380,7 +452,6 @@ async fn supervise(
     cluster: Arc<Cluster>,
     mut view: View,
     inputs: Inputs,
-    routing: watch::Sender<Arc<Snapshot>>,
     urgent: watch::Sender<bool>,
     poke: Arc<Notify>,
     metrics: Arc<Metrics>,
@@ -565,7 +636,7 @@ async fn supervise(
         epoch_gauge.set(i64::try_from(snapshot.epoch).unwrap_or(i64::MAX));
         cluster.status.store(snapshot.clone());
         let has_leader = snapshot.leader.is_some();
-        routing.send_if_modified(|current| {
+        cluster.routing_tx.send_if_modified(|current| {
             if current.epoch != snapshot.epoch {
                 *current = snapshot;
                 true
@@ -595,5 +666,53 @@ fn log_dcs(cluster: &str, report: &DcsReport, roster: &Roster) {
         DcsReport::Unreachable { error } => {
             tracing::warn!(cluster, %error, "DCS unreachable")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Route;
+    use crate::router::still_eligible;
+
+    fn snapshot(epoch: u64, leader: Option<MemberId>, replicas: Vec<MemberId>) -> Snapshot {
+        Snapshot {
+            epoch,
+            leader,
+            replicas,
+            split_brain: false,
+            leader_term: None,
+            dcs: crate::view::DcsView::Absent,
+            members: Vec::new(),
+            no_leader: None,
+            peer_terms: Vec::new(),
+            lineage: Vec::new(),
+            pinned: None,
+        }
+    }
+
+    #[test]
+    fn a_successor_snapshot_speaks_in_the_predecessors_ids() {
+        // Old ids: a=0, b=1, c=2. New ids: c=0, b=1, d=2 (a removed, d added,
+        // c moved to the first slot).
+        let in_old = |id: MemberId| match id {
+            0 => Some(2),
+            1 => Some(1),
+            _ => None,
+        };
+        let next = successor_snapshot(&snapshot(1, Some(0), vec![1, 2]), in_old, 7);
+        assert_eq!(next.epoch, 9, "above every epoch the old sessions saw");
+        assert_eq!(next.leader, Some(2), "c leads, old id 2");
+        assert_eq!(next.replicas, vec![1], "d was not a member before");
+        assert!(still_eligible(&next, Route::Leader, 2));
+        assert!(
+            !still_eligible(&next, Route::Leader, 0),
+            "a's sessions close"
+        );
+        assert!(still_eligible(&next, Route::Replicas, 1));
+        // A new leader the old instance never had: no old session fits.
+        let next = successor_snapshot(&snapshot(2, Some(2), vec![]), in_old, 7);
+        assert_eq!(next.leader, None);
+        assert!(!still_eligible(&next, Route::Leader, 2));
     }
 }

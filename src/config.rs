@@ -36,7 +36,7 @@ pub enum ConfigError {
 }
 
 /// The validated configuration of one portal process.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub file: PathBuf,
     pub admin: Admin,
@@ -44,7 +44,7 @@ pub struct Config {
     pub clusters: Vec<Cluster>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Admin {
     pub listen: SocketAddr,
     /// Bearer token that the operator actions (`POST /clusters/...`) and
@@ -58,10 +58,14 @@ pub struct Admin {
     pub peer_interval: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShutdownSettings {
     /// How long sessions may keep running after a stop signal.
     pub drain_timeout: Duration,
+    /// After a stop signal, how long `/ready` answers 503 while the
+    /// listeners still accept, before they close (a load balancer in front
+    /// deregisters the portal meanwhile).
+    pub ready_delay: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -82,7 +86,7 @@ impl fmt::Display for Protocol {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Cluster {
     pub name: String,
     pub protocol: Protocol,
@@ -107,7 +111,7 @@ impl Cluster {
 }
 
 /// A distributed configuration store that names the leader.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Dcs {
     Etcd(EtcdDcs),
     Sentinel(SentinelDcs),
@@ -115,7 +119,7 @@ pub enum Dcs {
 
 /// Patroni's keys in etcd (v3 API): `<prefix>/<scope>/leader` holds the
 /// leader's member name.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EtcdDcs {
     pub endpoints: Vec<String>,
     /// Patroni's `namespace`, without a trailing slash.
@@ -132,7 +136,7 @@ pub struct EtcdDcs {
 }
 
 /// Redis Sentinel: the master of `master_name`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SentinelDcs {
     pub addresses: Vec<String>,
     pub master_name: String,
@@ -143,7 +147,7 @@ pub struct SentinelDcs {
     pub tls: Option<ClientTls>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProbeSettings {
     pub interval: Duration,
     /// Probe period while the cluster has no leader.
@@ -267,7 +271,7 @@ impl fmt::Debug for Secret {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Member {
     pub name: String,
     /// `host:port`; resolved at connect time so DNS names follow changes.
@@ -310,7 +314,7 @@ pub enum OnLeaderChange {
     Keep,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Endpoint {
     pub name: String,
     pub listen: SocketAddr,
@@ -490,12 +494,15 @@ fn unspanned<T>(value: T) -> Spanned<T> {
 struct RawShutdown {
     #[serde(default = "default_drain", deserialize_with = "de_duration")]
     drain_timeout: Duration,
+    #[serde(default, deserialize_with = "de_duration_or_zero")]
+    ready_delay: Duration,
 }
 
 impl Default for RawShutdown {
     fn default() -> Self {
         RawShutdown {
             drain_timeout: default_drain(),
+            ready_delay: Duration::ZERO,
         }
     }
 }
@@ -752,16 +759,21 @@ fn de_opt_duration<'de, D: Deserializer<'de>>(
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    let duration = humantime::parse_duration(&text).map_err(|err| {
-        de::Error::custom(format!(
-            "invalid duration {text:?} ({err}); write it like 500ms, 3s or 1m"
-        ))
-    })?;
+    let duration = de_duration_or_zero(deserializer)?;
     if duration.is_zero() {
         return Err(de::Error::custom("a duration must be greater than zero"));
     }
     Ok(duration)
+}
+
+/// A duration where `0s` means "none".
+fn de_duration_or_zero<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    humantime::parse_duration(&text).map_err(|err| {
+        de::Error::custom(format!(
+            "invalid duration {text:?} ({err}); write it like 500ms, 3s or 1m"
+        ))
+    })
 }
 
 // ---- validation -----------------------------------------------------------
@@ -1084,6 +1096,7 @@ impl Validator<'_> {
             },
             shutdown: ShutdownSettings {
                 drain_timeout: raw.shutdown.drain_timeout,
+                ready_delay: raw.shutdown.ready_delay,
             },
             clusters,
         })
@@ -1507,6 +1520,20 @@ clusters:
         tls: auto
         hold_timeout: 2s
 ";
+
+    #[test]
+    fn ready_delay_is_off_by_default_and_may_be_zero() {
+        let dir = certs();
+        let cfg = config(dir.path(), GOOD).expect("valid");
+        assert_eq!(cfg.shutdown.ready_delay, Duration::ZERO);
+        for (text, want) in [("0s", 0), ("5s", 5)] {
+            let body = format!("shutdown:\n  ready_delay: {text}\n{GOOD}");
+            let cfg = config(dir.path(), &body).expect("valid");
+            assert_eq!(cfg.shutdown.ready_delay, Duration::from_secs(want));
+        }
+        let (line, key, _) = invalid(&format!("shutdown:\n  ready_delay: soon\n{GOOD}"));
+        assert_eq!((line, key.as_str()), (2, "shutdown.ready_delay"));
+    }
 
     #[test]
     fn good_config_gets_defaults() {

@@ -122,7 +122,7 @@ pub async fn follow(
     peer: String,
     token: Secret,
     interval: Duration,
-    clusters: Vec<Arc<Cluster>>,
+    served: Arc<crate::admin::AdminState>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
@@ -132,7 +132,9 @@ pub async fn follow(
     // a stale answer is worth little.
     let limit = interval.clamp(Duration::from_millis(100), Duration::from_secs(2));
     let mut reachable: Option<bool> = None;
-    let mut first = true;
+    // The cluster instances told that this peer answered (a reload may
+    // start new ones).
+    let mut told: std::collections::HashSet<usize> = std::collections::HashSet::new();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -153,7 +155,9 @@ pub async fn follow(
                     reachable = Some(true);
                 }
                 let answers = parse_document(&document);
+                let clusters = served.served.load().clusters.clone();
                 for cluster in &clusters {
+                    let first = told.insert(Arc::as_ptr(cluster) as usize);
                     match answers
                         .iter()
                         .find(|(name, _)| *name == cluster.config.name)
@@ -165,7 +169,6 @@ pub async fn follow(
                         None => {}
                     }
                 }
-                first = false;
             }
             Err(error) => {
                 failed.inc();

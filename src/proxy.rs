@@ -72,26 +72,31 @@ struct EndpointMetrics {
 pub struct Endpoint {
     pub config: config::Endpoint,
     pub cluster: Arc<Cluster>,
-    /// Swapped on reload: new handshakes use the new certificate at once.
-    acceptor: arc_swap::ArcSwap<TlsAcceptor>,
-    admission: Admission,
+    acceptor: TlsAcceptor,
+    /// Shared with the endpoint's next instance after a reload, when its
+    /// limits stay the same.
+    admission: Arc<Admission>,
     /// Limits the lines that refused and failed connections log.
     log_limit: LogLimit,
     /// The endpoint's own certificate (DER), to tell a PostgreSQL member
     /// that presents another one over `backend_tls` (SCRAM channel binding
     /// then fails), and the members already warned about.
-    certificate: arc_swap::ArcSwap<Option<Vec<u8>>>,
+    certificate: Option<Vec<u8>>,
     binding_warned: std::sync::Mutex<std::collections::HashSet<MemberId>>,
     turn: AtomicUsize,
     metrics: EndpointMetrics,
 }
 
 impl Endpoint {
+    /// With `previous`, the instance of the same name this one replaces on a
+    /// reload: its admission places carry over when the limits are the same
+    /// (its open sessions keep counting), else they start afresh.
     pub fn new(
         config: config::Endpoint,
         cluster: Arc<Cluster>,
         tls: Arc<rustls::ServerConfig>,
         metrics: Arc<Metrics>,
+        previous: Option<&Endpoint>,
     ) -> Endpoint {
         let name = config.name.as_str();
         let m = EndpointMetrics {
@@ -111,17 +116,22 @@ impl Endpoint {
                 .with_label_values(&[name, "idle_timeout"]),
             all: metrics,
         };
+        let limits = Limits {
+            handshakes: config.max_handshakes,
+            handshakes_per_source: config.max_handshakes_per_source,
+            sessions: config.max_connections,
+            sessions_per_source: config.max_connections_per_source,
+        };
+        let admission = match previous {
+            Some(p) if p.admission.limits() == limits => p.admission.clone(),
+            _ => Arc::new(Admission::new(limits)),
+        };
         Endpoint {
-            admission: Admission::new(Limits {
-                handshakes: config.max_handshakes,
-                handshakes_per_source: config.max_handshakes_per_source,
-                sessions: config.max_connections,
-                sessions_per_source: config.max_connections_per_source,
-            }),
+            admission,
             log_limit: LogLimit::default(),
-            certificate: arc_swap::ArcSwap::from_pointee(endpoint_certificate(&config.tls.cert)),
+            certificate: endpoint_certificate(&config.tls.cert),
             binding_warned: std::sync::Mutex::default(),
-            acceptor: arc_swap::ArcSwap::from_pointee(TlsAcceptor::from(tls)),
+            acceptor: TlsAcceptor::from(tls),
             turn: AtomicUsize::new(0),
             metrics: m,
             config,
@@ -139,17 +149,6 @@ impl Endpoint {
         self.admission.openings()
     }
 
-    /// Serves `tls` (a reloaded certificate) to every new handshake from
-    /// now on; sessions already open keep theirs.
-    pub fn replace_tls(&self, tls: Arc<rustls::ServerConfig>, cert: &std::path::Path) {
-        self.acceptor.store(Arc::new(TlsAcceptor::from(tls)));
-        self.certificate.store(Arc::new(endpoint_certificate(cert)));
-        self.binding_warned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
-    }
-
     fn refused(&self, reason: &str) {
         self.metrics
             .all
@@ -164,8 +163,8 @@ impl Endpoint {
     /// own. They agree only when the member serves the endpoint's
     /// certificate; warns once per member when it does not.
     fn check_channel_binding(&self, member: MemberId, server: &Stream) {
-        let ours = self.certificate.load();
-        let (Some(theirs), Some(ours)) = (server.member_certificate(), ours.as_ref()) else {
+        let (Some(theirs), Some(ours)) = (server.member_certificate(), self.certificate.as_ref())
+        else {
             return;
         };
         if theirs == ours.as_slice() {
@@ -203,15 +202,26 @@ impl Endpoint {
     }
 }
 
-/// Accepts until `stop_accepting`; each session runs on `sessions` and ends
-/// on its own or at `close_sessions`.
+/// Where an endpoint instance's sessions run: each is tracked by every
+/// tracker (the process's, for shutdown; its cluster instance's and its
+/// endpoint instance's, for a reload that retires either) and ends on its
+/// own or at `close`.
+#[derive(Clone)]
+pub struct SessionTasks {
+    pub all: TaskTracker,
+    pub cluster: TaskTracker,
+    pub endpoint: TaskTracker,
+    pub close: CancellationToken,
+}
+
+/// Accepts until `stop_accepting`, then hands the listener back (a reload
+/// passes it to the endpoint's next instance: no connection is refused).
 pub async fn serve(
     endpoint: Arc<Endpoint>,
     listener: TcpListener,
-    sessions: TaskTracker,
+    tasks: SessionTasks,
     stop_accepting: CancellationToken,
-    close_sessions: CancellationToken,
-) {
+) -> TcpListener {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -222,13 +232,13 @@ pub async fn serve(
                 endpoint.metrics.accepted.inc();
                 match endpoint.admission.opening(peer.ip()) {
                     Ok(ticket) => {
-                        sessions.spawn(session(
-                            endpoint.clone(),
-                            tcp,
-                            peer,
-                            ticket,
-                            close_sessions.clone(),
-                        ));
+                        let session =
+                            session(endpoint.clone(), tcp, peer, ticket, tasks.close.clone());
+                        tasks.all.spawn(
+                            tasks
+                                .cluster
+                                .track_future(tasks.endpoint.track_future(session)),
+                        );
                     }
                     // Refused as cheaply as possible: closed at once, no
                     // task, no TLS, no byte read.
@@ -242,7 +252,8 @@ pub async fn serve(
             }
         }
     }
-    tracing::info!(endpoint = %endpoint.config.name, "stopped accepting");
+    tracing::debug!(endpoint = %endpoint.config.name, "stopped accepting");
+    listener
 }
 
 /// Decrements the active gauge when a session ends, however it ends.
@@ -265,11 +276,10 @@ async fn session(
     let protocol = endpoint.cluster.config.protocol;
     tune(&tcp);
 
-    let acceptor = endpoint.acceptor.load_full();
     let frontend = Frontend {
         endpoint: ep,
         protocol,
-        acceptor: &acceptor,
+        acceptor: &endpoint.acceptor,
         allow_plaintext: endpoint.config.allow_plaintext,
         metrics: &endpoint.metrics.all,
         log_limit: &endpoint.log_limit,

@@ -214,18 +214,6 @@ async fn a_held_session_is_served_once_a_leader_appears_within_hold_timeout() {
 
 // ---- faults the rules must survive -------------------------------------------
 
-/// `yaml` with `lines` added to its `admin:` section.
-fn with_admin(yaml: &str, lines: &str) -> String {
-    yaml.replacen("\n\nshutdown:", &format!("\n{lines}\n\nshutdown:"), 1)
-}
-
-/// A portal configuration's text with a `token_file` holding `token`.
-fn with_token(yaml: &str, dir: &std::path::Path, token: &str) -> String {
-    let file = dir.join("admin.token");
-    std::fs::write(&file, format!("{token}\n")).expect("write the token file");
-    with_admin(yaml, &format!("  token_file: {}", file.display()))
-}
-
 /// a killed, b promoted, a restarted empty (a master with a fresh
 /// replication id): every portal must lead with b and fence a.
 async fn promote_b_and_restart_a_empty(a: &mut RedisServer, b: &RedisServer, portals: &[&Portal]) {

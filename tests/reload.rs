@@ -1,7 +1,10 @@
-//! SIGHUP reloads: a changed certificate is served to new handshakes at
-//! once while an open session keeps flowing; a configuration that fails
-//! validation is refused and the running one stays; a second SIGTERM
-//! closes what the first one was draining.
+//! Reloads (SIGHUP and `POST /reload`): a changed certificate is served to
+//! new handshakes at once while an open session keeps flowing; endpoints are
+//! added, changed and removed, and members and probe settings applied, while
+//! the sessions that still fit keep flowing; a configuration that cannot
+//! apply is refused and the running one stays. Readiness per cluster and
+//! endpoint, the ready delay, and a second SIGTERM that closes what the first
+//! one was draining.
 
 use crate::common;
 
@@ -126,4 +129,366 @@ async fn a_second_sigterm_closes_the_draining_sessions_at_once() {
         status.is_some_and(|s| s.success()),
         "exit after the second SIGTERM: {status:?}"
     );
+}
+
+// ---- a reload that changes what is served --------------------------------------
+
+const TOKEN: &str = "r3load";
+
+/// `POST /reload` with the token: its status and answer.
+async fn post_reload(portal: &Portal) -> (u16, String) {
+    portal
+        .post("/reload", Some(TOKEN))
+        .await
+        .expect("POST /reload")
+}
+
+/// A session that sends `INCR key` over and over on its own task, each
+/// answer checked against the count, until stopped: a session whose bytes
+/// keep flowing through a reload.
+struct Flowing {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<(i64, Result<(), String>)>,
+}
+
+impl Flowing {
+    fn start(mut session: Session, key: &'static str) -> Flowing {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut n = 0;
+            loop {
+                if stopped.try_recv().is_ok() {
+                    return (n, Ok(()));
+                }
+                match session.cmd(&["INCR", key]).await {
+                    Ok(Reply::Integer(v)) if v == n + 1 => n = v,
+                    other => return (n, Err(format!("INCR number {}: {other:?}", n + 1))),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        Flowing { stop, task }
+    }
+
+    /// Stops it: how many INCRs it made, or the first failure.
+    async fn finish(self) -> Result<i64, String> {
+        let _ = self.stop.send(());
+        match self.task.await.expect("the flowing task") {
+            (n, Ok(())) => Ok(n),
+            (n, Err(err)) => Err(format!("after {n} INCRs: {err}")),
+        }
+    }
+}
+
+/// The names of the endpoints `/status` lists.
+fn endpoint_names(status: &serde_json::Value) -> Vec<String> {
+    cluster(status)["endpoints"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .filter_map(|e| e["name"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An endpoint block for the generated configuration.
+fn endpoint_block(name: &str, port: u16, route: &str, certs: &Certs) -> String {
+    format!(
+        "      - name: {name}\n        listen: 127.0.0.1:{port}\n        route: {route}\n        \
+         tls:\n          cert: {}\n          key: {}\n",
+        certs.cert.display(),
+        certs.key.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_changes_and_removes_endpoints_while_a_session_flows() {
+    let (a, b) = primary_and_replica();
+    let certs = temp_certs();
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let config = PortalConfig::new(&certs, &[a.port(), b.port()]).drain_timeout("1s");
+    let ports = config.ports;
+    let yaml = with_token(&config.yaml(), dir.path(), TOKEN);
+    let portal = Portal::start(&yaml).await;
+    portal.wait_roles("a", &["b"]).await;
+    let flowing = Flowing::start(session(ports.rw, &certs).await, "k");
+    let mut on_any = session(ports.any, &certs).await;
+    assert_eq!(
+        on_any.cmd(&["PING"]).await.expect("PING on any"),
+        Reply::Simple("PONG".into())
+    );
+
+    // `any` removed, `rw` changed, `extra` added.
+    let extra = free_port();
+    let (kept, _any) = yaml
+        .split_once("      - name: any\n")
+        .expect("the generated config ends with the any endpoint");
+    let new_yaml = format!("{kept}{}", endpoint_block("extra", extra, "leader", &certs)).replacen(
+        "hold_timeout: 3s",
+        "hold_timeout: 4s",
+        1,
+    );
+    std::fs::write(portal.config_file(), &new_yaml).expect("write the new config");
+    let (code, answer) = post_reload(&portal).await;
+    assert_eq!(code, 200, "{answer}");
+    for part in [
+        "endpoints added: extra",
+        "changed: rw",
+        "removed: any",
+        "clusters kept: 1",
+    ] {
+        assert!(answer.contains(part), "{part:?} not in {answer:?}");
+    }
+
+    // The new endpoint serves, on the leader.
+    assert_eq!(reached(extra, &certs).await, Ok(a.port()));
+    // The removed one accepts no connection, and its session is drained
+    // (drain_timeout 1s), then closed.
+    let deadline = Instant::now() + DEADLINE;
+    while tokio::net::TcpStream::connect(("127.0.0.1", ports.any))
+        .await
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the removed endpoint still accepts"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        on_any.closed_within(DEADLINE).await,
+        "the removed endpoint's session was not closed"
+    );
+    let status = portal.status().await;
+    assert_eq!(endpoint_names(&status), ["rw", "ro", "extra"], "{status:#}");
+    // The changed endpoint serves new sessions, and the session opened
+    // before the reload flowed all along.
+    assert_eq!(reached(ports.rw, &certs).await, Ok(a.port()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let made = flowing
+        .finish()
+        .await
+        .expect("the rw session through the reload");
+    assert!(made > 10, "only {made} INCRs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_of_members_keeps_the_sessions_that_fit_and_they_follow_the_new_view() {
+    let (a, b) = primary_and_replica();
+    let c = RedisServer::start(Some(a.port()));
+    c.wait_link_up();
+    let certs = temp_certs();
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let config = PortalConfig::new(&certs, &[a.port(), b.port()]).drain_timeout("1s");
+    let ports = config.ports;
+    let yaml = with_token(&config.yaml(), dir.path(), TOKEN);
+    let portal = Portal::start(&yaml).await;
+    portal.wait_roles("a", &["b"]).await;
+    let flowing = Flowing::start(session(ports.rw, &certs).await, "k");
+    let mut on_b = session(ports.ro, &certs).await;
+    assert_eq!(on_b.server_port().await.expect("INFO on ro"), b.port());
+
+    // b leaves, c joins, and the probe settings change: a new view.
+    let new_yaml = yaml
+        .replace(
+            &format!("      - name: b\n        address: 127.0.0.1:{}\n", b.port()),
+            &format!("      - name: c\n        address: 127.0.0.1:{}\n", c.port()),
+        )
+        .replace("interval: 200ms", "interval: 150ms");
+    assert_ne!(new_yaml, yaml);
+    std::fs::write(portal.config_file(), &new_yaml).expect("write the new config");
+    let (code, answer) = post_reload(&portal).await;
+    assert_eq!(code, 200, "{answer}");
+    assert!(answer.contains("restarted or added: cache"), "{answer}");
+
+    // The session on b, which left, is closed; the one on a flows on.
+    assert!(
+        on_b.closed_within(DEADLINE).await,
+        "the session on the removed member stayed open"
+    );
+    portal.wait_roles("a", &["c"]).await;
+    wait_reached(ports.ro, &certs, c.port()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let made = flowing
+        .finish()
+        .await
+        .expect("the rw session through the reload");
+    assert!(made > 10, "only {made} INCRs");
+
+    // A session from before the reload follows the new view: a failover
+    // to c closes it.
+    let mut before = session(ports.rw, &certs).await;
+    assert_eq!(before.server_port().await.expect("INFO"), a.port());
+    let mut old = {
+        // Opened before a second reload that restarts the cluster again.
+        let (code, answer) = {
+            std::fs::write(
+                portal.config_file(),
+                new_yaml.replace("interval: 150ms", "interval: 200ms"),
+            )
+            .expect("write");
+            post_reload(&portal).await
+        };
+        assert_eq!(code, 200, "{answer}");
+        before
+    };
+    assert_eq!(
+        old.cmd(&["PING"]).await.expect("PING after the reload"),
+        Reply::Simple("PONG".into())
+    );
+    c.promote();
+    a.follow(c.port());
+    portal.wait_roles("c", &["a"]).await;
+    assert!(
+        old.closed_within(DEADLINE).await,
+        "a session from before the reload stayed on the old leader after a failover"
+    );
+    wait_reached(ports.rw, &certs, c.port()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_cannot_apply_changes_nothing() {
+    let redis = RedisServer::start(None);
+    let certs = temp_certs();
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let config = PortalConfig::new(&certs, &[redis.port()]);
+    let ports = config.ports;
+    let yaml = with_token(&config.yaml(), dir.path(), TOKEN);
+    let portal = Portal::start(&yaml).await;
+    portal.wait_roles("a", &[]).await;
+
+    // Without the token: refused.
+    let (code, _) = portal.post("/reload", None).await.expect("POST");
+    assert_eq!(code, 401);
+
+    // An unknown key: the error names the file, the line and the key.
+    let bad = yaml.replacen(
+        "hold_timeout: 3s",
+        "hold_timeout: 3s\n        bogus_key: 1",
+        1,
+    );
+    std::fs::write(portal.config_file(), &bad).expect("write");
+    let (code, answer) = post_reload(&portal).await;
+    assert_eq!(code, 422, "{answer}");
+    assert!(
+        answer.contains("portal.yaml") && answer.contains("bogus_key"),
+        "{answer}"
+    );
+
+    // A new endpoint on a busy address: refused as a whole, so the other
+    // change in the same file (the `any` endpoint removed) is not applied.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy_port = busy.local_addr().expect("addr").port();
+    let (kept, _any) = yaml.split_once("      - name: any\n").expect("any");
+    let new_yaml = format!(
+        "{kept}{}",
+        endpoint_block("extra", busy_port, "leader", &certs)
+    );
+    std::fs::write(portal.config_file(), &new_yaml).expect("write");
+    let (code, answer) = post_reload(&portal).await;
+    assert_eq!(code, 422, "{answer}");
+    assert!(answer.contains("cannot listen on"), "{answer}");
+    let status = portal.status().await;
+    assert_eq!(endpoint_names(&status), ["rw", "ro", "any"], "{status:#}");
+    assert_eq!(reached(ports.any, &certs).await, Ok(redis.port()));
+    portal
+        .wait_metric("portal_reloads_total", &[("result", "failed")], |v| {
+            v >= 2.0
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_per_cluster_and_endpoint_and_the_ready_delay() {
+    let redis = RedisServer::start(None);
+    let certs = temp_certs();
+    let config =
+        PortalConfig::new(&certs, &[redis.port()]).endpoint_key("replica_fallback: refuse");
+    let ports = config.ports;
+    let yaml = config
+        .yaml()
+        .replacen("shutdown:\n", "shutdown:\n  ready_delay: 2s\n", 1);
+    let mut portal = Portal::start(&yaml).await;
+    portal.wait_roles("a", &[]).await;
+    let code = |path: &'static str| {
+        let portal = &portal;
+        async move { portal.get(path).await.expect("GET").0 }
+    };
+    assert_eq!(code("/ready").await, 200);
+    assert_eq!(code("/ready/cluster/cache").await, 200);
+    assert_eq!(code("/ready/endpoint/rw").await, 200);
+    assert_eq!(code("/ready/endpoint/any").await, 200);
+    // No replica, and no fallback to the leader.
+    let (status, body) = portal.get("/ready/endpoint/ro").await.expect("GET");
+    assert_eq!(
+        (status, body.trim()),
+        (503, "no member for ro (route replicas)")
+    );
+    assert_eq!(code("/ready/endpoint/nope").await, 404);
+    assert_eq!(code("/ready/cluster/nope").await, 404);
+
+    // SIGTERM: /ready says 503 at once while new sessions are still served.
+    portal.sigterm();
+    let deadline = Instant::now() + DEADLINE;
+    while code("/ready/endpoint/rw").await != 503 {
+        assert!(Instant::now() < deadline, "/ready stayed 200 after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(code("/ready").await, 503);
+    let mut during = session(ports.rw, &certs).await;
+    assert_eq!(
+        during
+            .cmd(&["PING"])
+            .await
+            .expect("a new session during ready_delay"),
+        Reply::Simple("PONG".into())
+    );
+    drop(during);
+    let status = portal.wait_exit(DEADLINE).await;
+    assert!(status.is_some_and(|s| s.success()), "exit: {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_view_from_a_reload_keeps_what_the_old_view_proved() {
+    // b was promoted and a came back empty, claiming primary: the running
+    // view fences a because it saw b's term lead. A fresh view that had not
+    // seen it could not order the two claims; the reload's new view must
+    // inherit it and keep b.
+    let (mut a, b) = primary_and_replica();
+    let certs = temp_certs();
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let config = PortalConfig::new(&certs, &[a.port(), b.port()]);
+    let ports = config.ports;
+    let yaml = with_token(&config.yaml(), dir.path(), TOKEN);
+    let portal = Portal::start(&yaml).await;
+    portal.wait_roles("a", &["b"]).await;
+    a.kill9();
+    b.promote();
+    portal
+        .wait_for("b to lead", |s| leader(s).as_deref() == Some("b"))
+        .await;
+    a.restart();
+    portal
+        .wait_for("the empty a to claim primary and be fenced", |s| {
+            let m = member(s, "a");
+            m["role"] == "primary" && m["health"] == "up" && m["fenced"] == "unrelated_history"
+        })
+        .await;
+
+    std::fs::write(
+        portal.config_file(),
+        yaml.replace("interval: 200ms", "interval: 150ms"),
+    )
+    .expect("write");
+    let (code, answer) = post_reload(&portal).await;
+    assert_eq!(code, 200, "{answer}");
+    assert!(answer.contains("restarted or added: cache"), "{answer}");
+    let status = portal
+        .wait_for("the new view to elect b and fence a", |s| {
+            leader(s).as_deref() == Some("b") && member(s, "a")["fenced"] == "unrelated_history"
+        })
+        .await;
+    assert_eq!(cluster(&status)["split_brain"], false, "{status:#}");
+    assert_eq!(reached(ports.rw, &certs).await, Ok(b.port()));
 }

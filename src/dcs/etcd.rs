@@ -521,6 +521,46 @@ mod tests {
         assert!(uri("not a uri").is_err());
     }
 
+    #[tokio::test]
+    async fn the_dialer_starts_where_it_last_connected_and_moves_on_after_a_failure() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let open = listener.local_addr().expect("address").to_string();
+        let closed = {
+            let gone = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            gone.local_addr().expect("address").to_string()
+        };
+        let config = EtcdDcs {
+            endpoints: vec![closed.clone(), open.clone()],
+            prefix: "/service".into(),
+            scope: "main".into(),
+            username: None,
+            password: None,
+            timeout: Duration::from_secs(1),
+            max_members: 4,
+            tls: None,
+        };
+        let dialer = Dialer::new(&config, None);
+        assert_eq!(dialer.current(), closed);
+        // The refused endpoint is skipped, the open one kept for next time.
+        dialer.dial().await.expect("the second endpoint answers");
+        assert_eq!(dialer.current(), open);
+        dialer.dial().await.expect("again");
+        assert_eq!(dialer.current(), open);
+        // A failed session moves on (and round).
+        assert_eq!(dialer.pass(), open);
+        assert_eq!(dialer.current(), closed);
+        drop(listener);
+        let Err(err) = dialer.dial().await else {
+            panic!("nothing listens, yet the dialer connected");
+        };
+        assert!(
+            err.to_string().contains(&closed) || err.to_string().contains(&open),
+            "{err}"
+        );
+    }
+
     #[test]
     fn keys_outside_the_scope_are_not_its_keys() {
         let root = "/service/main/";

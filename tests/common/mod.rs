@@ -845,6 +845,18 @@ impl PortalConfig {
     }
 }
 
+/// `yaml` with `lines` added to its `admin:` section.
+pub fn with_admin(yaml: &str, lines: &str) -> String {
+    yaml.replacen("\n\nshutdown:", &format!("\n{lines}\n\nshutdown:"), 1)
+}
+
+/// A portal configuration's text with a `token_file` holding `token`.
+pub fn with_token(yaml: &str, dir: &Path, token: &str) -> String {
+    let file = dir.join("admin.token");
+    std::fs::write(&file, format!("{token}\n")).expect("write the token file");
+    with_admin(yaml, &format!("  token_file: {}", file.display()))
+}
+
 /// A generated configuration (one cluster) with its `members:` block
 /// replaced by `replacement` (e.g. a `dcs:` block the members are learned
 /// from).
