@@ -429,10 +429,22 @@ async fn a_sentinel_on_tls_only_names_the_leader_and_its_failover() {
         .await;
     assert_eq!(cluster(&status)["dcs"]["source"], "sentinel", "{status:#}");
 
-    // A failover Sentinel runs (over TLS to both members).
+    // A failover Sentinel runs (over TLS to both members), once it has
+    // found the replica (it answers NOGOODSLAVE until then).
     block_in_place(|| {
-        assert_eq!(sentinel.cmd(&["SENTINEL", "FAILOVER", MASTER]), "OK");
         let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let reply = sentinel.cmd(&["SENTINEL", "FAILOVER", MASTER]);
+            if reply == "OK" {
+                break;
+            }
+            assert!(
+                reply.starts_with("-NOGOODSLAVE") && Instant::now() < deadline,
+                "SENTINEL FAILOVER: {reply}\n{}",
+                sentinel.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         while sentinel.named_port() != Some(r) {
             assert!(
                 Instant::now() < deadline,
