@@ -1,6 +1,7 @@
-//! Connecting to members: plain TCP, or TLS originated (PostgreSQL: after an
-//! `SSLRequest`; etcd: with ALPN `h2`), verifying the member against a
-//! configured CA.
+//! Connecting to members, a DCS or Patroni's REST API: plain TCP, or TLS
+//! originated (PostgreSQL: after an `SSLRequest`; etcd: with ALPN `h2`;
+//! the others at once), verifying the server against a configured CA only,
+//! with a client certificate when configured.
 
 use std::io;
 use std::time::Duration;
@@ -10,12 +11,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{BackendTls, Protocol};
+use crate::config::{ClientTls, Protocol};
 use crate::frontend::postgres::SSL_REQUEST;
 use crate::stream::Stream;
 use crate::tls::TlsError;
 
-/// TLS towards the members of one cluster.
+/// TLS the portal originates to one kind of server (a cluster's members,
+/// a DCS, Patroni's REST API): the client configuration and the name to
+/// verify.
 #[derive(Clone)]
 pub struct Origination {
     connector: TlsConnector,
@@ -23,27 +26,30 @@ pub struct Origination {
 }
 
 impl Origination {
-    pub fn new(config: &BackendTls) -> Result<Origination, TlsError> {
+    /// Without ALPN.
+    pub fn new(config: &ClientTls) -> Result<Origination, TlsError> {
+        Origination::with_alpn(config, &[])
+    }
+
+    /// Offering `alpn` (etcd serves gRPC over TLS only to clients that
+    /// negotiate `h2`).
+    pub fn with_alpn(config: &ClientTls, alpn: &[&[u8]]) -> Result<Origination, TlsError> {
         Ok(Origination {
-            connector: TlsConnector::from(crate::tls::client_config(&config.ca)?),
+            connector: TlsConnector::from(crate::tls::client_config(config, alpn)?),
             server_name: config.server_name.clone(),
         })
     }
 
-    /// Like `new`, offering the protocol's ALPN: etcd members serve gRPC
-    /// over TLS only to clients that negotiate `h2`.
-    pub fn for_protocol(config: &BackendTls, protocol: Protocol) -> Result<Origination, TlsError> {
-        if protocol != Protocol::Etcd {
-            return Origination::new(config);
+    /// For the members of a `protocol` cluster: etcd members get ALPN `h2`.
+    pub fn for_protocol(config: &ClientTls, protocol: Protocol) -> Result<Origination, TlsError> {
+        match protocol {
+            Protocol::Etcd => Origination::with_alpn(config, &[crate::frontend::etcd::ALPN]),
+            Protocol::Redis | Protocol::Postgres => Origination::new(config),
         }
-        let mut client = (*crate::tls::client_config(&config.ca)?).clone();
-        client.alpn_protocols = vec![crate::frontend::etcd::ALPN.to_vec()];
-        Ok(Origination {
-            connector: TlsConnector::from(std::sync::Arc::new(client)),
-            server_name: config.server_name.clone(),
-        })
     }
 
+    /// The name the server at `address` must prove: `server_name` when
+    /// set, else the address's host (a DNS name or an IP address).
     fn name_for(&self, address: &str) -> io::Result<ServerName<'static>> {
         let host = match &self.server_name {
             Some(name) => name.as_str(),
@@ -59,13 +65,23 @@ impl Origination {
         })
     }
 
-    pub fn connector(&self) -> &TlsConnector {
-        &self.connector
+    /// The TLS handshake on `tcp`, to the server at `address`.
+    async fn handshake(&self, address: &str, tcp: TcpStream) -> io::Result<Stream> {
+        let name = self.name_for(address)?;
+        let stream = self.connector.connect(name, tcp).await?;
+        Ok(Stream::Originated(Box::new(stream)))
     }
+}
 
-    pub fn server_name(&self, address: &str) -> io::Result<ServerName<'static>> {
-        self.name_for(address)
-    }
+/// Connects to `address` within `timeout`, then starts TLS at once when
+/// `tls` is set: the way of every server but PostgreSQL (Redis, Sentinel,
+/// etcd, Patroni's REST API).
+pub async fn connect_direct(
+    address: &str,
+    tls: Option<&Origination>,
+    timeout: Duration,
+) -> io::Result<Stream> {
+    connect(Protocol::Redis, address, tls, timeout).await
 }
 
 /// Connects to `address` within `timeout`, then starts TLS the protocol's way
@@ -107,9 +123,7 @@ pub async fn connect(
                 ));
             }
         }
-        let name = tls.name_for(address)?;
-        let stream = tls.connector.connect(name, tcp).await?;
-        Ok(Stream::Originated(Box::new(stream)))
+        tls.handshake(address, tcp).await
     };
     tokio::time::timeout(timeout, handshake)
         .await

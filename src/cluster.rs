@@ -121,8 +121,18 @@ impl Cluster {
             config,
         });
 
+        // Checked when the configuration was loaded; a failure here means
+        // the files changed since: HTTPS members are then not probed.
+        let api_tls = cluster.config.probe.api_tls.as_ref().and_then(|tls| {
+            Origination::with_alpn(tls, &[b"http/1.1"])
+                .map_err(|err| {
+                    tracing::error!(cluster = %cluster.config.name, error = %err, "probe.api_tls: cannot build the TLS client; HTTPS Patroni APIs are not probed");
+                })
+                .ok()
+        });
         let probes = Probes {
             cluster: cluster.clone(),
+            api_tls,
             name: Arc::from(cluster.config.name.as_str()),
             etcd_ids: probe::etcd::MemberIds::new(cluster.roster.len()),
             metrics: metrics.clone(),
@@ -295,6 +305,8 @@ fn successor_snapshot(
 #[derive(Clone)]
 struct Probes {
     cluster: Arc<Cluster>,
+    /// TLS to HTTPS Patroni APIs (`probe.api_tls`).
+    api_tls: Option<Origination>,
     name: Arc<str>,
     etcd_ids: Arc<probe::etcd::MemberIds>,
     metrics: Arc<Metrics>,
@@ -356,7 +368,7 @@ impl Probes {
         );
         Some(match cluster.config.protocol {
             Protocol::Redis => Box::pin(probe::run(
-                probe::redis::RedisProber::new(),
+                probe::redis::RedisProber::new(cluster.origination.clone()),
                 ctx,
                 reports,
                 urgent,
@@ -364,15 +376,27 @@ impl Probes {
                 cancel,
             )),
             Protocol::Postgres if cluster.config.probe.check == Check::Patroni => {
-                let Some(api) = entry.api.as_deref() else {
+                let Some(api) = entry.api.clone() else {
                     let error =
                         "no Patroni REST address (api_url) for this member; it is not probed";
                     tracing::warn!(cluster = %self.name, member = %entry.name, error);
                     cluster.report_hard_failure(id, entry.generation, error.to_string());
                     return None;
                 };
+                let tls = match (api.https, &self.api_tls) {
+                    (false, _) => None,
+                    (true, Some(tls)) => Some(tls.clone()),
+                    (true, None) => {
+                        let error = format!(
+                            "Patroni's REST API is HTTPS ({api}) but the portal has no TLS settings for it (probe.api_tls); it is not probed"
+                        );
+                        tracing::warn!(cluster = %self.name, member = %entry.name, %error);
+                        cluster.report_hard_failure(id, entry.generation, error);
+                        return None;
+                    }
+                };
                 Box::pin(probe::run(
-                    probe::patroni::PatroniProber::new(api),
+                    probe::patroni::PatroniProber::new(api, tls),
                     ctx,
                     reports,
                     urgent,

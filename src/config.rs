@@ -92,7 +92,7 @@ pub struct Cluster {
     pub protocol: Protocol,
     pub probe: ProbeSettings,
     /// Originate TLS to the members, verifying them with this CA.
-    pub backend_tls: Option<BackendTls>,
+    pub backend_tls: Option<ClientTls>,
     pub members: Vec<Member>,
     pub endpoints: Vec<Endpoint>,
     /// Where the leader is named, when not by the probes alone.
@@ -131,6 +131,8 @@ pub struct EtcdDcs {
     /// How many members the cluster may hold in all: the configured ones
     /// plus those learned from Patroni's `members/` keys.
     pub max_members: usize,
+    /// TLS to etcd (ALPN `h2`); plaintext HTTP/2 without it.
+    pub tls: Option<ClientTls>,
 }
 
 /// Redis Sentinel: the master of `master_name`.
@@ -141,6 +143,8 @@ pub struct SentinelDcs {
     pub username: Option<String>,
     pub password: Option<Secret>,
     pub timeout: Duration,
+    /// TLS to the Sentinels; plaintext without it.
+    pub tls: Option<ClientTls>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -157,6 +161,9 @@ pub struct ProbeSettings {
     pub dbname: String,
     /// How members are asked what they are.
     pub check: Check,
+    /// `check: patroni`: TLS to the members' Patroni REST API, for every
+    /// `api` that is HTTPS.
+    pub api_tls: Option<ClientTls>,
 }
 
 /// What a probe asks.
@@ -170,13 +177,73 @@ pub enum Check {
     Patroni,
 }
 
-/// TLS from the portal to the members.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BackendTls {
-    /// PEM CA bundle the members' certificates must chain to.
+/// TLS the portal originates: to the members (`backend_tls`), to a DCS
+/// (`dcs.etcd.tls`, `dcs.sentinel.tls`) or to Patroni's REST API
+/// (`probe.api_tls`). The same keys everywhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    /// PEM CA bundle the server's certificate must chain to; nothing else
+    /// is trusted.
     pub ca: PathBuf,
-    /// Name to verify instead of each member's host.
+    /// Name to verify instead of the host of the address dialled.
     pub server_name: Option<String>,
+    /// The portal's own certificate chain and key, for servers that ask
+    /// for a client certificate.
+    pub identity: Option<Identity>,
+}
+
+/// A certificate chain and its private key, PEM: what the portal presents
+/// as a TLS client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Where a member's Patroni REST API answers, and whether over HTTPS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatroniApi {
+    /// `host:port`.
+    pub address: String,
+    /// HTTPS, verified with `probe.api_tls`; plain HTTP otherwise.
+    pub https: bool,
+}
+
+impl PatroniApi {
+    /// `host:port`, `http://host:port` or `https://host:port` (a path after
+    /// the address, as in Patroni's `api_url`, is ignored); a bare
+    /// `host:port` is HTTPS when `https_by_default`.
+    pub fn parse(text: &str, https_by_default: bool) -> Option<PatroniApi> {
+        let (https, rest) = match text.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") => (true, rest),
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => (false, rest),
+            Some(_) => return None,
+            None => (https_by_default, text),
+        };
+        let authority = rest.split(['/', '?']).next()?;
+        let address = authority.rsplit('@').next()?;
+        valid_host_port(address).then(|| PatroniApi {
+            address: address.to_string(),
+            https,
+        })
+    }
+}
+
+/// `host:port` for HTTP, `https://host:port` for HTTPS (as `/status` shows it).
+impl fmt::Display for PatroniApi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.https {
+            write!(f, "https://{}", self.address)
+        } else {
+            f.write_str(&self.address)
+        }
+    }
+}
+
+impl serde::Serialize for PatroniApi {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 /// How far behind the leader a replica may be and still take reads.
@@ -217,9 +284,8 @@ pub struct Member {
     pub name: String,
     /// `host:port`; resolved at connect time so DNS names follow changes.
     pub address: String,
-    /// Patroni's REST API, `host:port` (set exactly when `probe.check` is
-    /// `patroni`).
-    pub api: Option<String>,
+    /// Patroni's REST API (set exactly when `probe.check` is `patroni`).
+    pub api: Option<PatroniApi>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -578,7 +644,7 @@ struct RawCluster {
     protocol: Protocol,
     #[serde(default)]
     probe: RawProbe,
-    backend_tls: Option<RawBackendTls>,
+    backend_tls: Option<Spanned<RawClientTls>>,
     members: Option<Spanned<Vec<RawMember>>>,
     endpoints: Vec<RawEndpoint>,
     dcs: Option<Spanned<RawDcs>>,
@@ -605,6 +671,7 @@ struct RawDcsEtcd {
     timeout: Duration,
     #[serde(default = "default_max_members")]
     max_members: Spanned<usize>,
+    tls: Option<Spanned<RawClientTls>>,
 }
 
 fn default_max_members() -> Spanned<usize> {
@@ -625,6 +692,7 @@ struct RawDcsSentinel {
     password_env: Option<Spanned<String>>,
     #[serde(default = "default_dcs_timeout", deserialize_with = "de_duration")]
     timeout: Duration,
+    tls: Option<Spanned<RawClientTls>>,
 }
 
 fn default_dcs_prefix() -> Spanned<String> {
@@ -654,6 +722,7 @@ struct RawProbe {
     #[serde(default = "default_dbname")]
     dbname: String,
     check: Option<Spanned<Check>>,
+    api_tls: Option<Spanned<RawClientTls>>,
 }
 
 fn default_dbname() -> String {
@@ -662,9 +731,11 @@ fn default_dbname() -> String {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawBackendTls {
+struct RawClientTls {
     ca: Spanned<String>,
-    server_name: Option<String>,
+    server_name: Option<Spanned<String>>,
+    cert: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -688,6 +759,7 @@ impl Default for RawProbe {
             password_env: None,
             dbname: default_dbname(),
             check: None,
+            api_tls: None,
         }
     }
 }
@@ -956,7 +1028,7 @@ impl Validator<'_> {
                         format!("address {} is used by two members", m.address.value),
                     ));
                 }
-                let api = self.member_api(&mat, m, probe.check)?;
+                let api = self.member_api(&mat, m, &probe)?;
                 members.push(Member {
                     name: m.name.value.clone(),
                     address: m.address.value.clone(),
@@ -1074,27 +1146,7 @@ impl Validator<'_> {
 
             let backend_tls = match &rc.backend_tls {
                 None => None,
-                Some(raw) => {
-                    let ca = self.resolve(&raw.ca.value);
-                    if let Err(err) = std::fs::metadata(&ca) {
-                        return Err(self.error(
-                            &raw.ca,
-                            format!("{at}.backend_tls.ca"),
-                            format!("{}: {err}", ca.display()),
-                        ));
-                    }
-                    if rc.protocol == Protocol::Redis {
-                        return Err(self.error(
-                            &raw.ca,
-                            format!("{at}.backend_tls"),
-                            "TLS to the members is supported for PostgreSQL and etcd clusters",
-                        ));
-                    }
-                    Some(BackendTls {
-                        ca,
-                        server_name: raw.server_name.clone(),
-                    })
-                }
+                Some(raw) => Some(self.client_tls(&format!("{at}.backend_tls"), raw)?),
             };
             if rc.protocol == Protocol::Postgres
                 && probe.check == Check::Native
@@ -1203,6 +1255,17 @@ impl Validator<'_> {
             raw.password_file.as_ref(),
             raw.password_env.as_ref(),
         )?;
+        let check = raw.check.as_ref().map(|c| c.value).unwrap_or_default();
+        let api_tls =
+            match &raw.api_tls {
+                None => None,
+                Some(tls) if check != Check::Patroni => return Err(self.error(
+                    tls,
+                    format!("{at}.probe.api_tls"),
+                    "`api_tls` is TLS to Patroni's REST API: it applies only with `check: patroni`",
+                )),
+                Some(tls) => Some(self.client_tls(&format!("{at}.probe.api_tls"), tls)?),
+            };
         Ok(ProbeSettings {
             interval: raw.interval,
             fast_interval: raw.fast_interval,
@@ -1212,40 +1275,132 @@ impl Validator<'_> {
             username: raw.username,
             password,
             dbname: raw.dbname,
-            check: raw.check.map(|c| c.value).unwrap_or_default(),
+            check,
+            api_tls,
         })
     }
 
     /// A member's `api`: required with `check: patroni`, refused without it
-    /// (a key that would be ignored is a trap).
+    /// (a key that would be ignored is a trap). `host:port` is HTTPS when
+    /// `probe.api_tls` is set, plain HTTP otherwise; `http://` and
+    /// `https://` say it explicitly, and HTTPS needs `probe.api_tls`.
     fn member_api(
         &self,
         at: &str,
         member: &RawMember,
-        check: Check,
-    ) -> Result<Option<String>, ConfigError> {
-        match (&member.api, check) {
-            (None, Check::Patroni) => Err(self.error(
-                &member.name,
+        probe: &ProbeSettings,
+    ) -> Result<Option<PatroniApi>, ConfigError> {
+        let api = match (&member.api, probe.check) {
+            (None, Check::Patroni) => {
+                return Err(self.error(
+                    &member.name,
+                    format!("{at}.api"),
+                    format!(
+                        "member {:?} needs `api: host:port` (its Patroni REST address) with `probe.check: patroni`",
+                        member.name.value
+                    ),
+                ))
+            }
+            (Some(api), Check::Native) => {
+                return Err(self.error(
+                    api,
+                    format!("{at}.api"),
+                    "`api` is Patroni's REST address; it is used only with `probe.check: patroni`",
+                ))
+            }
+            (None, Check::Native) => return Ok(None),
+            (Some(api), Check::Patroni) => api,
+        };
+        let parsed = PatroniApi::parse(&api.value, probe.api_tls.is_some()).ok_or_else(|| {
+            self.error(
+                api,
                 format!("{at}.api"),
                 format!(
-                    "member {:?} needs `api: host:port` (its Patroni REST address) with `probe.check: patroni`",
-                    member.name.value
+                    "{:?} is not host:port (or http://host:port, https://host:port)",
+                    api.value
                 ),
-            )),
-            (Some(api), Check::Native) => Err(self.error(
+            )
+        })?;
+        if parsed.https && probe.api_tls.is_none() {
+            return Err(self.error(
                 api,
                 format!("{at}.api"),
-                "`api` is Patroni's REST address; it is used only with `probe.check: patroni`",
-            )),
-            (Some(api), Check::Patroni) if !valid_host_port(&api.value) => Err(self.error(
-                api,
-                format!("{at}.api"),
-                format!("{:?} is not host:port", api.value),
-            )),
-            (Some(api), Check::Patroni) => Ok(Some(api.value.clone())),
-            (None, Check::Native) => Ok(None),
+                format!(
+                    "{:?} is HTTPS: set `probe.api_tls` (at least `ca`, the CA Patroni's certificate chains to)",
+                    api.value
+                ),
+            ));
         }
+        Ok(Some(parsed))
+    }
+
+    /// TLS settings the portal originates with: the CA must exist and
+    /// hold certificates, `cert` and `key` come together and make an
+    /// identity, `server_name` is a DNS name or an IP address.
+    fn client_tls(&self, at: &str, raw: &Spanned<RawClientTls>) -> Result<ClientTls, ConfigError> {
+        let raw_tls = &raw.value;
+        let ca = self.resolve(&raw_tls.ca.value);
+        if let Some(name) = &raw_tls.server_name {
+            if rustls::pki_types::ServerName::try_from(name.value.as_str()).is_err() {
+                return Err(self.error(
+                    name,
+                    format!("{at}.server_name"),
+                    format!("{:?} is not a DNS name or an IP address", name.value),
+                ));
+            }
+        }
+        let identity = match (&raw_tls.cert, &raw_tls.key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(Identity {
+                cert: self.resolve(&cert.value),
+                key: self.resolve(&key.value),
+            }),
+            (Some(cert), None) => {
+                return Err(self.error(
+                    cert,
+                    format!("{at}.key"),
+                    "`cert` needs `key` (the client certificate's private key)",
+                ))
+            }
+            (None, Some(key)) => {
+                return Err(self.error(
+                    key,
+                    format!("{at}.cert"),
+                    "`key` needs `cert` (the client certificate chain)",
+                ))
+            }
+        };
+        let tls = ClientTls {
+            ca,
+            server_name: raw_tls.server_name.as_ref().map(|n| n.value.clone()),
+            identity,
+        };
+        // Build it once now: an unreadable CA, a file without a PEM
+        // certificate or a key that does not match its certificate is a
+        // configuration error, not a failure at the first connection.
+        if let Err(err) = crate::tls::client_config(&tls, &[]) {
+            let (key, at_value) = match &err {
+                crate::tls::TlsError::File { path, .. } => {
+                    match (&raw_tls.cert, &raw_tls.key, &tls.identity) {
+                        (Some(cert), _, Some(files))
+                            if *path == files.cert.display().to_string() =>
+                        {
+                            ("cert", cert)
+                        }
+                        (_, Some(key), Some(files)) if *path == files.key.display().to_string() => {
+                            ("key", key)
+                        }
+                        _ => ("ca", &raw_tls.ca),
+                    }
+                }
+                crate::tls::TlsError::Identity { .. } => match &raw_tls.key {
+                    Some(key) => ("key", key),
+                    None => ("ca", &raw_tls.ca),
+                },
+            };
+            return Err(self.error(at_value, format!("{at}.{key}"), err.to_string()));
+        }
+        Ok(tls)
     }
 
     /// A password from a file or an environment variable, never inline.
@@ -1373,6 +1528,10 @@ impl Validator<'_> {
                     )?,
                     timeout: etcd.timeout,
                     max_members: self.max_members(&at, &etcd.max_members, configured)?,
+                    tls: match &etcd.tls {
+                        None => None,
+                        Some(tls) => Some(self.client_tls(&format!("{at}.tls"), tls)?),
+                    },
                 }))
             }
             (None, Some(sentinel)) => {
@@ -1402,6 +1561,10 @@ impl Validator<'_> {
                         sentinel.password_env.as_ref(),
                     )?,
                     timeout: sentinel.timeout,
+                    tls: match &sentinel.tls {
+                        None => None,
+                        Some(tls) => Some(self.client_tls(&format!("{at}.tls"), tls)?),
+                    },
                 }))
             }
             _ => Err(self.error(raw, at, "set exactly one of `etcd` or `sentinel`")),
@@ -1912,7 +2075,14 @@ clusters:
         let cfg = config(dir.path(), PATRONI).expect("valid");
         let c = &cfg.clusters[0];
         assert_eq!(c.probe.check, Check::Patroni);
-        assert_eq!(c.members[1].api.as_deref(), Some("127.0.0.1:8009"));
+        assert_eq!(
+            c.members[1]
+                .api
+                .as_ref()
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("127.0.0.1:8009")
+        );
         assert!(c.probe.username.is_none(), "no PostgreSQL login needed");
 
         let (line, key, message) = invalid(&PATRONI.replace("        api: 127.0.0.1:8009\n", ""));
@@ -2120,20 +2290,250 @@ clusters:
         assert!(message.contains("not `leader`"), "{message}");
     }
 
+    /// A real PEM CA (`ca.crt`), a certificate with its key (`id.crt`,
+    /// `id.key`) and a key of another pair (`other.key`) in `dir`.
+    fn pem_files(dir: &Path) {
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_string()]).expect("ca");
+        let id = rcgen::generate_simple_self_signed(vec!["portal.test".to_string()]).expect("id");
+        let other = rcgen::KeyPair::generate().expect("key");
+        for (name, text) in [
+            ("ca.crt", ca.cert.pem()),
+            ("id.crt", id.cert.pem()),
+            ("id.key", id.signing_key.serialize_pem()),
+            ("other.key", other.serialize_pem()),
+        ] {
+            std::fs::write(dir.join(name), text).expect("write");
+        }
+    }
+
+    /// `body` with `block` (lines indented for a cluster's keys) after
+    /// the `protocol:` line.
+    fn after_protocol(body: &str, block: &str) -> String {
+        let at = body.find("    protocol: ").expect("a protocol line");
+        let end = at + body[at..].find('\n').expect("end of line") + 1;
+        format!("{}{block}{}", &body[..end], &body[end..])
+    }
+
     #[test]
-    fn tls_to_the_members_is_refused_for_redis() {
+    fn tls_to_the_members_applies_to_every_protocol() {
         let dir = certs();
-        let backend_tls = |body: &str, protocol: &str| {
-            body.replace(
-                &format!("    protocol: {protocol}\n"),
-                &format!("    protocol: {protocol}\n    backend_tls:\n      ca: server.crt\n"),
+        pem_files(dir.path());
+        let block = "    backend_tls:\n      ca: ca.crt\n      server_name: db.internal\n      \
+                     cert: id.crt\n      key: id.key\n";
+        for body in [GOOD, PATRONI] {
+            let cfg = config(dir.path(), &after_protocol(body, block)).expect("valid");
+            let tls = cfg.clusters[0].backend_tls.as_ref().expect("backend TLS");
+            assert_eq!(tls.ca, dir.path().join("ca.crt"));
+            assert_eq!(tls.server_name.as_deref(), Some("db.internal"));
+            assert_eq!(
+                tls.identity,
+                Some(Identity {
+                    cert: dir.path().join("id.crt"),
+                    key: dir.path().join("id.key"),
+                })
+            );
+        }
+        let cfg = config(
+            dir.path(),
+            &after_protocol(GOOD, "    backend_tls: {ca: ca.crt}\n"),
+        )
+        .expect("valid");
+        let tls = cfg.clusters[0].backend_tls.as_ref().expect("backend TLS");
+        assert_eq!((tls.server_name.as_deref(), &tls.identity), (None, &None));
+    }
+
+    #[test]
+    fn client_tls_errors_name_file_line_and_key() {
+        let dir = certs();
+        pem_files(dir.path());
+        let check = |block: &str, line: u32, key: &str, says: &str| {
+            let body = after_protocol(GOOD, &format!("    backend_tls:\n{block}"));
+            match config(dir.path(), &body) {
+                Err(ConfigError::Invalid {
+                    file,
+                    line: l,
+                    key: k,
+                    message,
+                    ..
+                }) => {
+                    assert!(file.ends_with("portal.yaml"), "{file}");
+                    assert_eq!(
+                        (l, k.as_str()),
+                        (line, format!("clusters[0].backend_tls.{key}").as_str()),
+                        "{message}"
+                    );
+                    assert!(message.contains(says), "{key}: {message}");
+                }
+                other => panic!("expected an Invalid error for {block:?}, got {other:?}"),
+            }
+        };
+        check("      ca: missing.crt\n", 6, "ca", "missing.crt");
+        // `server.crt` holds no PEM certificate.
+        check("      ca: server.crt\n", 6, "ca", "no PEM certificate");
+        check(
+            "      ca: ca.crt\n      cert: id.crt\n",
+            7,
+            "key",
+            "needs `key`",
+        );
+        check(
+            "      ca: ca.crt\n      key: id.key\n",
+            7,
+            "cert",
+            "needs `cert`",
+        );
+        check(
+            "      ca: ca.crt\n      cert: server.crt\n      key: id.key\n",
+            7,
+            "cert",
+            "no PEM certificate",
+        );
+        check(
+            "      ca: ca.crt\n      cert: id.crt\n      key: other.key\n",
+            8,
+            "key",
+            "do not make an identity",
+        );
+        check(
+            "      ca: ca.crt\n      server_name: \"not a name\"\n",
+            7,
+            "server_name",
+            "not a DNS name",
+        );
+        let (line, key, message) = invalid(&after_protocol(
+            GOOD,
+            "    backend_tls: {ca: ca.crt, verify: no}\n",
+        ));
+        assert_eq!((line, key.as_str()), (5, "clusters[0].backend_tls.verify"));
+        assert!(message.contains("unknown field"), "{message}");
+    }
+
+    #[test]
+    fn a_dcs_may_be_reached_over_tls() {
+        let dir = certs();
+        pem_files(dir.path());
+        let etcd = LEARNING.replace(
+            "        max_members: 4\n",
+            "        max_members: 4\n        tls: {ca: ca.crt, cert: id.crt, key: id.key}\n",
+        );
+        let cfg = config(dir.path(), &etcd).expect("valid");
+        match &cfg.clusters[0].dcs {
+            Some(Dcs::Etcd(etcd)) => {
+                let tls = etcd.tls.as_ref().expect("etcd TLS");
+                assert_eq!(tls.ca, dir.path().join("ca.crt"));
+                assert!(tls.identity.is_some());
+            }
+            other => panic!("expected an etcd DCS, got {other:?}"),
+        }
+        let (line, key, _) = invalid(&etcd.replace("ca: ca.crt", "ca: nope.crt"));
+        assert_eq!((line, key.as_str()), (12, "clusters[0].dcs.etcd.tls.ca"));
+
+        let sentinel = |tls: &str| {
+            after_protocol(
+                GOOD,
+                &format!(
+                    "    dcs:\n      sentinel:\n        addresses: [127.0.0.1:26379]\n        \
+                     master_name: m\n        tls: {tls}\n"
+                ),
             )
         };
-        let cfg = config(dir.path(), &backend_tls(PATRONI, "postgres")).expect("valid");
-        let tls = cfg.clusters[0].backend_tls.as_ref().expect("backend TLS");
-        assert_eq!(tls.ca, dir.path().join("server.crt"));
-        let (line, key, _) = invalid(&backend_tls(GOOD, "redis"));
-        assert_eq!((line, key.as_str()), (6, "clusters[0].backend_tls"));
+        let cfg = config(
+            dir.path(),
+            &sentinel("{ca: ca.crt, server_name: s.internal}"),
+        )
+        .expect("valid");
+        match &cfg.clusters[0].dcs {
+            Some(Dcs::Sentinel(s)) => {
+                let tls = s.tls.as_ref().expect("Sentinel TLS");
+                assert_eq!(tls.server_name.as_deref(), Some("s.internal"));
+            }
+            other => panic!("expected a Sentinel DCS, got {other:?}"),
+        }
+        let (line, key, _) = invalid(&sentinel("{ca: ca.crt, key: id.key}"));
+        assert_eq!(
+            (line, key.as_str()),
+            (9, "clusters[0].dcs.sentinel.tls.cert")
+        );
+    }
+
+    #[test]
+    fn patroni_apis_over_https_need_api_tls() {
+        let dir = certs();
+        pem_files(dir.path());
+        let https = PATRONI.replace("api: 127.0.0.1:8008", "api: https://127.0.0.1:8008");
+        let (line, key, message) = invalid(&https);
+        assert_eq!((line, key.as_str()), (10, "clusters[0].members[0].api"));
+        assert!(message.contains("probe.api_tls"), "{message}");
+
+        let with_tls = |body: &str| {
+            body.replace(
+                "      check: patroni\n",
+                "      check: patroni\n      api_tls: {ca: ca.crt, server_name: patroni.internal}\n",
+            )
+        };
+        let cfg = config(dir.path(), &with_tls(&https)).expect("valid");
+        let c = &cfg.clusters[0];
+        let apis: Vec<String> = c
+            .members
+            .iter()
+            .filter_map(|m| m.api.as_ref().map(ToString::to_string))
+            .collect();
+        // A bare host:port is HTTPS once `api_tls` is set.
+        assert_eq!(apis, ["https://127.0.0.1:8008", "https://127.0.0.1:8009"]);
+        let tls = c.probe.api_tls.as_ref().expect("api TLS");
+        assert_eq!(tls.server_name.as_deref(), Some("patroni.internal"));
+        // An explicit http:// stays plain.
+        let plain = with_tls(PATRONI).replace("api: 127.0.0.1:8009", "api: http://127.0.0.1:8009");
+        let cfg = config(dir.path(), &plain).expect("valid");
+        assert_eq!(
+            cfg.clusters[0].members[1].api,
+            Some(PatroniApi {
+                address: "127.0.0.1:8009".into(),
+                https: false
+            })
+        );
+        // Without `api_tls`, a bare address is plain HTTP, as before.
+        let cfg = config(dir.path(), PATRONI).expect("valid");
+        assert_eq!(
+            cfg.clusters[0].members[0].api.as_ref().map(|a| a.https),
+            Some(false)
+        );
+
+        let (line, key, _) = invalid(&PATRONI.replace("api: 127.0.0.1:8008", "api: ftp://x:1"));
+        assert_eq!((line, key.as_str()), (10, "clusters[0].members[0].api"));
+        let native = with_tls(PATRONI)
+            .replace("check: patroni", "check: native")
+            .replace("        api: 127.0.0.1:8008\n", "")
+            .replace("        api: 127.0.0.1:8009\n", "");
+        let (line, key, message) = invalid(&native);
+        assert_eq!((line, key.as_str()), (7, "clusters[0].probe.api_tls"));
+        assert!(message.contains("check: patroni"), "{message}");
+        let (line, key, _) = invalid(&with_tls(PATRONI).replace("ca: ca.crt", "ca: gone.crt"));
+        assert_eq!((line, key.as_str()), (7, "clusters[0].probe.api_tls.ca"));
+    }
+
+    #[test]
+    fn patroni_api_addresses_parse() {
+        let parse = |text: &str, https: bool| PatroniApi::parse(text, https).map(|a| a.to_string());
+        assert_eq!(
+            parse("127.0.0.1:8008", false).as_deref(),
+            Some("127.0.0.1:8008")
+        );
+        assert_eq!(
+            parse("127.0.0.1:8008", true).as_deref(),
+            Some("https://127.0.0.1:8008")
+        );
+        assert_eq!(
+            parse("HTTPS://db-1:8008/patroni", false).as_deref(),
+            Some("https://db-1:8008")
+        );
+        assert_eq!(
+            parse("http://u:p@[::1]:8008/patroni?x", true).as_deref(),
+            Some("[::1]:8008")
+        );
+        assert_eq!(parse("ftp://db-1:8008", false), None);
+        assert_eq!(parse("https://db-1", false), None);
+        assert_eq!(parse("", false), None);
     }
 
     #[test]

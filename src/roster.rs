@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::config;
+use crate::config::{self, PatroniApi};
 use crate::probe::KnownAddress;
 use crate::view::MemberId;
 
@@ -36,8 +36,8 @@ pub struct MemberEntry {
     pub name: String,
     /// `host:port` of the database.
     pub address: String,
-    /// Patroni's REST address, `host:port`, when known.
-    pub api: Option<String>,
+    /// Patroni's REST address, when known.
+    pub api: Option<PatroniApi>,
     pub origin: Origin,
     /// `address`, resolved: to recognise the member when a replica names
     /// its upstream.
@@ -147,7 +147,7 @@ impl Roster {
     /// Records what a DCS advertises for `name`: a new member takes the
     /// first free slot, a learned member's address follows the DCS, a
     /// configured member keeps its configured address.
-    pub fn learn(&self, name: &str, address: KnownAddress, api: Option<String>) -> Learned {
+    pub fn learn(&self, name: &str, address: KnownAddress, api: Option<PatroniApi>) -> Learned {
         let entry = || MemberEntry {
             name: name.to_string(),
             address: address.configured.clone(),
@@ -211,6 +211,7 @@ mod tests {
                 password: None,
                 dbname: "postgres".into(),
                 check: Default::default(),
+                api_tls: None,
             },
             backend_tls: None,
             members: members
@@ -231,6 +232,7 @@ mod tests {
                     password: None,
                     timeout: Duration::from_secs(1),
                     max_members,
+                    tls: None,
                 })
             }),
         }
@@ -240,7 +242,7 @@ mod tests {
         roster.learn(
             name,
             KnownAddress::resolve(address),
-            api.map(str::to_string),
+            api.and_then(|api| PatroniApi::parse(api, false)),
         )
     }
 
@@ -276,7 +278,7 @@ mod tests {
         assert_eq!(learn(&roster, "d", "127.0.0.1:4", None), Learned::Full);
         let b = roster.get(1).expect("b is in slot 1");
         assert_eq!(
-            (b.origin, b.api.as_deref()),
+            (b.origin, b.api.as_ref().map(ToString::to_string).as_deref()),
             (Origin::Dcs, Some("127.0.0.1:8008"))
         );
         assert_eq!(roster.member_at("127.0.0.1", 3), Some(2));

@@ -1,4 +1,6 @@
-//! TLS termination settings: rustls with TLS 1.3 and 1.2 only.
+//! TLS settings: the endpoints' server side, and the client side of every
+//! TLS connection the portal originates (members, Patroni's REST API, etcd,
+//! Sentinel); rustls with TLS 1.3 and 1.2 only.
 //!
 //! The suites are rustls's (ring) modern defaults, all AEAD with forward
 //! secrecy: TLS 1.3 AES-256-GCM, AES-128-GCM and ChaCha20-Poly1305, and for
@@ -16,13 +18,13 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;
 
-use crate::config::{ClientAuth, TlsFiles};
+use crate::config::{ClientAuth, ClientTls, TlsFiles};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{path}: {what}")]
     File { path: String, what: String },
-    #[error("certificate {cert} and key {key} do not make a server identity: {source}")]
+    #[error("certificate {cert} and key {key} do not make an identity: {source}")]
     Identity {
         cert: String,
         key: String,
@@ -121,19 +123,41 @@ pub fn certificate_subject(der: &[u8]) -> Option<String> {
     Some(cert.subject().to_string())
 }
 
-/// A client configuration trusting only the CAs in `ca` (PEM), for TLS the
-/// portal originates to members.
-pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+/// The client side of TLS the portal originates (to members, a DCS,
+/// Patroni's REST API): TLS 1.3 and 1.2, trusting only the CAs in
+/// `tls.ca` (PEM), presenting `tls.identity` when set (servers that ask
+/// for a client certificate: Redis's `tls-auth-clients`, etcd's
+/// `--client-cert-auth`), offering `alpn`.
+pub fn client_config(
+    tls: &ClientTls,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let ca = &tls.ca;
     let mut roots = rustls::RootCertStore::empty();
     for cert in load_certs(ca)? {
         roots.add(cert).map_err(|err| file_error(ca, err))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|err| file_error(ca, err))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match &tls.identity {
+        None => builder.with_no_client_auth(),
+        Some(files) => {
+            let certs = load_certs(&files.cert)?;
+            let key = PrivateKeyDer::from_pem_file(&files.key)
+                .map_err(|err| file_error(&files.key, err))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|source| TlsError::Identity {
+                    cert: files.cert.display().to_string(),
+                    key: files.key.display().to_string(),
+                    source,
+                })?
+        }
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 

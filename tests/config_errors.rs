@@ -335,3 +335,66 @@ fn certs_init_writes_private_keys_and_refuses_to_overwrite() {
         assert_eq!(mode(key), 0o600, "{} after --force", key.display());
     }
 }
+
+#[test]
+fn an_https_patroni_api_without_api_tls_names_the_line_and_key() {
+    let certs = temp_certs();
+    let yaml = format!(
+        "clusters:\n  - name: pg\n    protocol: postgres\n    probe:\n      check: patroni\n    \
+         members:\n      - name: a\n        address: 127.0.0.1:5432\n        \
+         api: https://127.0.0.1:8008\n    endpoints:\n      - name: rw\n        \
+         listen: 127.0.0.1:{}\n        route: leader\n        tls: {{cert: {}, key: {}}}\n",
+        free_port(),
+        certs.cert.display(),
+        certs.key.display()
+    );
+    let line = line_of(&yaml, "api: https://");
+    let file = ConfigFile::new(&yaml);
+    let stderr = check_fails(&file);
+    assert!(
+        stderr.contains(&format!("portal.yaml:{line}:")),
+        "expected portal.yaml:{line}: in {stderr}"
+    );
+    assert!(
+        stderr.contains("clusters[0].members[0].api") && stderr.contains("probe.api_tls"),
+        "{stderr}"
+    );
+
+    // With `probe.api_tls` it passes.
+    let with_tls = yaml.replace(
+        "      check: patroni\n",
+        &format!(
+            "      check: patroni\n      api_tls: {{ca: {}}}\n",
+            certs.ca.display()
+        ),
+    );
+    let file = ConfigFile::new(&with_tls);
+    let out = portal(&["check"], Some(&file.path));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_client_key_that_is_not_the_certificates_names_the_line_and_key() {
+    let certs = temp_certs();
+    let other = temp_certs();
+    let config = valid_config(&certs);
+    let block = format!(
+        "    protocol: redis\n    backend_tls:\n      ca: {}\n      cert: {}\n      key: {}\n",
+        certs.ca.display(),
+        certs.cert.display(),
+        other.key.display()
+    );
+    let yaml = config.yaml().replacen("    protocol: redis\n", &block, 1);
+    let line = line_of(&yaml, "      key: ");
+    let file = ConfigFile::new(&yaml);
+    let stderr = check_fails(&file);
+    assert!(
+        stderr.contains(&format!("portal.yaml:{line}:"))
+            && stderr.contains("clusters[0].backend_tls.key"),
+        "expected portal.yaml:{line}: and the key in {stderr}"
+    );
+}

@@ -22,6 +22,7 @@ mod e2e_patroni;
 mod etcd_harness;
 mod etcd_routing;
 mod failover;
+mod member_tls;
 mod mtls;
 mod patroni_probe;
 mod postgres_backend_tls;

@@ -11,12 +11,17 @@
 //!
 //! The source speaks etcd's gRPC API through the generated clients of
 //! [`crate::etcd_api`] (KV `Range`, `Watch`, and `Authenticate` when the DCS
-//! has credentials) over one tonic channel balanced across the endpoints.
+//! has credentials) over one tonic channel, connected to one endpoint at a
+//! time (the next after a failure), plaintext or TLS (`dcs.etcd.tls`).
 
 use std::collections::{BTreeMap, HashSet};
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -25,7 +30,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
 use super::{Reporter, SourceContext, RECONNECT_PAUSE};
-use crate::config::{valid_host_port, EtcdDcs};
+use crate::backend::{self, Origination};
+use crate::config::{valid_host_port, EtcdDcs, PatroniApi};
 use crate::etcd_api::etcdserverpb::auth_client::AuthClient;
 use crate::etcd_api::etcdserverpb::kv_client::KvClient;
 use crate::etcd_api::etcdserverpb::watch_client::WatchClient;
@@ -36,6 +42,7 @@ use crate::etcd_api::etcdserverpb::{
 use crate::etcd_api::mvccpb::event::EventType;
 use crate::probe::KnownAddress;
 use crate::roster::{Learned, Origin};
+use crate::stream::Stream;
 use crate::view::DcsReport;
 
 /// One key of the scope: its value and create revision.
@@ -104,7 +111,8 @@ impl Scope {
             KnownAddress::lookup(&advertised.address).await
         };
         let learned = ctx.roster.learn(name, address, advertised.api.clone());
-        let (address, api) = (advertised.address.as_str(), advertised.api.as_deref());
+        let api = advertised.api.as_ref().map(ToString::to_string);
+        let (address, api) = (advertised.address.as_str(), api.as_deref());
         match learned {
             Learned::Unchanged(_) => {}
             Learned::Added(id) => {
@@ -135,8 +143,9 @@ impl Scope {
 struct MemberDocument {
     /// `host:port` from `conn_url` (`postgres://[user@]host:port/dbname`).
     address: String,
-    /// `host:port` from `api_url` (`http://host:port/patroni`).
-    api: Option<String>,
+    /// From `api_url` (`http://host:port/patroni`, or `https://...` for
+    /// an agent with `restapi.certfile`).
+    api: Option<PatroniApi>,
 }
 
 impl MemberDocument {
@@ -151,7 +160,11 @@ impl MemberDocument {
         };
         Some(MemberDocument {
             address: authority("conn_url")?,
-            api: authority("api_url"),
+            api: doc
+                .get("api_url")
+                .and_then(|url| url.as_str())
+                .filter(|url| url.contains("://"))
+                .and_then(|url| PatroniApi::parse(url, false)),
         })
     }
 }
@@ -163,16 +176,37 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let root = format!("{}/{}/", config.prefix, config.scope);
+    // Checked when the configuration was loaded; a failure here means the
+    // files changed since.
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|tls| Origination::with_alpn(tls, &[crate::frontend::etcd::ALPN]))
+        .transpose();
+    let tls = match tls {
+        Ok(tls) => tls,
+        Err(err) => {
+            let error = format!("dcs.etcd.tls: {err}");
+            tracing::error!(cluster = %ctx.cluster, %error, "cannot build the TLS client for the etcd DCS");
+            if reporter.send(DcsReport::Unreachable { error }).await {
+                cancel.cancelled().await;
+            }
+            return;
+        }
+    };
+    let dialer = Dialer::new(&config, tls);
     loop {
         let error = tokio::select! {
-            error = session(&config, &ctx, &root, &mut reporter) => error,
+            error = session(&config, &dialer, &ctx, &root, &mut reporter) => error,
             _ = cancel.cancelled() => return,
         };
         ctx.up.set(0);
         let Some(error) = error else {
             return; // the view is gone
         };
-        tracing::warn!(cluster = %ctx.cluster, %error, "etcd DCS unreachable; keeping the leader only while its probes confirm it");
+        // The next session starts with the next endpoint.
+        let endpoint = dialer.pass();
+        tracing::warn!(cluster = %ctx.cluster, %error, endpoint, "etcd DCS unreachable; keeping the leader only while its probes confirm it");
         if !reporter.send(DcsReport::Unreachable { error }).await {
             return;
         }
@@ -180,6 +214,70 @@ pub async fn run(
             _ = tokio::time::sleep(RECONNECT_PAUSE) => {}
             _ = cancel.cancelled() => return,
         }
+    }
+}
+
+/// Makes the connections of the sessions' channels: to the endpoints in
+/// turn, starting with the one that answered last (or the one after the
+/// last that failed), plain h2c or TLS with ALPN `h2` (`dcs.etcd.tls`),
+/// through [`backend::connect_direct`] like every connection the portal
+/// originates.
+#[derive(Clone)]
+struct Dialer {
+    endpoints: Arc<[String]>,
+    next: Arc<AtomicUsize>,
+    tls: Option<Origination>,
+    timeout: Duration,
+}
+
+impl Dialer {
+    fn new(config: &EtcdDcs, tls: Option<Origination>) -> Dialer {
+        Dialer {
+            endpoints: config.endpoints.clone().into(),
+            next: Arc::new(AtomicUsize::new(0)),
+            tls,
+            timeout: config.timeout,
+        }
+    }
+
+    /// The endpoint tried first.
+    fn current(&self) -> &str {
+        let n = self.endpoints.len().max(1);
+        self.endpoints
+            .get(self.next.load(Ordering::Relaxed) % n)
+            .map_or("", String::as_str)
+    }
+
+    /// Moves on to the next endpoint; returns the one left.
+    fn pass(&self) -> String {
+        let left = self.current().to_string();
+        let n = self.endpoints.len().max(1);
+        let next = (self.next.load(Ordering::Relaxed) + 1) % n;
+        self.next.store(next, Ordering::Relaxed);
+        left
+    }
+
+    async fn dial(&self) -> io::Result<Stream> {
+        let n = self.endpoints.len();
+        let start = self.next.load(Ordering::Relaxed);
+        let mut last = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let address = &self.endpoints[i];
+            // Should this attempt be cut short, the next starts after it.
+            self.next.store((i + 1) % n, Ordering::Relaxed);
+            match backend::connect_direct(address, self.tls.as_ref(), self.timeout).await {
+                Ok(stream) => {
+                    self.next.store(i, Ordering::Relaxed);
+                    return Ok(stream);
+                }
+                Err(err) => {
+                    tracing::debug!(endpoint = %address, error = %err, "etcd DCS endpoint did not connect");
+                    last = Some(io::Error::new(err.kind(), format!("{address}: {err}")));
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("no etcd endpoints")))
     }
 }
 
@@ -214,11 +312,12 @@ fn grpc(status: &Status) -> String {
 /// default) the watch was cut and re-established every 8 s or so.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The tonic endpoint of one configured etcd endpoint (`host:port`, as the
-/// configuration requires; the DCS connection is plaintext HTTP/2): connect
-/// timeout of `timeout`, and HTTP/2 keepalive pings (also while idle, so a
-/// silent watch notices a dead member) every [`KEEPALIVE_INTERVAL`] or
-/// `timeout`, whichever is longer, each answered within `timeout`.
+/// The tonic endpoint of the session's channel (its URI only names the
+/// HTTP/2 authority: the [`Dialer`] decides where and how to connect):
+/// connect timeout of `timeout`, and HTTP/2 keepalive pings (also while
+/// idle, so a silent watch notices a dead member) every
+/// [`KEEPALIVE_INTERVAL`] or `timeout`, whichever is longer, each answered
+/// within `timeout`.
 fn endpoint(address: &str, timeout: Duration) -> Result<Endpoint, String> {
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .map_err(|err| format!("invalid uri: {err}"))?;
@@ -229,20 +328,20 @@ fn endpoint(address: &str, timeout: Duration) -> Result<Endpoint, String> {
         .keep_alive_while_idle(true))
 }
 
-/// The clients of one session: one channel balanced over every configured
-/// endpoint (as etcd-client's was: it connects lazily and reconnects on its
-/// own; a request the balancer sends to a member it cannot reach fails, and
-/// the session starts over), authenticated when the DCS has credentials.
-async fn connect(config: &EtcdDcs) -> Result<Clients, String> {
-    let endpoints = config
-        .endpoints
-        .iter()
-        .map(|address| endpoint(address, config.timeout))
-        .collect::<Result<Vec<_>, _>>()?;
-    if endpoints.is_empty() {
-        return Err("no endpoints".into());
-    }
-    let channel = Channel::balance_list(endpoints.into_iter());
+/// The clients of one session: one channel, connected lazily by the
+/// dialer (a request on a connection that fails fails, and the session
+/// starts over with the next endpoint), authenticated when the DCS has
+/// credentials.
+async fn connect(config: &EtcdDcs, dialer: &Dialer) -> Result<Clients, String> {
+    let first = config.endpoints.first().ok_or("no endpoints")?;
+    let connector = {
+        let dialer = dialer.clone();
+        tower::service_fn(move |_: tonic::codegen::http::Uri| {
+            let dialer = dialer.clone();
+            async move { dialer.dial().await.map(TokioIo::new) }
+        })
+    };
+    let channel = endpoint(first, config.timeout)?.connect_with_connector_lazy(connector);
     let token = match (&config.username, &config.password) {
         (Some(user), Some(password)) => {
             let request = AuthenticateRequest {
@@ -285,11 +384,12 @@ fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
 /// ended, or `None` when the view has gone away.
 async fn session(
     config: &EtcdDcs,
+    dialer: &Dialer,
     ctx: &SourceContext,
     root: &str,
     reporter: &mut Reporter,
 ) -> Option<String> {
-    let mut clients = match tokio::time::timeout(config.timeout, connect(config)).await {
+    let mut clients = match tokio::time::timeout(config.timeout, connect(config, dialer)).await {
         Ok(Ok(clients)) => clients,
         Ok(Err(err)) => return Some(format!("connect: {err}")),
         Err(_) => return Some("connect: timed out".into()),
@@ -323,7 +423,7 @@ async fn session(
         scope.learn_member(ctx, key).await;
     }
     ctx.up.set(1);
-    tracing::info!(cluster = %ctx.cluster, root, revision, "etcd DCS read; watching");
+    tracing::info!(cluster = %ctx.cluster, root, revision, endpoint = dialer.current(), tls = dialer.tls.is_some(), "etcd DCS read; watching");
     if !reporter.send(scope.report(ctx)).await {
         return None;
     }
@@ -412,13 +512,53 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_are_plain_http2() {
+    fn endpoints_name_the_authority() {
         let timeout = Duration::from_secs(2);
         let uri = |address: &str| endpoint(address, timeout).map(|e| e.uri().to_string());
         assert_eq!(uri("127.0.0.1:2379"), Ok("http://127.0.0.1:2379/".into()));
         assert_eq!(uri("[::1]:2379"), Ok("http://[::1]:2379/".into()));
         assert_eq!(uri("etcd1:2379"), Ok("http://etcd1:2379/".into()));
         assert!(uri("not a uri").is_err());
+    }
+
+    #[tokio::test]
+    async fn the_dialer_starts_where_it_last_connected_and_moves_on_after_a_failure() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let open = listener.local_addr().expect("address").to_string();
+        let closed = {
+            let gone = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            gone.local_addr().expect("address").to_string()
+        };
+        let config = EtcdDcs {
+            endpoints: vec![closed.clone(), open.clone()],
+            prefix: "/service".into(),
+            scope: "main".into(),
+            username: None,
+            password: None,
+            timeout: Duration::from_secs(1),
+            max_members: 4,
+            tls: None,
+        };
+        let dialer = Dialer::new(&config, None);
+        assert_eq!(dialer.current(), closed);
+        // The refused endpoint is skipped, the open one kept for next time.
+        dialer.dial().await.expect("the second endpoint answers");
+        assert_eq!(dialer.current(), open);
+        dialer.dial().await.expect("again");
+        assert_eq!(dialer.current(), open);
+        // A failed session moves on (and round).
+        assert_eq!(dialer.pass(), open);
+        assert_eq!(dialer.current(), closed);
+        drop(listener);
+        let Err(err) = dialer.dial().await else {
+            panic!("nothing listens, yet the dialer connected");
+        };
+        assert!(
+            err.to_string().contains(&closed) || err.to_string().contains(&open),
+            "{err}"
+        );
     }
 
     #[test]
@@ -436,7 +576,10 @@ mod tests {
             MemberDocument::parse(doc),
             Some(MemberDocument {
                 address: "127.0.0.1:5433".into(),
-                api: Some("127.0.0.1:8008".into()),
+                api: Some(PatroniApi {
+                    address: "127.0.0.1:8008".into(),
+                    https: false
+                }),
             })
         );
         let with_user = br#"{"conn_url": "postgres://u:p@db1:5432/postgres?sslmode=require"}"#;
@@ -450,7 +593,13 @@ mod tests {
         let v6 = br#"{"conn_url": "postgres://[::1]:5432/postgres", "api_url": "https://[::1]:8008/patroni"}"#;
         assert_eq!(
             MemberDocument::parse(v6).map(|d| (d.address, d.api)),
-            Some(("[::1]:5432".into(), Some("[::1]:8008".into())))
+            Some((
+                "[::1]:5432".into(),
+                Some(PatroniApi {
+                    address: "[::1]:8008".into(),
+                    https: true
+                })
+            ))
         );
         assert_eq!(MemberDocument::parse(b"not json"), None);
         assert_eq!(MemberDocument::parse(br#"{"state": "running"}"#), None);

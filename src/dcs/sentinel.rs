@@ -5,18 +5,21 @@
 //! subscribes to `+switch-master` on a second connection so a failover
 //! reaches the view when Sentinel announces it. It re-asks every `timeout`
 //! as well, which also notices a Sentinel that stopped answering; then it
-//! moves on to the next configured address.
+//! moves on to the next configured address. Both connections are plain, or
+//! TLS verified against `dcs.sentinel.tls`.
 
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
+use redis::aio::{MultiplexedConnection, PubSub};
+use redis::{AsyncConnectionConfig, RedisConnectionInfo};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::{Reporter, SourceContext, RECONNECT_PAUSE};
+use crate::backend::{self, Origination};
 use crate::config::SentinelDcs;
-use crate::probe::redis::split_host_port;
+use crate::stream::Stream;
 use crate::view::DcsReport;
 
 pub async fn run(
@@ -25,12 +28,25 @@ pub async fn run(
     mut reporter: Reporter,
     cancel: CancellationToken,
 ) {
+    // Checked when the configuration was loaded; a failure here means the
+    // files changed since.
+    let tls = match config.tls.as_ref().map(Origination::new).transpose() {
+        Ok(tls) => tls,
+        Err(err) => {
+            let error = format!("dcs.sentinel.tls: {err}");
+            tracing::error!(cluster = %ctx.cluster, %error, "cannot build the TLS client for Sentinel");
+            if reporter.send(DcsReport::Unreachable { error }).await {
+                cancel.cancelled().await;
+            }
+            return;
+        }
+    };
     let mut next = 0usize;
     loop {
         let address = &config.addresses[next % config.addresses.len()];
         next = next.wrapping_add(1);
         let error = tokio::select! {
-            error = session(&config, address, &ctx, &mut reporter) => error,
+            error = session(&config, tls.as_ref(), address, &ctx, &mut reporter) => error,
             _ = cancel.cancelled() => return,
         };
         ctx.up.set(0);
@@ -48,9 +64,8 @@ pub async fn run(
     }
 }
 
-fn client(config: &SentinelDcs, address: &str) -> Result<redis::Client, String> {
-    let (host, port) =
-        split_host_port(address).ok_or_else(|| format!("{address:?} is not host:port"))?;
+/// The credentials every connection to a Sentinel starts with.
+fn settings(config: &SentinelDcs) -> RedisConnectionInfo {
     let mut settings = RedisConnectionInfo::default();
     if let Some(user) = &config.username {
         settings = settings.set_username(user);
@@ -58,47 +73,61 @@ fn client(config: &SentinelDcs, address: &str) -> Result<redis::Client, String> 
     if let Some(password) = &config.password {
         settings = settings.set_password(password.expose());
     }
-    let info = ConnectionAddr::Tcp(host.to_string(), port)
-        .into_connection_info()
-        .map_err(|err| err.to_string())?
-        .set_redis_settings(settings);
-    redis::Client::open(info).map_err(|err| err.to_string())
+    settings
+}
+
+/// One connection to the Sentinel at `address`, plain or TLS, the way the
+/// portal connects to everything ([`backend::connect_direct`]).
+async fn dial(
+    config: &SentinelDcs,
+    tls: Option<&Origination>,
+    address: &str,
+) -> Result<Stream, String> {
+    backend::connect_direct(address, tls, config.timeout)
+        .await
+        .map_err(|err| format!("connect {address}: {err}"))
 }
 
 /// One Sentinel: returns why it was given up, or `None` when the view is gone.
 async fn session(
     config: &SentinelDcs,
+    tls: Option<&Origination>,
     address: &str,
     ctx: &SourceContext,
     reporter: &mut Reporter,
 ) -> Option<String> {
-    let client = match client(config, address) {
-        Ok(client) => client,
+    let settings = settings(config);
+    let stream = match dial(config, tls, address).await {
+        Ok(stream) => stream,
         Err(err) => return Some(err),
     };
-    let connection_config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(config.timeout))
-        .set_response_timeout(Some(config.timeout));
-    let mut conn = match client
-        .get_multiplexed_async_connection_with_config(&connection_config)
-        .await
-    {
-        Ok(conn) => conn,
-        Err(err) => return Some(format!("connect {address}: {err}")),
+    let connection_config = AsyncConnectionConfig::new().set_response_timeout(Some(config.timeout));
+    let setup = MultiplexedConnection::new_with_config(&settings, stream, connection_config);
+    let (mut conn, driver) = match tokio::time::timeout(config.timeout, setup).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(err)) => return Some(format!("connect {address}: {err}")),
+        Err(_) => return Some(format!("connect {address}: timed out")),
     };
-    let mut pubsub = match tokio::time::timeout(config.timeout, client.get_async_pubsub()).await {
+    let _driver = AbortOnDropHandle::new(tokio::spawn(driver));
+    let subscribe = async {
+        let stream = dial(config, tls, address).await?;
+        let mut pubsub = PubSub::new(&settings, stream)
+            .await
+            .map_err(|err| format!("subscribe {address}: {err}"))?;
+        pubsub
+            .subscribe("+switch-master")
+            .await
+            .map_err(|err| format!("subscribe {address}: {err}"))?;
+        Ok::<_, String>(pubsub)
+    };
+    let pubsub = match tokio::time::timeout(config.timeout, subscribe).await {
         Ok(Ok(pubsub)) => pubsub,
-        Ok(Err(err)) => return Some(format!("subscribe {address}: {err}")),
+        Ok(Err(err)) => return Some(err),
         Err(_) => return Some(format!("subscribe {address}: timed out")),
     };
-    match tokio::time::timeout(config.timeout, pubsub.subscribe("+switch-master")).await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => return Some(format!("subscribe {address}: {err}")),
-        Err(_) => return Some(format!("subscribe {address}: timed out")),
-    }
     let mut messages = pubsub.into_on_message();
     ctx.up.set(1);
-    tracing::info!(cluster = %ctx.cluster, sentinel = address, master = %config.master_name, "Sentinel connected; watching +switch-master");
+    tracing::info!(cluster = %ctx.cluster, sentinel = address, tls = tls.is_some(), master = %config.master_name, "Sentinel connected; watching +switch-master");
     let recheck = config.timeout.max(Duration::from_millis(200));
     let mut warned: Option<String> = None;
     loop {

@@ -1,5 +1,6 @@
 //! Patroni probe: asks each member's Patroni agent `GET /patroni` on its REST
-//! API (`api: host:port`) and turns the JSON into an [`Observation`].
+//! API (`api: host:port`, over HTTPS verified with `probe.api_tls` when the
+//! API is HTTPS) and turns the JSON into an [`Observation`].
 //!
 //! Patroni, not PostgreSQL, is then the source of truth for a member's role:
 //! a member is primary only when Patroni says `master`/`primary` *and* its
@@ -21,10 +22,11 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::{header, Request, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::{Failure, ProbeContext, Prober};
+use crate::backend::{self, Origination};
+use crate::config::PatroniApi;
 use crate::view::{MemberId, Observation, Outcome, Role, Term};
 
 /// A `/patroni` answer is a few hundred bytes, a few KiB with many
@@ -32,17 +34,21 @@ use crate::view::{MemberId, Observation, Outcome, Role, Term};
 const MAX_BODY: usize = 256 * 1024;
 
 pub struct PatroniProber {
-    /// Patroni's REST address, `host:port`.
-    api: String,
+    /// Patroni's REST address, and whether it is HTTPS.
+    api: PatroniApi,
+    /// TLS for an HTTPS API (`probe.api_tls`).
+    tls: Option<Origination>,
     /// A connection the server agreed to keep open, and a signal that fires
     /// when it closes.
     conn: Option<(SendRequest<Empty<Bytes>>, oneshot::Receiver<()>)>,
 }
 
 impl PatroniProber {
-    pub fn new(api: &str) -> PatroniProber {
+    /// `tls` is used for an HTTPS `api` (the caller passes it exactly then).
+    pub fn new(api: PatroniApi, tls: Option<Origination>) -> PatroniProber {
         PatroniProber {
-            api: api.to_string(),
+            api,
+            tls,
             conn: None,
         }
     }
@@ -51,11 +57,19 @@ impl PatroniProber {
         &self,
         timeout: Duration,
     ) -> Result<(SendRequest<Empty<Bytes>>, oneshot::Receiver<()>), Failure> {
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(&self.api))
+        let tls = if self.api.https {
+            Some(self.tls.as_ref().ok_or_else(|| {
+                Failure::hard(format!(
+                    "{} is HTTPS and probe.api_tls is not set",
+                    self.api
+                ))
+            })?)
+        } else {
+            None
+        };
+        let stream = backend::connect_direct(&self.api.address, tls, timeout)
             .await
-            .map_err(|_| Failure::soft(format!("connect to {} timed out", self.api)))?
             .map_err(|err| super::classify_io(&err))?;
-        let _ = stream.set_nodelay(true);
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|err| Failure::soft(format!("http handshake: {err}")))?;
@@ -75,7 +89,7 @@ impl PatroniProber {
         timeout: Duration,
     ) -> Result<(Bytes, bool), Failure> {
         let request = Request::get("/patroni")
-            .header(header::HOST, self.api.as_str())
+            .header(header::HOST, self.api.address.as_str())
             .header(header::USER_AGENT, "portal-probe")
             .body(Empty::<Bytes>::new())
             .map_err(|err| Failure::soft(format!("building the request: {err}")))?;

@@ -1,5 +1,6 @@
 //! Redis probe: one persistent RESP3 connection per member (redis-rs), asking
-//! `INFO replication`.
+//! `INFO replication`. The connection is opened by [`crate::backend::connect`]
+//! (plain TCP, or TLS with `backend_tls`), the same path sessions take.
 //!
 //! The connection's disconnect notification makes a dropped connection a
 //! report at once instead of at the next tick: that is what makes failover
@@ -8,11 +9,13 @@
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, ProtocolVersion, PushKind};
-use redis::{PushInfo, RedisConnectionInfo};
+use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, RedisConnectionInfo};
 use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::{classify_io, Failure, ProbeContext, Prober};
+use crate::backend::{self, Origination};
+use crate::config::Protocol;
 use crate::view::{Observation, Outcome, Role, Term};
 
 /// What `INFO replication` says, in the fields the view needs.
@@ -96,21 +99,41 @@ impl Replication {
     }
 }
 
-/// The probe's connection and its disconnect signal.
+/// The probe's connection: the multiplexed client, its disconnect signal
+/// and the task that drives it (aborted with the connection).
+type Connection = (
+    MultiplexedConnection,
+    mpsc::UnboundedReceiver<PushInfo>,
+    AbortOnDropHandle<()>,
+);
+
+/// The probe's connection to one member, plain or TLS (`backend_tls`).
 pub struct RedisProber {
-    conn: Option<(MultiplexedConnection, mpsc::UnboundedReceiver<PushInfo>)>,
+    origination: Option<Origination>,
+    conn: Option<Connection>,
 }
 
 impl RedisProber {
-    pub fn new() -> RedisProber {
-        RedisProber { conn: None }
+    pub fn new(origination: Option<Origination>) -> RedisProber {
+        RedisProber {
+            origination,
+            conn: None,
+        }
     }
 
-    async fn connect(
-        ctx: &ProbeContext,
-    ) -> Result<(MultiplexedConnection, mpsc::UnboundedReceiver<PushInfo>), Failure> {
-        let (host, port) = split_host_port(&ctx.address)
-            .ok_or_else(|| Failure::soft(format!("bad address {}", ctx.address)))?;
+    /// Connects the way sessions do ([`backend::connect`]: plain, or TLS
+    /// verified against `backend_tls`), then hands the stream to redis-rs
+    /// (RESP3 `HELLO`, with the probe's credentials).
+    async fn connect(&self, ctx: &ProbeContext) -> Result<Connection, Failure> {
+        let timeout = ctx.settings.timeout;
+        let stream = backend::connect(
+            Protocol::Redis,
+            &ctx.address,
+            self.origination.as_ref(),
+            timeout,
+        )
+        .await
+        .map_err(|err| classify_io(&err))?;
         let mut settings = RedisConnectionInfo::default().set_protocol(ProtocolVersion::RESP3);
         if let Some(user) = &ctx.settings.username {
             settings = settings.set_username(user);
@@ -118,21 +141,19 @@ impl RedisProber {
         if let Some(password) = &ctx.settings.password {
             settings = settings.set_password(password.expose());
         }
-        let info = ConnectionAddr::Tcp(host.to_string(), port)
-            .into_connection_info()
-            .map_err(|err| Failure::soft(err.to_string()))?
-            .set_redis_settings(settings);
-        let client = redis::Client::open(info).map_err(|err| Failure::soft(err.to_string()))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(ctx.settings.timeout))
-            .set_response_timeout(Some(ctx.settings.timeout))
+            .set_response_timeout(Some(timeout))
             .set_push_sender(tx);
-        let conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(|err| redis_failure(&err))?;
-        Ok((conn, rx))
+        let (conn, driver) = tokio::time::timeout(
+            timeout,
+            MultiplexedConnection::new_with_config(&settings, stream, config),
+        )
+        .await
+        .map_err(|_| Failure::soft(format!("no HELLO answer within {timeout:?}")))?
+        .map_err(|err| redis_failure(&err))?;
+        let driver = AbortOnDropHandle::new(tokio::spawn(driver));
+        Ok((conn, rx, driver))
     }
 
     async fn query(conn: &mut MultiplexedConnection, timeout: Duration) -> Result<String, Failure> {
@@ -145,22 +166,16 @@ impl RedisProber {
     }
 }
 
-impl Default for RedisProber {
-    fn default() -> Self {
-        RedisProber::new()
-    }
-}
-
 impl Prober for RedisProber {
     async fn probe(&mut self, ctx: &ProbeContext) -> (Outcome, Option<Duration>) {
         let started = Instant::now();
         if self.conn.is_none() {
-            match Self::connect(ctx).await {
+            match self.connect(ctx).await {
                 Ok(conn) => self.conn = Some(conn),
                 Err(failure) => return (failure.outcome(), None),
             }
         }
-        let Some((conn, _)) = self.conn.as_mut() else {
+        let Some((conn, _, _)) = self.conn.as_mut() else {
             return (Failure::soft("no connection").outcome(), None);
         };
         let result = Self::query(conn, ctx.settings.timeout).await;
@@ -178,7 +193,7 @@ impl Prober for RedisProber {
 
     async fn disconnected(&mut self) {
         loop {
-            let Some((_, pushes)) = self.conn.as_mut() else {
+            let Some((_, pushes, _)) = self.conn.as_mut() else {
                 return std::future::pending().await;
             };
             match pushes.recv().await {

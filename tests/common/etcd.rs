@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use super::pki::Leaf;
 use super::{free_port, Certs, DEADLINE};
 
 /// The etcd server binary.
@@ -60,22 +61,32 @@ pub struct EtcdCluster {
     token: String,
     members: Vec<Member>,
     tls: Option<Certs>,
+    /// With TLS: clients must present a certificate from `tls.ca`
+    /// (`--client-cert-auth`); etcdctl presents this one.
+    client_auth: Option<Leaf>,
 }
 
 impl EtcdCluster {
     /// Starts an `n`-member cluster with plaintext client URLs and waits
     /// until every member reports healthy (a leader is elected).
     pub fn start(n: usize) -> EtcdCluster {
-        Self::start_with(n, None)
+        Self::start_with(n, None, None)
     }
 
     /// Like `start`, but clients must speak TLS, validated against
     /// `certs.ca` (server certificate `certs.cert` for localhost/127.0.0.1).
     pub fn start_tls(n: usize, certs: &Certs) -> EtcdCluster {
-        Self::start_with(n, Some(certs.clone()))
+        Self::start_with(n, Some(certs.clone()), None)
     }
 
-    fn start_with(n: usize, tls: Option<Certs>) -> EtcdCluster {
+    /// Like `start_tls`, and clients must also present a certificate that
+    /// chains to `certs.ca` (`--client-cert-auth`); the harness's etcdctl
+    /// presents `client`.
+    pub fn start_tls_client_auth(n: usize, certs: &Certs, client: &Leaf) -> EtcdCluster {
+        Self::start_with(n, Some(certs.clone()), Some(client.clone()))
+    }
+
+    fn start_with(n: usize, tls: Option<Certs>, client_auth: Option<Leaf>) -> EtcdCluster {
         assert!(n > 0, "an etcd cluster needs at least one member");
         assert!(
             Path::new(ETCD).is_file(),
@@ -105,6 +116,7 @@ impl EtcdCluster {
             token,
             members,
             tls,
+            client_auth,
         };
         for i in 0..n {
             cluster.spawn(i);
@@ -222,6 +234,12 @@ impl EtcdCluster {
                 .arg(&certs.cert)
                 .arg("--key-file")
                 .arg(&certs.key);
+            if self.client_auth.is_some() {
+                command
+                    .arg("--client-cert-auth")
+                    .arg("--trusted-ca-file")
+                    .arg(&certs.ca);
+            }
         }
         // etcd reads ETCD_* variables as flags; none from the caller.
         for (key, _) in std::env::vars_os() {
@@ -245,7 +263,15 @@ impl EtcdCluster {
             Some(_) => format!("localhost:{}", self.members[i].client_port),
             None => self.client_address(i),
         };
-        etcdctl_command(&endpoint, self.tls.as_ref().map(|c| c.ca.as_path()))
+        let mut command = etcdctl_command(&endpoint, self.tls.as_ref().map(|c| c.ca.as_path()));
+        if let Some(client) = &self.client_auth {
+            command
+                .arg("--cert")
+                .arg(&client.cert)
+                .arg("--key")
+                .arg(&client.key);
+        }
+        command
     }
 
     /// Runs `etcdctl ARGS` against member `i`; its output, successful or not.

@@ -33,6 +33,7 @@ pub mod chaos;
 pub mod etcd;
 pub mod patroni;
 pub mod pg;
+pub mod pki;
 
 /// The portal binary under test.
 pub const PORTAL: &str = env!("CARGO_BIN_EXE_portal");

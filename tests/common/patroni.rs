@@ -102,6 +102,18 @@ impl PatroniMember {
     }
 }
 
+/// TLS for a Patroni cluster: every REST API serves HTTPS with `cert` and
+/// `key` (and the agents verify each other against `ca`), and the agents
+/// reach etcd over TLS, presenting the same certificate.
+#[derive(Clone)]
+pub struct PatroniTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// What the harness's own REST requests trust.
+    pub client: Arc<rustls::ClientConfig>,
+}
+
 /// A Patroni cluster of PostgreSQL members.
 pub struct PatroniCluster {
     pub scope: String,
@@ -109,6 +121,8 @@ pub struct PatroniCluster {
     /// The etcd client addresses Patroni keeps its keys in.
     pub etcd_hosts: Vec<String>,
     root: TempDir,
+    /// HTTPS REST APIs and TLS to etcd (copies of the files, in `root`).
+    tls: Option<PatroniTls>,
 }
 
 impl PatroniCluster {
@@ -127,6 +141,21 @@ impl PatroniCluster {
     /// anything: a portal can be configured and started before Patroni
     /// writes a single key.
     pub fn prepare(etcd_hosts: &[String], count: usize) -> PatroniCluster {
+        Self::prepare_with(etcd_hosts, count, None)
+    }
+
+    /// Like `start`, with HTTPS REST APIs and TLS to etcd.
+    pub fn start_tls(etcd_hosts: &[String], count: usize, tls: &PatroniTls) -> PatroniCluster {
+        let mut cluster = PatroniCluster::prepare_with(etcd_hosts, count, Some(tls));
+        cluster.launch();
+        cluster
+    }
+
+    fn prepare_with(
+        etcd_hosts: &[String],
+        count: usize,
+        tls: Option<&PatroniTls>,
+    ) -> PatroniCluster {
         require_patroni();
         let root = tempfile::Builder::new()
             .prefix("portal-patroni-")
@@ -154,11 +183,27 @@ impl PatroniCluster {
                 }
             })
             .collect();
+        // Patroni runs as the PostgreSQL user: its TLS files go where it
+        // can read them.
+        let tls = tls.map(|tls| {
+            let copy = |from: &Path, name: &str| {
+                let to = root.path().join(name);
+                std::fs::copy(from, &to).expect("copy a TLS file for Patroni");
+                to
+            };
+            PatroniTls {
+                ca: copy(&tls.ca, "tls-ca.crt"),
+                cert: copy(&tls.cert, "tls.crt"),
+                key: copy(&tls.key, "tls.key"),
+                client: tls.client.clone(),
+            }
+        });
         let cluster = PatroniCluster {
             scope,
             members,
             etcd_hosts: etcd_hosts.to_vec(),
             root,
+            tls,
         };
         for i in 0..count {
             let yaml = cluster.yaml(i, etcd_hosts);
@@ -183,6 +228,22 @@ impl PatroniCluster {
     }
 
     fn yaml(&self, i: usize, etcd_hosts: &[String]) -> String {
+        let yaml = self.plain_yaml(i, etcd_hosts);
+        let Some(tls) = &self.tls else {
+            return yaml;
+        };
+        let (ca, cert, key) = (tls.ca.display(), tls.cert.display(), tls.key.display());
+        yaml.replacen(
+            "etcd3:\n",
+            &format!(
+                "  certfile: {cert}\n  keyfile: {key}\n  cafile: {ca}\n\
+                 etcd3:\n  protocol: https\n  cacert: {ca}\n  cert: {cert}\n  key: {key}\n"
+            ),
+            1,
+        )
+    }
+
+    fn plain_yaml(&self, i: usize, etcd_hosts: &[String]) -> String {
         let m = &self.members[i];
         let root = self.root.path().display();
         format!(
@@ -284,12 +345,21 @@ impl PatroniCluster {
     /// GET `path` on member `i`'s REST API: the status code, or `None` when
     /// it does not answer.
     pub fn rest_status(&self, i: usize, path: &str) -> Option<u16> {
-        rest_get(self.members[i].api_port, path).map(|(code, _)| code)
+        self.rest(i, path).map(|(code, _)| code)
+    }
+
+    /// GET `path` on member `i`'s REST API, HTTP or HTTPS.
+    fn rest(&self, i: usize, path: &str) -> Option<(u16, String)> {
+        let port = self.members[i].api_port;
+        match &self.tls {
+            None => rest_get(port, path),
+            Some(tls) => super::pki::https_get(port, tls.client.clone(), path),
+        }
     }
 
     /// GET `/patroni` on member `i`, as JSON.
     pub fn rest_json(&self, i: usize) -> Option<serde_json::Value> {
-        let (_, body) = rest_get(self.members[i].api_port, "/patroni")?;
+        let (_, body) = self.rest(i, "/patroni")?;
         serde_json::from_str(&body).ok()
     }
 
