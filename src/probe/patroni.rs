@@ -275,7 +275,10 @@ fn observation(
     }
     let role = match role_text {
         "master" | "primary" => Role::Primary,
-        "replica" | "standby_leader" => Role::Replica,
+        // A replica that reports no timeline (Patroni has read none yet: a
+        // member back after a failover, before pg_rewind) is not known to
+        // follow the leader's history: no reads until it reports one.
+        "replica" | "standby_leader" if status.timeline.is_some() => Role::Replica,
         _ => Role::Unknown,
     };
     let xlog = status.xlog.as_ref();
@@ -434,6 +437,21 @@ mod tests {
             system: SYSTEM,
             timeline,
         }
+    }
+
+    #[test]
+    fn a_running_replica_without_a_timeline_takes_no_reads() {
+        // What Patroni can answer for a member back after a failover before
+        // it has read a timeline: nothing shows whose history it holds.
+        let body = br#"{"state": "running", "role": "replica", "xlog": {"received_location": 1, "replayed_location": 1}}"#;
+        let seen = observe(body, SystemTime::UNIX_EPOCH).expect("an observation");
+        assert_eq!((seen.role, seen.term), (Role::Unknown, None));
+        let body = br#"{"state": "running", "role": "replica", "timeline": 2, "xlog": {"received_location": 1, "replayed_location": 1}}"#;
+        let seen = observe(body, SystemTime::UNIX_EPOCH).expect("an observation");
+        assert_eq!(
+            (seen.role, seen.term),
+            (Role::Replica, Some(Term::Number(2)))
+        );
     }
 
     #[test]
