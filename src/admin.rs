@@ -20,7 +20,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{ActionError, Cluster};
@@ -57,6 +56,10 @@ pub struct AdminState {
 
 /// Admin connections open at once; past it a new one is closed at once.
 const MAX_CONNECTIONS: usize = 64;
+/// Admin connections open at once from one address: a stranger that holds
+/// connections open cannot take the places of a load balancer's or an
+/// orchestrator's `/ready` and `/health` checks.
+const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
 /// How long a client may take to send a request's headers (also the idle
 /// time allowed between requests on a kept-alive connection).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -65,7 +68,12 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = crate::admission::Admission::new(crate::admission::Limits {
+        handshakes: MAX_CONNECTIONS,
+        handshakes_per_source: MAX_CONNECTIONS_PER_SOURCE,
+        sessions: 0,
+        sessions_per_source: None,
+    });
     let limited = crate::log_limit::LogLimit::default();
     loop {
         let (stream, peer) = tokio::select! {
@@ -79,11 +87,18 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: Cancel
             },
             _ = cancel.cancelled() => return,
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            if let Some(suppressed) = limited.admit("admin_connections") {
-                tracing::warn!(%peer, limit = MAX_CONNECTIONS, suppressed, "admin connection refused: too many open");
+        let slot = match slots.opening(peer.ip()) {
+            Ok(slot) => slot,
+            Err(denied) => {
+                if let Some(suppressed) = limited.admit(denied.reason()) {
+                    let limit = match denied {
+                        crate::admission::Denied::HandshakesPerSource => MAX_CONNECTIONS_PER_SOURCE,
+                        _ => MAX_CONNECTIONS,
+                    };
+                    tracing::warn!(%peer, limit, suppressed, "admin connection refused: too many open");
+                }
+                continue;
             }
-            continue;
         };
         let state = state.clone();
         let cancel = cancel.clone();
@@ -349,12 +364,11 @@ fn ready_part(state: &AdminState, what: &str) -> Response<Full<Bytes>> {
             let Some(endpoint) = served.endpoints.iter().find(|e| e.config.name == name) else {
                 return text(StatusCode::NOT_FOUND, format!("no endpoint {name:?}\n"));
             };
-            let snapshot = endpoint.cluster.routing.borrow().clone();
-            let config = &endpoint.config;
+            let cluster = endpoint.cluster.latest();
+            let snapshot = cluster.routing.borrow().clone();
             let candidates =
-                crate::router::candidates(&snapshot, config.route, config.replica_fallback, |r| {
-                    crate::router::within_lag(snapshot.members.get(r), config.max_lag)
-                });
+                crate::proxy::candidates_now(&endpoint.config, &snapshot, &cluster.status.load());
+            let config = &endpoint.config;
             if candidates.is_empty() {
                 Err(format!("no member for {name} (route {})", config.route))
             } else {
@@ -412,7 +426,7 @@ fn cluster_json(cluster: &Cluster, snapshot: &Snapshot, endpoints: &[Arc<Endpoin
                 "position": seen.and_then(|s| s.position),
                 "lag_bytes": seen.and_then(|s| s.lag_bytes),
                 "replay_delay_ms": seen.and_then(|s| s.delay).map(|d| d.as_millis() as u64),
-                "sessions": cluster.active.get(id).map_or(0, |a| a.load(Ordering::Relaxed)),
+                "sessions": cluster.sessions_on(id),
             })
         })
         .collect();
@@ -532,7 +546,7 @@ fn status_page(state: &AdminState) -> String {
                 v.role.as_str(),
                 v.health.as_str(),
                 escape(&v.term.as_ref().map(|t| t.to_string()).unwrap_or_default()),
-                cluster.active.get(id).map_or(0, |a| a.load(Ordering::Relaxed)),
+                cluster.sessions_on(id),
                 escape(v.last_error.as_deref().unwrap_or("")),
             );
         }

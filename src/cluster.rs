@@ -2,7 +2,6 @@
 //! the view, and what the data path reads (the routing snapshot and the
 //! per-member session counts).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,10 +60,14 @@ pub struct Cluster {
     routing_tx: watch::Sender<Arc<Snapshot>>,
     /// The latest snapshot with every member's last report, for `/status`.
     pub status: ArcSwap<Snapshot>,
-    /// Sessions open per member, for least-connections.
-    pub active: Vec<AtomicUsize>,
-    /// PostgreSQL cancel keys of live sessions, and who issued them.
-    pub cancel_keys: CancelKeys,
+    /// Sessions open per member name, for least-connections and
+    /// `/status`; shared with the instances a reload starts after this one.
+    sessions: Arc<SessionCounts>,
+    /// PostgreSQL cancel keys of live sessions, and the member (name and
+    /// address) that issued each; shared like `sessions`.
+    pub cancel_keys: Arc<CancelKeys<Arc<MemberEntry>>>,
+    /// The instance a reload replaced this one with, once it did.
+    successor: watch::Sender<Option<Arc<Cluster>>>,
     /// TLS to the members, when configured.
     pub origination: Option<Origination>,
     /// Who the members are and where they listen.
@@ -76,7 +79,9 @@ pub struct Cluster {
 impl Cluster {
     /// Starts the probes and the view task on `tasks`; both stop on `cancel`.
     /// With `peer_wait`, the portal has peers: the first election waits for
-    /// a peer's answer, or that long (view rule 9).
+    /// a peer's answer, or that long (view rule 9). With `predecessor`, the
+    /// instance a reload replaces: its session counts and cancel keys carry
+    /// over (its sessions go on).
     pub fn start(
         config: config::Cluster,
         origination: Option<Origination>,
@@ -84,6 +89,7 @@ impl Cluster {
         metrics: Arc<Metrics>,
         tasks: &TaskTracker,
         cancel: CancellationToken,
+        predecessor: Option<&Cluster>,
     ) -> Arc<Cluster> {
         let roster = Arc::new(Roster::new(&config));
         let mut view = View::new(
@@ -109,8 +115,12 @@ impl Cluster {
         let poke = Arc::new(Notify::new());
 
         let cluster = Arc::new(Cluster {
-            active: (0..roster.len()).map(|_| AtomicUsize::new(0)).collect(),
-            cancel_keys: CancelKeys::new(CANCEL_KEYS_CAPACITY),
+            sessions: predecessor.map_or_else(Arc::default, |p| p.sessions.clone()),
+            cancel_keys: predecessor.map_or_else(
+                || Arc::new(CancelKeys::new(CANCEL_KEYS_CAPACITY)),
+                |p| p.cancel_keys.clone(),
+            ),
+            successor: watch::Sender::new(None),
             origination,
             status: ArcSwap::new(first),
             routing,
@@ -221,14 +231,31 @@ impl Cluster {
     }
 
     /// Counts a session on `member` until the guard drops.
-    pub fn session_guard(self: &Arc<Self>, member: usize) -> SessionCount {
-        if let Some(count) = self.active.get(member) {
-            count.fetch_add(1, Ordering::Relaxed);
-        }
+    pub fn session_guard(&self, member: usize) -> SessionCount {
+        let name = self.roster.name(member);
+        self.sessions.add(&name);
         SessionCount {
-            cluster: self.clone(),
-            member,
+            sessions: self.sessions.clone(),
+            name,
         }
+    }
+
+    /// Sessions open on `member`, on this instance and on those it replaced.
+    pub fn sessions_on(&self, member: usize) -> usize {
+        self.roster
+            .get(member)
+            .map_or(0, |entry| self.sessions.get(&entry.name))
+    }
+
+    /// The instance serving in this one's place now: itself, or the last
+    /// of the instances reloads replaced it with.
+    pub fn latest(self: &Arc<Self>) -> Arc<Cluster> {
+        follow_chain(self).0
+    }
+
+    /// Marks this instance as replaced by `next` (a reload).
+    pub fn replaced_by(&self, next: Arc<Cluster>) {
+        self.successor.send_replace(Some(next));
     }
 }
 
@@ -244,46 +271,68 @@ pub fn inherited_terms(old: &Cluster) -> Option<PeerTerms> {
     })
 }
 
-/// After a reload replaced `old` with `new` (and `old`'s view stopped):
-/// feeds `old`'s sessions `new`'s view, so that each stays open exactly
-/// while its member, the same name at the same address, is eligible under
-/// `new`. Returns when `done` does.
-pub async fn follow_successor(
-    old: Arc<Cluster>,
-    new: Arc<Cluster>,
-    done: impl std::future::Future<Output = ()>,
-) {
+/// The last instance of the chain of successors from `from`, and a
+/// receiver that wakes when that one is replaced in turn.
+fn follow_chain(from: &Arc<Cluster>) -> (Arc<Cluster>, watch::Receiver<Option<Arc<Cluster>>>) {
+    let mut current = from.clone();
+    loop {
+        // Subscribed before looking: a successor set meanwhile wakes it.
+        let replaced = current.successor.subscribe();
+        let next = replaced.borrow().clone();
+        match next {
+            Some(next) => current = next,
+            None => return (current, replaced),
+        }
+    }
+}
+
+/// After a reload replaced `old` (its view stopped, [`Cluster::replaced_by`]
+/// set): feeds `old`'s sessions the view of the instance serving in its
+/// place, following later reloads too, so that each session stays open
+/// exactly while its member, the same name at the same address, is
+/// eligible under that view. Returns when `done` does.
+pub async fn follow_successor(old: Arc<Cluster>, done: impl std::future::Future<Output = ()>) {
     tokio::pin!(done);
-    let base = old.routing.borrow().epoch;
-    let mut next = new.routing.clone();
+    let mut epoch = old.routing.borrow().epoch;
+    let (mut latest, mut replaced) = follow_chain(&old);
+    let mut next = latest.routing.clone();
     loop {
         let snapshot = next.borrow_and_update().clone();
         let in_old = |id: MemberId| {
-            let entry = new.roster.get(id)?;
+            let entry = latest.roster.get(id)?;
             let old_id = old.roster.id_of(&entry.name)?;
             let before = old.roster.get(old_id)?;
             (before.address == entry.address).then_some(old_id)
         };
+        epoch += 1;
         old.routing_tx
-            .send_replace(Arc::new(successor_snapshot(&snapshot, in_old, base)));
+            .send_replace(Arc::new(successor_snapshot(&snapshot, in_old, epoch)));
         tokio::select! {
             changed = next.changed() => if changed.is_err() { return },
+            changed = replaced.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                (latest, replaced) = follow_chain(&latest);
+                next = latest.routing.clone();
+            }
             () = &mut done => return,
         }
     }
 }
 
 /// `snapshot` of a successor instance in the member ids of its predecessor
-/// (`in_old`; `None` for a member the predecessor did not have), under an
-/// epoch above every one the predecessor's sessions saw (`base`). Only what
-/// a running session asks (`router::still_eligible`) is carried.
+/// (`in_old`; `None` for a member the predecessor did not have), under
+/// `epoch`, above every one the predecessor's sessions saw. Only what a
+/// running session asks (`router::still_eligible`) is carried: new
+/// sessions route on the successor itself ([`Cluster::latest`]).
 fn successor_snapshot(
     snapshot: &Snapshot,
     in_old: impl Fn(MemberId) -> Option<MemberId>,
-    base: u64,
+    epoch: u64,
 ) -> Snapshot {
     Snapshot {
-        epoch: base + 1 + snapshot.epoch,
+        epoch,
         leader: snapshot.leader.and_then(&in_old),
         replicas: snapshot
             .replicas
@@ -424,17 +473,45 @@ impl Probes {
     }
 }
 
+/// Sessions open per member name.
+#[derive(Default)]
+struct SessionCounts(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+
+impl SessionCounts {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn add(&self, name: &str) {
+        *self.lock().entry(name.to_string()).or_default() += 1;
+    }
+
+    fn remove(&self, name: &str) {
+        let mut counts = self.lock();
+        if let Some(count) = counts.get_mut(name) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(name);
+            }
+        }
+    }
+
+    fn get(&self, name: &str) -> usize {
+        self.lock().get(name).copied().unwrap_or(0)
+    }
+}
+
 /// Decrements a member's session count on drop.
 pub struct SessionCount {
-    cluster: Arc<Cluster>,
-    member: usize,
+    sessions: Arc<SessionCounts>,
+    name: String,
 }
 
 impl Drop for SessionCount {
     fn drop(&mut self) {
-        if let Some(count) = self.cluster.active.get(self.member) {
-            count.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.sessions.remove(&self.name);
     }
 }
 
@@ -700,8 +777,8 @@ mod tests {
             1 => Some(1),
             _ => None,
         };
-        let next = successor_snapshot(&snapshot(1, Some(0), vec![1, 2]), in_old, 7);
-        assert_eq!(next.epoch, 9, "above every epoch the old sessions saw");
+        let next = successor_snapshot(&snapshot(1, Some(0), vec![1, 2]), in_old, 9);
+        assert_eq!(next.epoch, 9);
         assert_eq!(next.leader, Some(2), "c leads, old id 2");
         assert_eq!(next.replicas, vec![1], "d was not a member before");
         assert!(still_eligible(&next, Route::Leader, 2));
@@ -711,7 +788,7 @@ mod tests {
         );
         assert!(still_eligible(&next, Route::Replicas, 1));
         // A new leader the old instance never had: no old session fits.
-        let next = successor_snapshot(&snapshot(2, Some(2), vec![]), in_old, 7);
+        let next = successor_snapshot(&snapshot(2, Some(2), vec![]), in_old, 10);
         assert_eq!(next.leader, None);
         assert!(!still_eligible(&next, Route::Leader, 2));
     }

@@ -163,7 +163,7 @@ impl Endpoint {
     /// connection each side sees: the client the endpoint's, the member its
     /// own. They agree only when the member serves the endpoint's
     /// certificate; warns once per member when it does not.
-    fn check_channel_binding(&self, member: MemberId, server: &Stream) {
+    fn check_channel_binding(&self, cluster: &Cluster, member: MemberId, server: &Stream) {
         let (Some(theirs), Some(ours)) = (server.member_certificate(), self.certificate.as_ref())
         else {
             return;
@@ -179,7 +179,7 @@ impl Endpoint {
         if first {
             tracing::warn!(
                 endpoint = %self.config.name,
-                member = self.cluster.member_name(member),
+                member = cluster.member_name(member),
                 "the member presents another TLS certificate than this endpoint: SCRAM logins with channel binding (libpq's default channel_binding=prefer) fail with \"SCRAM channel binding check failed\"; serve the endpoint's certificate on the members, or have clients set channel_binding=disable"
             );
         }
@@ -392,7 +392,12 @@ async fn session(
         routed = route(&endpoint, peer) => routed,
         _ = close.cancelled() => Err(Refusal::ShuttingDown),
     };
-    let (member, mut server, mut routing) = match routed {
+    let Routed {
+        cluster,
+        member,
+        mut server,
+        mut routing,
+    } = match routed {
         Ok(routed) => routed,
         Err(refusal) => {
             let reason = refusal.metric_reason();
@@ -405,10 +410,9 @@ async fn session(
             return;
         }
     };
-    let cluster = &endpoint.cluster;
     let _count = cluster.session_guard(member);
     if protocol == Protocol::Postgres {
-        endpoint.check_channel_binding(member, &server);
+        endpoint.check_channel_binding(&cluster, member, &server);
     }
     let epoch = routing.borrow().epoch;
     if protocol == Protocol::Postgres {
@@ -673,7 +677,7 @@ enum Ended {
 /// Unknown keys are dropped quietly, as the server itself does.
 async fn forward_cancel(endpoint: &Endpoint, key: CancelKey, peer: SocketAddr) {
     let ep = endpoint.config.name.as_str();
-    let cluster = &endpoint.cluster;
+    let cluster = endpoint.cluster.latest();
     let outcome = |what: &str| {
         endpoint
             .metrics
@@ -682,13 +686,11 @@ async fn forward_cancel(endpoint: &Endpoint, key: CancelKey, peer: SocketAddr) {
             .with_label_values(&[ep, what])
             .inc();
     };
-    let Some(member) = cluster.cancel_keys.member(&key) else {
+    // The member that issued the key, as it was then (a reload may have
+    // replaced the cluster's instance since; the key table is shared).
+    let Some(entry) = cluster.cancel_keys.member(&key) else {
         outcome("unknown_key");
         tracing::debug!(endpoint = ep, %peer, pid = key.pid, "cancel request with an unknown key; ignored");
-        return;
-    };
-    let Some(entry) = cluster.roster.get(member) else {
-        outcome("unknown_key");
         return;
     };
     let forwarded = async {
@@ -709,11 +711,11 @@ async fn forward_cancel(endpoint: &Endpoint, key: CancelKey, peer: SocketAddr) {
     match forwarded.await {
         Ok(()) => {
             outcome("forwarded");
-            tracing::info!(endpoint = ep, %peer, member = cluster.member_name(member), pid = key.pid, "cancel request forwarded");
+            tracing::info!(endpoint = ep, %peer, member = %entry.name, pid = key.pid, "cancel request forwarded");
         }
         Err(err) => {
             outcome("failed");
-            tracing::warn!(endpoint = ep, %peer, member = cluster.member_name(member), error = %err, "cancel request could not be forwarded");
+            tracing::warn!(endpoint = ep, %peer, member = %entry.name, error = %err, "cancel request could not be forwarded");
         }
     }
 }
@@ -733,30 +735,38 @@ pub fn tune(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive);
 }
 
-type Routed = (MemberId, Stream, watch::Receiver<Arc<Snapshot>>);
+/// A session's member, connected, on the cluster instance whose view
+/// chose it (and whose routing it watches).
+struct Routed {
+    cluster: Arc<Cluster>,
+    member: MemberId,
+    server: Stream,
+    routing: watch::Receiver<Arc<Snapshot>>,
+}
 
 /// Picks and connects a member, holding up to `hold_timeout` while none is
 /// eligible or reachable.
 async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal> {
-    let cluster = &endpoint.cluster;
     let config = &endpoint.config;
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started + config.hold_timeout);
+    let mut cluster = endpoint.cluster.latest();
     let mut routing = cluster.routing.clone();
     let mut last_error: Option<String>;
     loop {
+        // A reload may have replaced the cluster's instance (this endpoint
+        // instance too) since the connection came in: route on the view
+        // serving now.
+        let latest = cluster.latest();
+        if !Arc::ptr_eq(&latest, &cluster) {
+            cluster = latest;
+            routing = cluster.routing.clone();
+        }
         let snapshot = routing.borrow_and_update().clone();
-        let status = cluster.status.load();
-        let candidates =
-            router::candidates(&snapshot, config.route, config.replica_fallback, |m| {
-                router::within_lag(status.members.get(m), config.max_lag)
-            });
+        let candidates = candidates_now(config, &snapshot, &cluster.status.load());
         let turn = endpoint.turn.fetch_add(1, Ordering::Relaxed);
         let choice = router::choose(&candidates, config.balance, turn, |m| {
-            cluster
-                .active
-                .get(m)
-                .map_or(0, |a| a.load(Ordering::Relaxed))
+            cluster.sessions_on(m)
         });
         let mut failed = false;
         last_error = None;
@@ -792,7 +802,12 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
                             .metrics
                             .hold
                             .observe(started.elapsed().as_secs_f64());
-                        return Ok((member, server, routing));
+                        return Ok(Routed {
+                            cluster,
+                            member,
+                            server,
+                            routing,
+                        });
                     }
                     continue;
                 }
@@ -824,15 +839,30 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
             }
             _ = tokio::time::sleep(RETRY_PAUSE), if failed => {}
             _ = tokio::time::sleep_until(deadline) => {
+                let last = routing.borrow().clone();
                 return Err(Refusal::NoMember {
                     cluster: cluster.config.name.clone(),
                     waited: started.elapsed(),
-                    split_brain: routing.borrow().split_brain,
+                    split_brain: last.split_brain,
+                    no_replica: last.leader.is_some() && config.route == Route::Replicas,
                     connect_error: last_error,
                 });
             }
         }
     }
+}
+
+/// The members a new session of the endpoint (`config`) may go to now:
+/// the leader and replicas of the routing `snapshot`, replicas' lag as the
+/// latest reports (`status`) say. `/ready/endpoint/NAME` asks the same.
+pub fn candidates_now(
+    config: &config::Endpoint,
+    snapshot: &Snapshot,
+    status: &Snapshot,
+) -> Vec<MemberId> {
+    router::candidates(snapshot, config.route, config.replica_fallback, |m| {
+        router::within_lag(status.members.get(m), config.max_lag)
+    })
 }
 
 /// How long the next connect attempt may take: what is left until the
@@ -958,7 +988,9 @@ impl AsyncRead for KeyWatched {
         let this = &mut *self;
         if let Some(watcher) = this.watcher.as_mut() {
             if let Some(key) = watcher.feed(&buf.filled()[before..]) {
-                if this.cluster.cancel_keys.insert(key.clone(), this.member) {
+                let issuer = this.cluster.roster.get(this.member);
+                if issuer.is_some_and(|issuer| this.cluster.cancel_keys.insert(key.clone(), issuer))
+                {
                     this.key = Some(key);
                 } else {
                     tracing::warn!(cluster = %this.cluster.config.name, "cancel key table full; this session cannot be cancelled through the portal");

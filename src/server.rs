@@ -190,24 +190,33 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         process.stop_background.clone(),
     ));
 
+    let mut reload_again = false;
     let signal = loop {
-        let (outcome, reply) = tokio::select! {
-            signal = signals.next() => match signal {
-                "SIGHUP" => (reload(&mut config, &mut live, &process, &mut signals).await, None),
-                stop => break stop,
-            },
-            Some(reply) = reload_rx.recv() => {
-                (reload(&mut config, &mut live, &process, &mut signals).await, Some(reply))
+        let (outcome, reply) = if std::mem::take(&mut reload_again) {
+            (
+                reload(&mut config, &mut live, &process, &mut signals).await,
+                None,
+            )
+        } else {
+            tokio::select! {
+                signal = signals.next() => match signal {
+                    "SIGHUP" => (reload(&mut config, &mut live, &process, &mut signals).await, None),
+                    stop => break stop,
+                },
+                Some(reply) = reload_rx.recv() => {
+                    (reload(&mut config, &mut live, &process, &mut signals).await, Some(reply))
+                }
             }
         };
         publish(&live, &state);
-        let (outcome, stop) = outcome;
+        let (outcome, interrupted) = outcome;
         if let Some(reply) = reply {
             let _ = reply.send(outcome);
         }
-        if let Some(stop) = stop {
+        if let Some(stop) = interrupted.stop {
             break stop;
         }
+        reload_again = interrupted.reload_again;
     };
     shutdown(signal, &config, live, &process, &state, &mut signals).await;
     Ok(())
@@ -383,15 +392,15 @@ impl Changes {
 }
 
 /// Puts `prepared` in place of what `live` runs. With `signals`, a stop
-/// signal that comes while new cluster instances settle cuts the wait short
-/// and is returned.
+/// signal that comes while new cluster instances settle cuts the wait short,
+/// and a SIGHUP asks for another reload; both are returned.
 async fn commit(
     prepared: Prepared,
     live: &mut Live,
     process: &Process,
     config: &Config,
     signals: Option<&mut Signals>,
-) -> (Changes, Option<&'static str>) {
+) -> (Changes, Interrupted) {
     let mut changes = Changes::default();
     let mut old_clusters: Vec<Option<LiveCluster>> = std::mem::take(&mut live.clusters)
         .into_iter()
@@ -413,6 +422,7 @@ async fn commit(
                 replaces,
             } => {
                 let stop = process.stop_background.child_token();
+                let predecessor = replaces.and_then(|i| old_clusters[i].as_ref());
                 let new = Cluster::start(
                     pc.config.clone(),
                     origination.clone(),
@@ -420,8 +430,9 @@ async fn commit(
                     process.metrics.clone(),
                     &process.background,
                     stop.clone(),
+                    predecessor.map(|p| p.cluster.as_ref()),
                 );
-                if let Some(old) = replaces.and_then(|i| old_clusters[i].as_ref()) {
+                if let Some(old) = predecessor {
                     if let Some(terms) = cluster::inherited_terms(&old.cluster) {
                         new.apply_peer(terms);
                     }
@@ -438,7 +449,7 @@ async fn commit(
     }
 
     // A new instance takes over once it knows as much as the old one.
-    let mut stop_signal = None;
+    let mut interrupted = Interrupted::default();
     if !successors.is_empty() {
         let waits = successors.iter().filter_map(|(old, new)| {
             let old = old_clusters[(*old)?].as_ref()?.cluster.clone();
@@ -452,12 +463,22 @@ async fn commit(
             })
         });
         let all = futures_util::future::join_all(waits);
+        tokio::pin!(all);
         let outcomes = match signals {
-            Some(signals) => tokio::select! {
-                outcomes = all => outcomes,
-                signal = signals.next_stop() => {
-                    stop_signal = Some(signal);
-                    Vec::new()
+            Some(signals) => loop {
+                tokio::select! {
+                    outcomes = &mut all => break outcomes,
+                    signal = signals.next() => {
+                        if signal == "SIGHUP" {
+                            // Applied once this reload is done: the file
+                            // may have changed again.
+                            tracing::info!("SIGHUP during a reload: reloading again once this one is done");
+                            interrupted.reload_again = true;
+                            continue;
+                        }
+                        interrupted.stop = Some(signal);
+                        break Vec::new();
+                    }
                 }
             },
             None => all.await,
@@ -606,6 +627,9 @@ async fn commit(
             Some(new) => {
                 old.stop.cancel();
                 forget_members(&metrics, &old.cluster, Some(&new));
+                // From now on its sessions, and connections still being
+                // routed on it, are on `new`'s view.
+                old.cluster.replaced_by(new);
                 let done = async move {
                     tokio::select! {
                         () = old.sessions.wait() => {}
@@ -614,7 +638,7 @@ async fn commit(
                 };
                 process
                     .background
-                    .spawn(cluster::follow_successor(old.cluster, new, done));
+                    .spawn(cluster::follow_successor(old.cluster, done));
             }
             None => {
                 changes
@@ -636,7 +660,16 @@ async fn commit(
         }
     }
     live.clusters = clusters.into_iter().flatten().collect();
-    (changes, stop_signal)
+    (changes, interrupted)
+}
+
+/// Signals that came while a reload waited for new views to settle.
+#[derive(Default)]
+struct Interrupted {
+    /// A stop signal: the wait was cut short, and the portal stops next.
+    stop: Option<&'static str>,
+    /// A SIGHUP: another reload follows this one.
+    reload_again: bool,
 }
 
 /// Clears the per-member gauges an old cluster instance set that its
@@ -695,18 +728,18 @@ async fn settled(old: &Cluster, new: &Cluster) {
 /// it (see the module's documentation). A file that fails validation, a
 /// certificate that does not load or an address that cannot be bound is
 /// refused with its error, and the running configuration stays. Returns
-/// the outcome, and a stop signal that came meanwhile.
+/// the outcome, and the signals that came meanwhile.
 async fn reload(
     running: &mut Config,
     live: &mut Live,
     process: &Process,
     signals: &mut Signals,
-) -> (ReloadOutcome, Option<&'static str>) {
+) -> (ReloadOutcome, Interrupted) {
     let metrics = &process.metrics;
     let failed = |error: String| {
         metrics.reloads.with_label_values(&["failed"]).inc();
         tracing::error!(file = %running.file.display(), error, "reload refused; the running configuration stays");
-        (Err(error), None)
+        (Err(error), Interrupted::default())
     };
     let mut new = match Config::load(&running.file) {
         Ok(new) => new,
@@ -719,7 +752,7 @@ async fn reload(
     let admin_changed = new.admin != running.admin;
     // The admin listener, its token and the peers stay as they are.
     new.admin = running.admin.clone();
-    let (changes, stop) = commit(prepared, live, process, &new, Some(signals)).await;
+    let (changes, interrupted) = commit(prepared, live, process, &new, Some(signals)).await;
     *running = new;
     metrics.reloads.with_label_values(&["ok"]).inc();
     let summary = changes.summary();
@@ -736,7 +769,7 @@ async fn reload(
         );
         outcome.push_str("; not applied (needs a restart): admin");
     }
-    (Ok(outcome), stop)
+    (Ok(outcome), interrupted)
 }
 
 /// The stop and reload signals, installed once so that none is lost
@@ -788,7 +821,7 @@ impl Signals {
             if signal != "SIGHUP" {
                 return signal;
             }
-            tracing::info!("SIGHUP ignored: a reload or shutdown is in progress");
+            tracing::info!("SIGHUP ignored: shutting down");
         }
     }
 }

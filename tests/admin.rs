@@ -108,3 +108,34 @@ async fn a_certificate_close_to_its_end_is_warned_about() {
     let days = (at - now) / 86_400.0;
     assert!((9.0..=10.5).contains(&days), "{days} days left");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_holding_admin_connections_does_not_lock_out_readiness_checks() {
+    let redis = RedisServer::start(None);
+    let certs = temp_certs();
+    let config = PortalConfig::new(&certs, &[redis.port()]);
+    let admin = config.ports.admin;
+    let portal = Portal::start(&config.yaml()).await;
+    portal.wait_roles("a", &[]).await;
+    // More idle connections from 127.0.0.2 than the admin listener takes
+    // in all.
+    let stranger: std::net::IpAddr = [127, 0, 0, 2].into();
+    let mut idle = Vec::new();
+    for _ in 0..70 {
+        if let Ok(tcp) = connect_from(stranger, admin).await {
+            idle.push(tcp);
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    for _ in 0..5 {
+        let (code, body) = portal.get("/ready").await.expect("GET /ready");
+        assert_eq!(code, 200, "{body}");
+    }
+    // Past its share, the stranger's connections are closed at once.
+    let mut extra = connect_from(stranger, admin).await.expect("connect");
+    assert!(
+        closed_by_peer(&mut extra, std::time::Duration::from_secs(2)).await,
+        "a connection past the per-source share stayed open"
+    );
+    drop(idle);
+}

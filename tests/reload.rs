@@ -296,6 +296,9 @@ async fn reload_of_members_keeps_the_sessions_that_fit_and_they_follow_the_new_v
     let flowing = Flowing::start(session(ports.rw, &certs).await, "k");
     let mut on_b = session(ports.ro, &certs).await;
     assert_eq!(on_b.server_port().await.expect("INFO on ro"), b.port());
+    // Open through both reloads below, each of which replaces the view.
+    let mut oldest = session(ports.rw, &certs).await;
+    assert_eq!(oldest.server_port().await.expect("INFO"), a.port());
 
     // b leaves, c joins, and the probe settings change: a new view.
     let new_yaml = yaml
@@ -328,6 +331,11 @@ async fn reload_of_members_keeps_the_sessions_that_fit_and_they_follow_the_new_v
     // to c closes it.
     let mut before = session(ports.rw, &certs).await;
     assert_eq!(before.server_port().await.expect("INFO"), a.port());
+    // A connection whose TLS handshake is done and whose first command
+    // comes after the reload: routed on the view serving then.
+    let pending = tls_connect(ports.rw, &certs.ca, "localhost")
+        .await
+        .expect("TLS connect");
     let mut old = {
         // Opened before a second reload that restarts the cluster again.
         let (code, answer) = {
@@ -345,14 +353,89 @@ async fn reload_of_members_keeps_the_sessions_that_fit_and_they_follow_the_new_v
         old.cmd(&["PING"]).await.expect("PING after the reload"),
         Reply::Simple("PONG".into())
     );
+    let mut pending = Resp::new(pending);
+    assert_eq!(
+        pending
+            .cmd(&["PING"])
+            .await
+            .expect("the first command after the reload"),
+        Reply::Simple("PONG".into())
+    );
+    assert_eq!(pending.server_port().await.expect("INFO"), a.port());
+    // Sessions opened before the reloads still count on their member.
+    let status = portal.status().await;
+    assert_eq!(member(&status, "a")["sessions"], 3, "{status:#}");
     c.promote();
     a.follow(c.port());
     portal.wait_roles("c", &["a"]).await;
-    assert!(
-        old.closed_within(DEADLINE).await,
-        "a session from before the reload stayed on the old leader after a failover"
-    );
+    for (what, session) in [
+        ("opened before the last reload", &mut old),
+        ("opened before both reloads", &mut oldest),
+        ("first routed after the last reload", &mut pending),
+    ] {
+        assert!(
+            session.closed_within(DEADLINE).await,
+            "a session {what} stayed on the old leader after a failover"
+        );
+    }
     wait_reached(ports.rw, &certs, c.port()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_readiness_follows_the_replicas_lag() {
+    let (a, b) = primary_and_replica();
+    let certs = temp_certs();
+    let config = PortalConfig::new(&certs, &[a.port(), b.port()]);
+    let ports = config.ports;
+    let yaml = config.yaml().replacen(
+        "route: replicas\n",
+        "route: replicas\n        max_lag: {bytes: 1000}\n        replica_fallback: refuse\n",
+        1,
+    );
+    let portal = Portal::start(&yaml).await;
+    portal.wait_roles("a", &["b"]).await;
+    let ready = |path: &'static str| {
+        let portal = &portal;
+        async move { portal.get(path).await.expect("GET").0 }
+    };
+    assert_eq!(ready("/ready/endpoint/ro").await, 200);
+    // b's link is cut (it cannot authenticate to a any more) while a takes
+    // writes: b stays a replica, further and further behind.
+    b.cmd(&["CONFIG", "SET", "masteruser", "nobody"]);
+    b.cmd(&["CONFIG", "SET", "masterauth", "nope"]);
+    a.cmd(&["CLIENT", "KILL", "TYPE", "replica"]);
+    for i in 0..50 {
+        a.cmd(&["SET", &format!("k{i}"), &"x".repeat(200)]);
+    }
+    // Once the endpoint refuses new sessions, its readiness says so too.
+    let deadline = Instant::now() + DEADLINE;
+    let refused = loop {
+        match reached(ports.ro, &certs).await {
+            Err(refused) => break refused,
+            Ok(_) => assert!(Instant::now() < deadline, "b never lagged past max_lag"),
+        }
+    };
+    assert!(refused.contains("no replica of cluster"), "{refused}");
+    assert_eq!(
+        ready("/ready/endpoint/ro").await,
+        503,
+        "ro refuses sessions but says it is ready: {:#}",
+        portal.status().await
+    );
+    assert_eq!(ready("/ready/endpoint/rw").await, 200);
+    assert_eq!(ready("/ready/cluster/cache").await, 200);
+    // Healed: ready again.
+    b.cmd(&["CONFIG", "SET", "masteruser", ""]);
+    b.cmd(&["CONFIG", "SET", "masterauth", ""]);
+    let deadline = Instant::now() + DEADLINE;
+    while ready("/ready/endpoint/ro").await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "/ready/endpoint/ro never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(reached(ports.ro, &certs).await, Ok(b.port()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -499,4 +582,63 @@ async fn a_new_view_from_a_reload_keeps_what_the_old_view_proved() {
         .await;
     assert_eq!(cluster(&status)["split_brain"], false, "{status:#}");
     assert_eq!(reached(ports.rw, &certs).await, Ok(b.port()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_during_a_reload_is_applied_after_it() {
+    let (a, b) = primary_and_replica();
+    let certs = temp_certs();
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let config = PortalConfig::new(&certs, &[a.port(), b.port()]);
+    let yaml = with_token(&config.yaml(), dir.path(), TOKEN);
+    let portal = Portal::start(&yaml).await;
+    portal.wait_roles("a", &["b"]).await;
+    // b replaced by a member nobody listens for: the new view never has
+    // the old one's replica, and the reload waits its whole settle time.
+    // (Probes every second: the wait is over 4 s.)
+    let gone = free_port();
+    let first = yaml
+        .replace(
+            &format!("address: 127.0.0.1:{}\n", b.port()),
+            &format!("address: 127.0.0.1:{gone}\n"),
+        )
+        .replace("interval: 200ms", "interval: 1s");
+    std::fs::write(portal.config_file(), &first).expect("write");
+    let slow = {
+        let admin = portal.admin_address();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut tcp = tokio::net::TcpStream::connect(admin).await.expect("admin");
+            tcp.write_all(
+                format!("POST /reload HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 0\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .expect("POST");
+            let mut answer = String::new();
+            tcp.read_to_string(&mut answer).await.expect("answer");
+            answer
+        })
+    };
+    // While it waits: another change, and a SIGHUP.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let extra = free_port();
+    let (kept, _any) = first.split_once("      - name: any\n").expect("any");
+    std::fs::write(
+        portal.config_file(),
+        format!("{kept}{}", endpoint_block("extra", extra, "leader", &certs)),
+    )
+    .expect("write");
+    portal.signal("HUP");
+    let answer = slow.await.expect("the first reload");
+    assert!(answer.contains("200 OK"), "{answer}");
+    portal
+        .wait_metric("portal_reloads_total", &[("result", "ok")], |v| v >= 2.0)
+        .await;
+    assert_eq!(reached(extra, &certs).await, Ok(a.port()));
+    assert!(
+        portal.stderr_log().contains("SIGHUP during a reload"),
+        "{}",
+        portal.stderr_log()
+    );
 }

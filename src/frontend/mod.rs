@@ -27,6 +27,9 @@ pub enum Refusal {
         cluster: String,
         waited: Duration,
         split_brain: bool,
+        /// The cluster has a leader, but the route wants a replica and none
+        /// qualifies (`max_lag`, `replica_fallback: refuse`).
+        no_replica: bool,
         /// Set when a member was chosen but connecting to it kept failing.
         connect_error: Option<String>,
     },
@@ -41,6 +44,9 @@ impl Refusal {
                 connect_error: Some(_),
                 ..
             } => "connect_failed",
+            Refusal::NoMember {
+                no_replica: true, ..
+            } => "no_replica",
             Refusal::NoMember { .. } => "no_leader",
             Refusal::MaxConnections => "max_connections",
             Refusal::ShuttingDown => "shutdown",
@@ -53,11 +59,18 @@ impl Refusal {
                 cluster,
                 waited,
                 split_brain,
+                no_replica,
                 connect_error,
             } => {
                 if let Some(error) = connect_error {
                     return format!(
                         "portal: could not connect to a member of cluster \"{cluster}\" within {}ms: {error}",
+                        waited.as_millis()
+                    );
+                }
+                if *no_replica {
+                    return format!(
+                        "portal: no replica of cluster \"{cluster}\" qualifies for this endpoint (max_lag, replica_fallback: refuse) after waiting {}ms",
                         waited.as_millis()
                     );
                 }

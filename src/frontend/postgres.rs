@@ -14,8 +14,6 @@ use std::sync::Mutex;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::view::MemberId;
-
 pub const SSL_REQUEST: u32 = 80_877_103;
 pub const GSSENC_REQUEST: u32 = 80_877_104;
 pub const CANCEL_REQUEST: u32 = 80_877_102;
@@ -386,15 +384,15 @@ impl BackendFraming {
     }
 }
 
-/// Which member issued which cancel key. Bounded: when full, new keys are
-/// not recorded (their cancels are then dropped, as for unknown keys).
-pub struct CancelKeys {
-    keys: Mutex<HashMap<CancelKey, MemberId>>,
+/// Which member (`M`) issued which cancel key. Bounded: when full, new keys
+/// are not recorded (their cancels are then dropped, as for unknown keys).
+pub struct CancelKeys<M> {
+    keys: Mutex<HashMap<CancelKey, M>>,
     capacity: usize,
 }
 
-impl CancelKeys {
-    pub fn new(capacity: usize) -> CancelKeys {
+impl<M: Clone> CancelKeys<M> {
+    pub fn new(capacity: usize) -> CancelKeys<M> {
         CancelKeys {
             keys: Mutex::new(HashMap::new()),
             capacity,
@@ -402,7 +400,7 @@ impl CancelKeys {
     }
 
     /// Records `key`; false when the map is full.
-    pub fn insert(&self, key: CancelKey, member: MemberId) -> bool {
+    pub fn insert(&self, key: CancelKey, member: M) -> bool {
         let Ok(mut keys) = self.keys.lock() else {
             return false;
         };
@@ -419,8 +417,8 @@ impl CancelKeys {
         }
     }
 
-    pub fn member(&self, key: &CancelKey) -> Option<MemberId> {
-        self.keys.lock().ok()?.get(key).copied()
+    pub fn member(&self, key: &CancelKey) -> Option<M> {
+        self.keys.lock().ok()?.get(key).cloned()
     }
 
     pub fn len(&self) -> usize {
