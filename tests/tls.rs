@@ -118,6 +118,13 @@ async fn tls11_client_hello_gets_no_server_hello() {
         "a TLS 1.1 hello must get an alert or a close, not {:02x?}",
         &answer[..answer.len().min(16)]
     );
+    // A fatal (2) protocol_version (70) alert, as the README says.
+    assert_eq!(
+        answer.get(5..7),
+        Some(&[2u8, 70][..]),
+        "alert {:02x?}",
+        &answer[..answer.len().min(16)]
+    );
 
     portal
         .wait_metric(
