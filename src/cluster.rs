@@ -332,21 +332,19 @@ fn successor_snapshot(
     epoch: u64,
 ) -> Snapshot {
     Snapshot {
-        epoch,
-        leader: snapshot.leader.and_then(&in_old),
-        replicas: snapshot
-            .replicas
-            .iter()
-            .filter_map(|&r| in_old(r))
-            .collect(),
         split_brain: snapshot.split_brain,
         leader_term: snapshot.leader_term.clone(),
         dcs: snapshot.dcs.clone(),
-        members: Vec::new(),
         no_leader: snapshot.no_leader,
-        peer_terms: Vec::new(),
-        lineage: Vec::new(),
-        pinned: None,
+        ..Snapshot::routing_only(
+            epoch,
+            snapshot.leader.and_then(&in_old),
+            snapshot
+                .replicas
+                .iter()
+                .filter_map(|&r| in_old(r))
+                .collect(),
+        )
     }
 }
 
@@ -752,22 +750,6 @@ mod tests {
     use crate::config::Route;
     use crate::router::still_eligible;
 
-    fn snapshot(epoch: u64, leader: Option<MemberId>, replicas: Vec<MemberId>) -> Snapshot {
-        Snapshot {
-            epoch,
-            leader,
-            replicas,
-            split_brain: false,
-            leader_term: None,
-            dcs: crate::view::DcsView::Absent,
-            members: Vec::new(),
-            no_leader: None,
-            peer_terms: Vec::new(),
-            lineage: Vec::new(),
-            pinned: None,
-        }
-    }
-
     #[test]
     fn a_successor_snapshot_speaks_in_the_predecessors_ids() {
         // Old ids: a=0, b=1, c=2. New ids: c=0, b=1, d=2 (a removed, d added,
@@ -777,7 +759,7 @@ mod tests {
             1 => Some(1),
             _ => None,
         };
-        let next = successor_snapshot(&snapshot(1, Some(0), vec![1, 2]), in_old, 9);
+        let next = successor_snapshot(&Snapshot::routing_only(1, Some(0), vec![1, 2]), in_old, 9);
         assert_eq!(next.epoch, 9);
         assert_eq!(next.leader, Some(2), "c leads, old id 2");
         assert_eq!(next.replicas, vec![1], "d was not a member before");
@@ -788,7 +770,7 @@ mod tests {
         );
         assert!(still_eligible(&next, Route::Replicas, 1));
         // A new leader the old instance never had: no old session fits.
-        let next = successor_snapshot(&snapshot(2, Some(2), vec![]), in_old, 10);
+        let next = successor_snapshot(&Snapshot::routing_only(2, Some(2), vec![]), in_old, 10);
         assert_eq!(next.leader, None);
         assert!(!still_eligible(&next, Route::Leader, 2));
     }

@@ -87,19 +87,7 @@ mod tests {
     use super::*;
 
     fn snapshot(leader: Option<MemberId>, replicas: Vec<MemberId>) -> Snapshot {
-        Snapshot {
-            epoch: 1,
-            leader,
-            replicas,
-            split_brain: false,
-            leader_term: None,
-            dcs: crate::view::DcsView::Absent,
-            members: Vec::new(),
-            no_leader: None,
-            peer_terms: Vec::new(),
-            lineage: Vec::new(),
-            pinned: None,
-        }
+        Snapshot::routing_only(1, leader, replicas)
     }
 
     const ALL: fn(MemberId) -> bool = |_| true;

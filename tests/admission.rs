@@ -29,17 +29,6 @@ async fn tls_from(source: IpAddr, port: u16, certs: &Certs) -> std::io::Result<T
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake"))?
 }
 
-/// `connected_clients` of the Redis server on `port`.
-fn connected_clients(port: u16) -> u64 {
-    let info = query(port, &["INFO", "clients"], Duration::from_secs(5))
-        .expect("INFO clients")
-        .text();
-    info.lines()
-        .find_map(|l| l.strip_prefix("connected_clients:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no connected_clients in {info}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_strangers_lock_out_no_real_client() {
     let redis = RedisServer::start(None);
@@ -52,7 +41,7 @@ async fn silent_strangers_lock_out_no_real_client() {
     let ports = config.ports;
     let portal = Portal::start(&config.yaml()).await;
     portal.wait_roles("a", &[]).await;
-    let before = connected_clients(redis.port());
+    let before = info_number(redis.port(), "clients", "connected_clients");
 
     // 60 sockets that never start TLS and 60 TLS sessions that never send
     // a byte: ten times max_connections, more than the member would like.
@@ -80,7 +69,7 @@ async fn silent_strangers_lock_out_no_real_client() {
     }
     // The silent sessions opened no connection to the member: only the
     // five real ones did.
-    let during = connected_clients(redis.port());
+    let during = info_number(redis.port(), "clients", "connected_clients");
     assert!(
         during <= before + 5 + 2,
         "connected_clients went from {before} to {during} with 5 real sessions and 60 silent TLS sessions"

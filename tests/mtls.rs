@@ -130,17 +130,6 @@ async fn ping(port: u16, config: Arc<ClientConfig>) -> Result<Reply, String> {
         .map_err(|err| format!("PING: {err}"))
 }
 
-/// `total_connections_received` of the Redis server on `port`.
-fn connections_received(port: u16) -> u64 {
-    let info = query(port, &["INFO", "stats"], Duration::from_secs(5))
-        .expect("INFO stats")
-        .text();
-    info.lines()
-        .find_map(|l| l.strip_prefix("total_connections_received:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no total_connections_received in {info}"))
-}
-
 /// `PortalConfig`'s YAML with `lines` added to every endpoint's `tls`
 /// block (after its `key:`).
 fn with_tls_lines(config: &PortalConfig, lines: &str) -> String {
@@ -191,7 +180,7 @@ async fn only_clients_with_a_certificate_from_the_client_ca_get_in() {
     let rw = config.ports.rw;
     let portal = Portal::start(&yaml).await;
     portal.wait_roles("a", &[]).await;
-    let before = connections_received(redis.port());
+    let before = info_number(redis.port(), "stats", "total_connections_received");
 
     // Refused, over TLS 1.3 and 1.2: no certificate, one from another CA,
     // and the portal's own server certificate's CA (not a client CA).
@@ -221,7 +210,7 @@ async fn only_clients_with_a_certificate_from_the_client_ca_get_in() {
         !out.contains("PONG"),
         "redis-cli without a certificate: {ok} {out}"
     );
-    let after = connections_received(redis.port());
+    let after = info_number(redis.port(), "stats", "total_connections_received");
     let probe_failures =
         metric(&portal.metrics().await, "portal_probe_failures_total", &[]).unwrap_or(0.0) as u64;
     assert!(

@@ -203,18 +203,6 @@ async fn ping_through(
         .map_err(|err| format!("PING: {err}"))
 }
 
-/// `total_connections_received` of the Redis server on `port` (this query's
-/// own connection included).
-fn connections_received(port: u16) -> u64 {
-    let info = query(port, &["INFO", "stats"], Duration::from_secs(5))
-        .expect("INFO stats")
-        .text();
-    info.lines()
-        .find_map(|l| l.strip_prefix("total_connections_received:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no total_connections_received in {info}"))
-}
-
 /// Waits until a line of the portal's log contains every one of `parts`;
 /// returns it.
 async fn wait_log_line(portal: &Portal, parts: &[&str]) -> String {
@@ -357,7 +345,7 @@ async fn an_untrusted_source_cannot_spoof_its_address() {
     })
     .await;
     let rw = ports.rw;
-    let before = connections_received(redis.port());
+    let before = info_number(redis.port(), "stats", "total_connections_received");
 
     // The same headers a balancer sends, from a source not in the list:
     // the portal takes them for the client's first bytes, which are not
@@ -373,7 +361,7 @@ async fn an_untrusted_source_cannot_spoof_its_address() {
             "{what} from an untrusted source: {result:?}"
         );
     }
-    let after = connections_received(redis.port());
+    let after = info_number(redis.port(), "stats", "total_connections_received");
     assert!(
         after <= before + 1 + probe_failures(&portal).await,
         "a spoofing connection reached the member: {before} connections before, {after} after"
@@ -430,7 +418,7 @@ async fn a_trusted_source_without_a_valid_header_is_dropped_in_time() {
         redis_setup("127.0.0.1/32", |c| c.handshake_timeout("2s")).await;
     let rw = ports.rw;
     let timeout = Duration::from_secs(2);
-    let before = connections_received(redis.port());
+    let before = info_number(redis.port(), "stats", "total_connections_received");
 
     // Twenty silent connections and twenty that stop inside the header,
     // all from the balancer's address.
@@ -562,7 +550,7 @@ async fn a_trusted_source_without_a_valid_header_is_dropped_in_time() {
     )
     .await;
     // Only the two served clients reached the member (and this query).
-    let after = connections_received(redis.port());
+    let after = info_number(redis.port(), "stats", "total_connections_received");
     assert!(
         (before + 3..=before + 3 + probe_failures(&portal).await).contains(&after),
         "{before} connections before, {after} after"

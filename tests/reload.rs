@@ -135,6 +135,35 @@ async fn a_second_sigterm_closes_the_draining_sessions_at_once() {
 
 const TOKEN: &str = "r3load";
 
+/// A portal in front of the Redis servers on `members` (named a, b, ... in
+/// order; a leads, the rest replicate it), with the admin token, once its
+/// view shows that: its certificates, ports, configuration text (which a
+/// test edits and reloads) and process.
+struct Reloadable {
+    certs: Certs,
+    ports: Ports,
+    yaml: String,
+    portal: Portal,
+    _dir: tempfile::TempDir,
+}
+
+async fn reloadable(members: &[u16], drain_timeout: &str) -> Reloadable {
+    let certs = temp_certs();
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let config = PortalConfig::new(&certs, members).drain_timeout(drain_timeout);
+    let yaml = with_token(&config.yaml(), dir.path(), TOKEN);
+    let portal = Portal::start(&yaml).await;
+    let replicas: Vec<&str> = NAMES[1..members.len()].to_vec();
+    portal.wait_roles("a", &replicas).await;
+    Reloadable {
+        certs,
+        ports: config.ports,
+        yaml,
+        portal,
+        _dir: dir,
+    }
+}
+
 /// `POST /reload` with the token: its status and answer.
 async fn post_reload(portal: &Portal) -> (u16, String) {
     portal
@@ -205,13 +234,13 @@ fn endpoint_block(name: &str, port: u16, route: &str, certs: &Certs) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_adds_changes_and_removes_endpoints_while_a_session_flows() {
     let (a, b) = primary_and_replica();
-    let certs = temp_certs();
-    let dir = tempfile::TempDir::new().expect("temp dir");
-    let config = PortalConfig::new(&certs, &[a.port(), b.port()]).drain_timeout("1s");
-    let ports = config.ports;
-    let yaml = with_token(&config.yaml(), dir.path(), TOKEN);
-    let portal = Portal::start(&yaml).await;
-    portal.wait_roles("a", &["b"]).await;
+    let Reloadable {
+        certs,
+        ports,
+        yaml,
+        portal,
+        _dir,
+    } = reloadable(&[a.port(), b.port()], "1s").await;
     let flowing = Flowing::start(session(ports.rw, &certs).await, "k");
     let mut on_any = session(ports.any, &certs).await;
     assert_eq!(
@@ -286,13 +315,13 @@ async fn reload_of_members_keeps_the_sessions_that_fit_and_they_follow_the_new_v
     let (a, b) = primary_and_replica();
     let c = RedisServer::start(Some(a.port()));
     c.wait_link_up();
-    let certs = temp_certs();
-    let dir = tempfile::TempDir::new().expect("temp dir");
-    let config = PortalConfig::new(&certs, &[a.port(), b.port()]).drain_timeout("1s");
-    let ports = config.ports;
-    let yaml = with_token(&config.yaml(), dir.path(), TOKEN);
-    let portal = Portal::start(&yaml).await;
-    portal.wait_roles("a", &["b"]).await;
+    let Reloadable {
+        certs,
+        ports,
+        yaml,
+        portal,
+        _dir,
+    } = reloadable(&[a.port(), b.port()], "1s").await;
     let flowing = Flowing::start(session(ports.rw, &certs).await, "k");
     let mut on_b = session(ports.ro, &certs).await;
     assert_eq!(on_b.server_port().await.expect("INFO on ro"), b.port());
@@ -441,13 +470,13 @@ async fn endpoint_readiness_follows_the_replicas_lag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_cannot_apply_changes_nothing() {
     let redis = RedisServer::start(None);
-    let certs = temp_certs();
-    let dir = tempfile::TempDir::new().expect("temp dir");
-    let config = PortalConfig::new(&certs, &[redis.port()]);
-    let ports = config.ports;
-    let yaml = with_token(&config.yaml(), dir.path(), TOKEN);
-    let portal = Portal::start(&yaml).await;
-    portal.wait_roles("a", &[]).await;
+    let Reloadable {
+        certs,
+        ports,
+        yaml,
+        portal,
+        _dir,
+    } = reloadable(&[redis.port()], "10s").await;
 
     // Without the token: refused.
     let (code, _) = portal.post("/reload", None).await.expect("POST");
@@ -547,13 +576,13 @@ async fn a_new_view_from_a_reload_keeps_what_the_old_view_proved() {
     // seen it could not order the two claims; the reload's new view must
     // inherit it and keep b.
     let (mut a, b) = primary_and_replica();
-    let certs = temp_certs();
-    let dir = tempfile::TempDir::new().expect("temp dir");
-    let config = PortalConfig::new(&certs, &[a.port(), b.port()]);
-    let ports = config.ports;
-    let yaml = with_token(&config.yaml(), dir.path(), TOKEN);
-    let portal = Portal::start(&yaml).await;
-    portal.wait_roles("a", &["b"]).await;
+    let Reloadable {
+        certs,
+        ports,
+        yaml,
+        portal,
+        _dir,
+    } = reloadable(&[a.port(), b.port()], "10s").await;
     a.kill9();
     b.promote();
     portal
@@ -587,12 +616,13 @@ async fn a_new_view_from_a_reload_keeps_what_the_old_view_proved() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sighup_during_a_reload_is_applied_after_it() {
     let (a, b) = primary_and_replica();
-    let certs = temp_certs();
-    let dir = tempfile::TempDir::new().expect("temp dir");
-    let config = PortalConfig::new(&certs, &[a.port(), b.port()]);
-    let yaml = with_token(&config.yaml(), dir.path(), TOKEN);
-    let portal = Portal::start(&yaml).await;
-    portal.wait_roles("a", &["b"]).await;
+    let Reloadable {
+        certs,
+        yaml,
+        portal,
+        _dir,
+        ..
+    } = reloadable(&[a.port(), b.port()], "10s").await;
     // b replaced by a member nobody listens for: the new view never has
     // the old one's replica, and the reload waits its whole settle time.
     // (Probes every second: the wait is over 4 s.)

@@ -335,6 +335,26 @@ pub struct Snapshot {
     pub pinned: Option<MemberId>,
 }
 
+impl Snapshot {
+    /// A snapshot that says only who leads and who replicates, under
+    /// `epoch`: no member reports, no terms, no DCS.
+    pub fn routing_only(epoch: u64, leader: Option<MemberId>, replicas: Vec<MemberId>) -> Snapshot {
+        Snapshot {
+            epoch,
+            leader,
+            replicas,
+            split_brain: false,
+            leader_term: None,
+            dcs: DcsView::Absent,
+            members: Vec::new(),
+            no_leader: None,
+            peer_terms: Vec::new(),
+            lineage: Vec::new(),
+            pinned: None,
+        }
+    }
+}
+
 /// Why a snapshot has no leader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoLeader {

@@ -304,6 +304,19 @@ pub fn tcp_port(info: &Reply) -> Option<u16> {
         .and_then(|p| p.trim().parse().ok())
 }
 
+/// The number `field` in `INFO section` of the Redis server on `port`
+/// (e.g. `clients`, `connected_clients`; this query's own connection
+/// counts).
+pub fn info_number(port: u16, section: &str, field: &str) -> u64 {
+    let info = query(port, &["INFO", section], Duration::from_secs(5))
+        .expect("INFO")
+        .text();
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {info}"))
+}
+
 /// One command over a fresh blocking TCP connection (direct to a server).
 pub fn query(port: u16, args: &[&str], limit: Duration) -> io::Result<Reply> {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
