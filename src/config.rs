@@ -100,6 +100,28 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The files of every TLS client setting towards the member side
+    /// (`backend_tls`, the DCS's `tls`, `probe.api_tls`): CAs, then client
+    /// certificates and keys.
+    pub fn member_tls_files(&self) -> Vec<&std::path::Path> {
+        let dcs = match &self.dcs {
+            Some(Dcs::Etcd(etcd)) => etcd.tls.as_ref(),
+            Some(Dcs::Sentinel(sentinel)) => sentinel.tls.as_ref(),
+            None => None,
+        };
+        [self.backend_tls.as_ref(), dcs, self.probe.api_tls.as_ref()]
+            .into_iter()
+            .flatten()
+            .flat_map(|tls| {
+                let identity = tls
+                    .identity
+                    .iter()
+                    .flat_map(|i| [i.cert.as_path(), i.key.as_path()]);
+                std::iter::once(tls.ca.as_path()).chain(identity)
+            })
+            .collect()
+    }
+
     /// How many members the cluster can hold at run time: the configured
     /// ones, or more when an etcd DCS may name others.
     pub fn member_slots(&self) -> usize {

@@ -73,6 +73,8 @@ struct Live {
 
 struct LiveCluster {
     cluster: Arc<Cluster>,
+    /// What its member-side TLS files held when it started.
+    tls_files: u64,
     /// Stops its probes, DCS source and view.
     stop: CancellationToken,
     /// Every session on this instance, of any endpoint instance.
@@ -297,6 +299,19 @@ fn publish(live: &Live, state: &AdminState) {
     }));
 }
 
+/// A digest of what the member-side TLS files of `cluster` hold now (a
+/// file that cannot be read counts as such): a CA or a client certificate
+/// replaced under the same path gives the cluster a new view on reload.
+fn tls_files_digest(cluster: &config::Cluster) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for path in cluster.member_tls_files() {
+        path.hash(&mut hasher);
+        std::fs::read(path).ok().hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
 /// A cluster's settings without its endpoints: what its instance runs on.
 fn same_cluster(a: &config::Cluster, b: &config::Cluster) -> bool {
     let bare = |c: &config::Cluster| config::Cluster {
@@ -315,7 +330,12 @@ async fn prepare(config: &Config, live: &Live) -> anyhow::Result<Prepared> {
             .iter()
             .position(|l| l.cluster.config.name == c.name);
         let plan = match running {
-            Some(i) if same_cluster(&live.clusters[i].cluster.config, c) => Plan::Keep(i),
+            Some(i)
+                if same_cluster(&live.clusters[i].cluster.config, c)
+                    && live.clusters[i].tls_files == tls_files_digest(c) =>
+            {
+                Plan::Keep(i)
+            }
             replaces => Plan::Start {
                 origination: match &c.backend_tls {
                     Some(tls) => Some(
@@ -440,6 +460,7 @@ async fn commit(
                 }
                 changes.clusters_started.push(pc.config.name.clone());
                 clusters.push(Some(LiveCluster {
+                    tls_files: tls_files_digest(&pc.config),
                     cluster: new,
                     stop,
                     sessions: TaskTracker::new(),

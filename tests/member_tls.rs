@@ -356,7 +356,7 @@ async fn redis_members_on_tls_only_carry_sessions_and_a_failover() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_member_from_another_ca_is_never_routed_to() {
+async fn a_redis_member_from_another_ca_is_never_routed_to_until_its_ca_is_configured() {
     let theirs = Pki::new("theirs");
     let ours = Pki::new("ours");
     let leaf = theirs.leaf("redis", &[REDIS_NAME, "127.0.0.1"]);
@@ -396,6 +396,19 @@ async fn a_redis_member_from_another_ca_is_never_routed_to() {
         .wait_metric("portal_member_up", &[("member", "a")], |v| v == 0.0)
         .await;
     assert_eq!(up, 0.0);
+
+    // The operator puts the member's CA in the file the configuration
+    // names (same path, new contents) and reloads: it is read again.
+    std::fs::copy(&theirs.ca, &ours.ca).expect("replace the CA file");
+    portal.signal("HUP");
+    portal
+        .wait_metric("portal_reloads_total", &[("result", "ok")], |v| v >= 1.0)
+        .await;
+    portal.wait_roles("a", &[]).await;
+    assert_eq!(
+        reached_tls(config.ports.rw, &certs).await,
+        Ok(untrusted.port)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
