@@ -157,6 +157,11 @@ pub fn client_config(
                 })?
         }
     };
+    // No session resumption: a resumed handshake carries no certificate,
+    // so a member whose certificate expired or was replaced by one that
+    // does not verify would go on getting sessions as long as the portal
+    // reconnects within the ticket's lifetime. Every connection verifies.
+    config.resumption = rustls::client::Resumption::disabled();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
