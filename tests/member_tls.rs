@@ -181,22 +181,8 @@ impl TlsRedis {
 
     /// Waits until this replica's link to its primary is up.
     fn wait_link_up(&self) {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let info = self.cmd(&["INFO", "replication"]);
-            if info.contains("master_link_status:up") {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "replica {} did not sync over TLS:\n{info}\n{}",
-                self.port,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_replica_link(self.port, |args| self.cmd(args), || self.log());
     }
-
     /// The master's TLS port as this Sentinel names it.
     fn named_port(&self) -> Option<u16> {
         match self

@@ -304,6 +304,24 @@ pub fn tcp_port(info: &Reply) -> Option<u16> {
         .and_then(|p| p.trim().parse().ok())
 }
 
+/// Waits until the replica on `port` (asked with `cmd`) reports its link to
+/// its primary up; panics with its INFO and `log` after `DEADLINE`.
+pub fn wait_replica_link(port: u16, cmd: impl Fn(&[&str]) -> String, log: impl Fn() -> String) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let info = cmd(&["INFO", "replication"]);
+        if info.contains("master_link_status:up") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica {port} did not sync:\n{info}\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The number `field` in `INFO section` of the Redis server on `port`
 /// (e.g. `clients`, `connected_clients`; this query's own connection
 /// counts).
@@ -500,20 +518,7 @@ impl RedisServer {
 
     /// Waits until this replica's link to its primary is up.
     pub fn wait_link_up(&self) {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let info = self.cmd(&["INFO", "replication"]);
-            if info.contains("master_link_status:up") {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "replica {} did not sync:\n{info}\n{}",
-                self.port,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_replica_link(self.port, |args| self.cmd(args), || self.log());
     }
 }
 
