@@ -175,6 +175,10 @@ pub struct ProbeSettings {
     /// Probe period while the cluster has no leader.
     pub fast_interval: Duration,
     pub timeout: Duration,
+    /// How long a probe keeps one connection before opening a fresh one
+    /// (and so verifying the member's certificate again); zero keeps it
+    /// until it drops.
+    pub reconnect_interval: Duration,
     pub rise: u32,
     pub fall: u32,
     pub username: Option<String>,
@@ -734,6 +738,11 @@ struct RawProbe {
     fast_interval: Duration,
     #[serde(default = "default_probe_timeout", deserialize_with = "de_duration")]
     timeout: Duration,
+    #[serde(
+        default = "default_reconnect_interval",
+        deserialize_with = "de_duration_or_zero"
+    )]
+    reconnect_interval: Duration,
     #[serde(default = "default_rise")]
     rise: Spanned<u32>,
     #[serde(default = "default_rise")]
@@ -774,6 +783,7 @@ impl Default for RawProbe {
             interval: default_interval(),
             fast_interval: default_fast_interval(),
             timeout: default_probe_timeout(),
+            reconnect_interval: default_reconnect_interval(),
             rise: default_rise(),
             fall: default_rise(),
             username: None,
@@ -794,6 +804,9 @@ fn default_fast_interval() -> Duration {
 }
 fn default_probe_timeout() -> Duration {
     Duration::from_millis(500)
+}
+fn default_reconnect_interval() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_rise() -> Spanned<u32> {
     unspanned(2)
@@ -1292,6 +1305,7 @@ impl Validator<'_> {
             interval: raw.interval,
             fast_interval: raw.fast_interval,
             timeout: raw.timeout,
+            reconnect_interval: raw.reconnect_interval,
             rise: raw.rise.value,
             fall: raw.fall.value,
             username: raw.username,
@@ -1773,6 +1787,7 @@ clusters:
         let c = &cfg.clusters[0];
         assert_eq!(c.probe.interval, Duration::from_secs(1));
         assert_eq!(c.probe.rise, 2);
+        assert_eq!(c.probe.reconnect_interval, Duration::from_secs(30));
         assert_eq!(c.endpoints[0].hold_timeout, Duration::from_secs(2));
         assert_eq!(c.endpoints[0].on_leader_change, OnLeaderChange::Close);
         assert_eq!(c.endpoints[0].tls.cert, dir.path().join("./server.crt"));

@@ -815,6 +815,9 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
                     failed = true;
                     last_error = Some(err.to_string());
                     tracing::warn!(endpoint = %config.name, %peer, member = cluster.member_name(member), error = %err, "connect to member timed out");
+                    // Not proof that the member is gone, but its probe's
+                    // older connection is no proof that it is there.
+                    cluster.roster.suspect(member);
                 }
                 Err(err) => {
                     failed = true;
@@ -827,6 +830,10 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
                             entry.generation,
                             format!("data-path connect: {err}"),
                         );
+                    } else {
+                        // A certificate that no longer verifies, say: the
+                        // probe finds out over a fresh connection.
+                        cluster.roster.suspect(member);
                     }
                 }
             }

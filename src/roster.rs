@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::config::{self, PatroniApi};
 use crate::probe::KnownAddress;
@@ -65,6 +65,9 @@ pub enum Learned {
 /// The member slots of one cluster.
 pub struct Roster {
     slots: Vec<watch::Sender<Option<Arc<MemberEntry>>>>,
+    /// Per slot: the data path failed to reach the member where its probe's
+    /// connection still works (see [`Roster::suspect`]).
+    suspicions: Vec<Notify>,
     /// The last generation handed out.
     generations: AtomicU64,
 }
@@ -84,8 +87,10 @@ impl Roster {
             }))
         });
         let free = (cluster.members.len()..cluster.member_slots()).map(|_| None);
+        let slots: Vec<_> = configured.chain(free).map(watch::Sender::new).collect();
         Roster {
-            slots: configured.chain(free).map(watch::Sender::new).collect(),
+            suspicions: slots.iter().map(|_| Notify::new()).collect(),
+            slots,
             generations: AtomicU64::new(0),
         }
     }
@@ -107,6 +112,25 @@ impl Roster {
     pub fn name(&self, id: MemberId) -> String {
         self.get(id)
             .map_or_else(|| "?".to_string(), |m| m.name.clone())
+    }
+
+    /// Asks the member's probe to check it over a fresh connection: a new
+    /// connection to it failed (timed out, or its certificate did not
+    /// verify) although the probe's own, older connection may still work.
+    /// Repeated suspicions before the probe wakes count once.
+    pub fn suspect(&self, id: MemberId) {
+        if let Some(suspicion) = self.suspicions.get(id) {
+            suspicion.notify_one();
+        }
+    }
+
+    /// Resolves when the member is suspected (see [`Roster::suspect`]);
+    /// never for an unknown slot.
+    pub async fn suspected(&self, id: MemberId) {
+        match self.suspicions.get(id) {
+            Some(suspicion) => suspicion.notified().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// Follows one slot: its probe restarts when the entry changes.
@@ -205,6 +229,7 @@ mod tests {
                 interval: Duration::from_secs(1),
                 fast_interval: Duration::from_millis(100),
                 timeout: Duration::from_secs(1),
+                reconnect_interval: Duration::from_secs(30),
                 rise: 1,
                 fall: 1,
                 username: None,

@@ -26,6 +26,7 @@ use common::patroni::*;
 use common::pki::{tls_query, Leaf, Pki};
 use common::*;
 use rustls::ClientConfig;
+use serde_json::Value;
 use tempfile::TempDir;
 use tokio::task::block_in_place;
 
@@ -395,6 +396,167 @@ async fn a_redis_member_from_another_ca_is_never_routed_to_until_its_ca_is_confi
         reached_tls(config.ports.rw, &certs).await,
         Ok(untrusted.port)
     );
+}
+
+/// `yaml` with the probe's `reconnect_interval` set (`0s`: the probe keeps
+/// its connection until it drops).
+fn with_reconnect_interval(yaml: &str, interval: &str) -> String {
+    yaml.replacen(
+        "      fall: 2\n",
+        &format!("      fall: 2\n      reconnect_interval: {interval}\n"),
+        1,
+    )
+}
+
+/// One TLS-only Redis member (client certificates not required) and the
+/// portal's `backend_tls` block trusting its CA.
+fn lone_tls_member(pki: &Pki) -> (TlsRedis, Leaf, String) {
+    let leaf = pki.leaf("redis", &[REDIS_NAME]);
+    let tls = ServerTls {
+        leaf: &leaf,
+        ca: &pki.ca,
+        auth_clients: false,
+    };
+    let server = TlsRedis::server(&tls, pki.client_config(None), None);
+    let block = format!("    backend_tls: {}\n", pki.yaml(Some(REDIS_NAME), None));
+    (server, leaf, block)
+}
+
+/// Waits until `name` is down with a `last_error` that `says` matches.
+async fn wait_down(portal: &Portal, name: &str, why: &str, says: impl Fn(&str) -> bool) -> Value {
+    portal
+        .wait_for(why, |s| {
+            let m = member(s, name);
+            m["health"] != "up" && m["last_error"].as_str().is_some_and(&says)
+        })
+        .await
+}
+
+/// Gives `server` the certificate `leaf` for its new handshakes (as an
+/// operator rotating it would); connections open keep the old one.
+fn rotate_to(server: &TlsRedis, leaf: &Leaf) {
+    let set = block_in_place(|| {
+        server.cmd(&[
+            "CONFIG",
+            "SET",
+            "tls-cert-file",
+            &leaf.cert.display().to_string(),
+            "tls-key-file",
+            &leaf.key.display().to_string(),
+        ])
+    });
+    assert_eq!(set, "OK");
+}
+
+fn about_the_certificate(error: &str) -> bool {
+    error.contains("certificate") || error.contains("UnknownIssuer")
+}
+
+/// A member whose certificate stops verifying while the probe's older
+/// connection still works (an operator rotated it to one from another CA)
+/// must not stay up on that connection: the first session that fails to
+/// verify it makes the probe check over a fresh connection. The periodic
+/// reconnect is off, so nothing else can find it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_certificate_stops_verifying_goes_down_at_the_first_session_it_fails() {
+    let pki = Pki::new("rotated");
+    let (server, _leaf, backend_tls) = block_in_place(|| lone_tls_member(&pki));
+    let other_ca = Pki::new("rogue");
+    let rogue = other_ca.leaf("redis", &[REDIS_NAME]);
+
+    let certs = temp_certs();
+    let config = PortalConfig::new(&certs, &[server.port]).hold_timeout("1s");
+    let yaml = with_reconnect_interval(&after_protocol(&config.yaml(), &backend_tls), "0s");
+    let portal = Portal::start(&yaml).await;
+    portal.wait_roles("a", &[]).await;
+    assert_eq!(reached_tls(config.ports.rw, &certs).await, Ok(server.port));
+
+    // New handshakes get the other CA's certificate; the probe's connection
+    // was verified before.
+    rotate_to(&server, &rogue);
+    let refused = reached_tls(config.ports.rw, &certs).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("TRYAGAIN")),
+        "a session reached a member whose certificate does not verify: {refused:?}"
+    );
+    let status = wait_down(
+        &portal,
+        "a",
+        "the member down for its certificate",
+        about_the_certificate,
+    )
+    .await;
+    assert!(leader(&status).is_none(), "{status:#}");
+    let (code, body) = portal.get("/ready/cluster/cache").await.expect("/ready");
+    assert_eq!(code, 503, "{body}");
+}
+
+/// The same rotation with no client at all: the probe's connection is
+/// replaced every `reconnect_interval`, so readiness tells the truth
+/// without waiting for a client to fail first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_certificate_stops_verifying_goes_down_within_a_reconnect_interval() {
+    let pki = Pki::new("expiring");
+    let (server, _leaf, backend_tls) = block_in_place(|| lone_tls_member(&pki));
+    let other_ca = Pki::new("rogue");
+    let rogue = other_ca.leaf("redis", &[REDIS_NAME]);
+
+    let certs = temp_certs();
+    let config = PortalConfig::new(&certs, &[server.port]);
+    let yaml = with_reconnect_interval(&after_protocol(&config.yaml(), &backend_tls), "1s");
+    let portal = Portal::start(&yaml).await;
+    portal.wait_roles("a", &[]).await;
+    let (code, _) = portal.get("/ready/cluster/cache").await.expect("/ready");
+    assert_eq!(code, 200);
+
+    rotate_to(&server, &rogue);
+    wait_down(
+        &portal,
+        "a",
+        "the member down for its certificate, with no client",
+        about_the_certificate,
+    )
+    .await;
+    let (code, body) = portal.get("/ready/cluster/cache").await.expect("/ready");
+    assert_eq!(code, 503, "{body}");
+}
+
+/// A member that takes no new connection (they are accepted, then never
+/// answered) while the probe's connection keeps answering: the sessions
+/// that time out connecting to it make the probe try a fresh connection,
+/// which times out too, and the member goes down; it comes back once new
+/// connections are answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_answers_no_new_connection_goes_down_and_comes_back() {
+    let pki = Pki::new("wedged");
+    let (server, _leaf, backend_tls) = block_in_place(|| lone_tls_member(&pki));
+    let relay = common::chaos::relay::Relay::start(server.port).await;
+
+    let certs = temp_certs();
+    let config = PortalConfig::new(&certs, &[relay.port]).hold_timeout("1s");
+    let yaml = with_reconnect_interval(&after_protocol(&config.yaml(), &backend_tls), "0s");
+    let portal = Portal::start(&yaml).await;
+    portal.wait_roles("a", &[]).await;
+    assert_eq!(reached_tls(config.ports.rw, &certs).await, Ok(server.port));
+
+    relay.set(common::chaos::relay::Mode::StallNew);
+    let refused = reached_tls(config.ports.rw, &certs).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("TRYAGAIN")),
+        "{refused:?}"
+    );
+    let status = wait_down(
+        &portal,
+        "a",
+        "the member down: no new connection answered",
+        |e| e.contains("timed out") || e.contains("timeout"),
+    )
+    .await;
+    assert!(leader(&status).is_none(), "{status:#}");
+
+    relay.resume();
+    portal.wait_roles("a", &[]).await;
+    assert_eq!(reached_tls(config.ports.rw, &certs).await, Ok(server.port));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -202,6 +202,10 @@ impl Prober for EtcdProber {
         }
     }
 
+    fn reconnect(&mut self) {
+        self.conn = None;
+    }
+
     async fn disconnected(&mut self) {
         match self.conn.as_ref() {
             Some(conn) => {

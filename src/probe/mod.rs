@@ -33,6 +33,10 @@ pub trait Prober: Send {
     /// Resolves when the persistent connection drops; pending when there is
     /// no connection to watch.
     fn disconnected(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Drops the persistent connection, so the next probe opens (and
+    /// verifies) a fresh one.
+    fn reconnect(&mut self);
 }
 
 /// A failed probe, before it becomes an [`Outcome`].
@@ -174,6 +178,12 @@ impl ProbeContext {
 /// Runs one member's probe until `cancel`: probe, report, wait `interval`
 /// (or `fast_interval` while `urgent`), or probe again at once when poked or
 /// when the connection drops.
+///
+/// The probe's connection is replaced by a fresh one every
+/// `reconnect_interval`, and when the data path suspects the member (a new
+/// connection to it failed, at most once per `fast_interval`): a member
+/// that accepts no new connection, or whose certificate stopped verifying,
+/// must not stay up on the strength of one old connection.
 pub async fn run<P: Prober>(
     mut prober: P,
     ctx: ProbeContext,
@@ -182,7 +192,13 @@ pub async fn run<P: Prober>(
     poke: Arc<Notify>,
     cancel: CancellationToken,
 ) {
+    let reconnect_every = ctx.settings.reconnect_interval;
+    let mut connected_at = tokio::time::Instant::now();
     loop {
+        if !reconnect_every.is_zero() && connected_at.elapsed() >= reconnect_every {
+            prober.reconnect();
+            connected_at = tokio::time::Instant::now();
+        }
         let (outcome, took) = tokio::select! {
             result = prober.probe(&ctx) => result,
             _ = cancel.cancelled() => return,
@@ -219,6 +235,13 @@ pub async fn run<P: Prober>(
             Ok(()) = urgent.changed() => {}
             _ = prober.disconnected() => {
                 tracing::debug!(cluster = %ctx.cluster, member = %ctx.name, "probe connection dropped; probing again now");
+            }
+            _ = ctx.roster.suspected(ctx.member) => {
+                if connected_at.elapsed() >= ctx.settings.fast_interval {
+                    tracing::debug!(cluster = %ctx.cluster, member = %ctx.name, "a new connection to the member failed; probing it over a fresh one");
+                    prober.reconnect();
+                    connected_at = tokio::time::Instant::now();
+                }
             }
             _ = cancel.cancelled() => return,
         }

@@ -153,6 +153,10 @@ impl Prober for PatroniProber {
         }
     }
 
+    fn reconnect(&mut self) {
+        self.conn = None;
+    }
+
     async fn disconnected(&mut self) {
         match self.conn.as_mut() {
             Some((_, closed)) => {

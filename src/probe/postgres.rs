@@ -162,6 +162,10 @@ impl Prober for PostgresProber {
         }
     }
 
+    fn reconnect(&mut self) {
+        self.conn = None;
+    }
+
     async fn disconnected(&mut self) {
         match self.conn.as_mut() {
             Some((_, closed)) => {

@@ -191,6 +191,10 @@ impl Prober for RedisProber {
         }
     }
 
+    fn reconnect(&mut self) {
+        self.conn = None;
+    }
+
     async fn disconnected(&mut self) {
         loop {
             let Some((_, pushes, _)) = self.conn.as_mut() else {

@@ -1,7 +1,9 @@
 //! A TCP relay the harness controls: one portal reaches one member through
 //! it. `stall` stops forwarding bytes (both ways) for a while; `cut` closes
 //! every relayed connection and, for a while, accepts new ones only to close
-//! them at once.
+//! them at once; `StallNew` keeps relaying the connections already open but
+//! holds every new one without a byte either way (a member whose accept
+//! path is wedged, or a middlebox that blackholes new flows).
 
 use std::io;
 use std::sync::Arc;
@@ -19,6 +21,7 @@ pub enum Mode {
     Forward,
     Stall,
     Cut,
+    StallNew,
 }
 
 /// A relay from `127.0.0.1:port` to `127.0.0.1:target`. Stops when dropped.
@@ -55,9 +58,21 @@ impl Relay {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
-                if *mode.borrow() == Mode::Cut {
-                    drop(client);
-                    continue;
+                match *mode.borrow() {
+                    Mode::Cut => {
+                        drop(client);
+                        continue;
+                    }
+                    Mode::StallNew => {
+                        // Held open, silent, until the fault heals.
+                        let mut held = mode.subscribe();
+                        tokio::spawn(async move {
+                            let _ = held.wait_for(|m| *m != Mode::StallNew).await;
+                            drop(client);
+                        });
+                        continue;
+                    }
+                    Mode::Forward | Mode::Stall => {}
                 }
                 let (mode, cuts, stop) = (mode.subscribe(), cuts.subscribe(), stop.clone());
                 tokio::spawn(async move {
@@ -130,7 +145,7 @@ async fn pump(
         loop {
             let now = *mode.borrow_and_update();
             match now {
-                Mode::Forward => break,
+                Mode::Forward | Mode::StallNew => break,
                 Mode::Cut => return Ok(()),
                 Mode::Stall => {
                     if mode.changed().await.is_err() {
