@@ -181,7 +181,7 @@ impl ProbeContext {
 ///
 /// The probe's connection is replaced by a fresh one every
 /// `reconnect_interval`, and when the data path suspects the member (a new
-/// connection to it failed, at most once per `fast_interval`): a member
+/// connection to it failed; at most once per `interval`): a member
 /// that accepts no new connection, or whose certificate stopped verifying,
 /// must not stay up on the strength of one old connection.
 pub async fn run<P: Prober>(
@@ -237,7 +237,7 @@ pub async fn run<P: Prober>(
                 tracing::debug!(cluster = %ctx.cluster, member = %ctx.name, "probe connection dropped; probing again now");
             }
             _ = ctx.roster.suspected(ctx.member) => {
-                if connected_at.elapsed() >= ctx.settings.fast_interval {
+                if connected_at.elapsed() >= ctx.settings.interval {
                     tracing::debug!(cluster = %ctx.cluster, member = %ctx.name, "a new connection to the member failed; probing it over a fresh one");
                     prober.reconnect();
                     connected_at = tokio::time::Instant::now();
