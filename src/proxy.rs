@@ -53,8 +53,6 @@ const CLOSE_DRAIN: Duration = Duration::from_secs(1);
 /// Pause before retrying a member after a connect failure the view has not
 /// (yet) turned into a new snapshot.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
-/// Splice buffer per direction: one maximal TLS record.
-const SPLICE_BUFFER: usize = 16 * 1024;
 
 /// Counters of one endpoint, resolved once.
 struct EndpointMetrics {
@@ -346,7 +344,9 @@ async fn session(
         metrics: &endpoint.metrics.all,
         log_limit: &endpoint.log_limit,
     };
-    let opening = tokio::time::timeout_at(deadline, frontend.accept(tcp, peer));
+    // Boxed, like the routing below: the task of an idle session keeps
+    // the size of its largest state, and these are only passed through.
+    let opening = tokio::time::timeout_at(deadline, Box::pin(frontend.accept(tcp, peer)));
     let accepted = tokio::select! {
         result = opening => match result {
             Ok(accepted) => accepted,
@@ -389,7 +389,7 @@ async fn session(
     let started = Instant::now();
 
     let routed = tokio::select! {
-        routed = route(&endpoint, peer) => routed,
+        routed = Box::pin(route(&endpoint, peer)) => routed,
         _ = close.cancelled() => Err(Refusal::ShuttingDown),
     };
     let Routed {
@@ -447,6 +447,8 @@ async fn session(
     bytes
         .from_client
         .fetch_add(preface.len() as u64, Ordering::Relaxed);
+    // Sent: an idle session holds no copy.
+    drop(preface);
     let mut client = Counted {
         inner: client,
         read: endpoint.metrics.bytes_in.clone(),
@@ -460,7 +462,7 @@ async fn session(
         member,
         key: None,
     };
-    let mut splice = Splice::new(SPLICE_BUFFER, protocol == Protocol::Postgres);
+    let mut splice = Splice::new(protocol == Protocol::Postgres);
     let mut open = || gate.open();
     let idle_timeout = endpoint.config.idle_timeout;
     let ended = {
@@ -818,6 +820,15 @@ async fn route(endpoint: &Endpoint, peer: SocketAddr) -> Result<Routed, Refusal>
                     // Not proof that the member is gone, but its probe's
                     // older connection is no proof that it is there.
                     cluster.roster.suspect(member);
+                }
+                Err(err) if crate::probe::is_local(&err) => {
+                    // Out of file descriptors, say: the member is not at
+                    // fault, and it is not reported or suspected.
+                    failed = true;
+                    last_error = Some(err.to_string());
+                    if let Some(suppressed) = endpoint.log_limit.admit("local_connect_error") {
+                        tracing::warn!(endpoint = %config.name, %peer, member = cluster.member_name(member), error = %err, suppressed, "cannot open a connection to the member: the portal is out of a resource");
+                    }
                 }
                 Err(err) => {
                     failed = true;

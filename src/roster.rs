@@ -216,12 +216,14 @@ impl Roster {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{Cluster, Dcs, EtcdDcs, Member, ProbeSettings, Protocol};
     use std::time::Duration;
 
-    fn cluster(members: &[(&str, &str)], max_members: Option<usize>) -> Cluster {
+    /// A cluster's configuration with these members (and a DCS that may
+    /// add up to `max_members`).
+    pub(crate) fn cluster(members: &[(&str, &str)], max_members: Option<usize>) -> Cluster {
         Cluster {
             name: "main".into(),
             protocol: Protocol::Postgres,

@@ -5,15 +5,20 @@
 //! stream, so that a session closed on a leader change ends at a message
 //! boundary.
 //!
-//! Each direction has one buffer, read into only when empty, like tokio's
-//! own copy. The member-to-client direction feeds what the client has
-//! accepted to a [`BackendFraming`], which only walks headers: no copy and
-//! no allocation per message. When the session is to be closed, the caller
-//! drops the relay (so the client-to-member direction stops at once), then
+//! A session holds no buffer while it is idle. Each direction reads into
+//! the worker thread's scratch buffer and writes what it read at once; only
+//! bytes the writer did not take (it is slow, or a gate closed) are copied
+//! into a buffer of the session's own, freed once they are written. So an
+//! idle session costs its TLS state and sockets, not two 16 KiB buffers.
+//! The member-to-client direction feeds what the client has accepted to a
+//! [`BackendFraming`], which only walks headers: no copy and no allocation
+//! per message. When the session is to be closed, the caller drops the
+//! relay (so the client-to-member direction stops at once), then
 //! [`Splice::finish_message`] relays the rest of the message the client is
-//! in the middle of, out of the same buffer and no further, after which a
-//! message of the portal's own may follow.
+//! in the middle of, from what is held and then from the member, and no
+//! further, after which a message of the portal's own may follow.
 
+use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -31,28 +36,87 @@ pub enum Relayed {
     Gated,
 }
 
-/// One direction: a buffer and where its copy stands.
+/// The size of each worker thread's scratch buffer: one read's worth of
+/// bytes, at most (a few TLS records).
+pub const SCRATCH: usize = 64 * 1024;
+
+/// One read of [`Splice::finish_message`] (a session being closed).
+const CLOSE_READ: usize = 16 * 1024;
+
+thread_local! {
+    /// Where every session on this thread reads into. Borrowed only within
+    /// one synchronous [`Pipe::poll_copy`], never across an `await`.
+    static SCRATCH_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+}
+
+/// One direction: the bytes read and not yet written, if any, and where
+/// the copy stands.
 struct Pipe {
-    buf: Box<[u8]>,
-    /// Bytes `pos..cap` of `buf` are read and not yet written.
+    /// Bytes `pos..` of `held` are read and not yet written. Empty (no
+    /// allocation) while the writer keeps up.
+    held: Vec<u8>,
     pos: usize,
-    cap: usize,
     read_done: bool,
     need_flush: bool,
     /// The writer was shut down after the reader's end of stream.
     done: bool,
 }
 
+/// What writing a slice came to.
+enum Wrote {
+    /// All of it.
+    All,
+    /// `n` bytes; the writer is not ready for the rest.
+    Part(usize, Poll<io::Error>),
+}
+
 impl Pipe {
-    fn new(size: usize) -> Pipe {
+    fn new() -> Pipe {
         Pipe {
-            buf: vec![0u8; size].into_boxed_slice(),
+            held: Vec::new(),
             pos: 0,
-            cap: 0,
             read_done: false,
             need_flush: false,
             done: false,
         }
+    }
+
+    fn holds(&self) -> bool {
+        self.pos < self.held.len()
+    }
+
+    /// Writes `bytes` to `writer` until all are written, the writer is not
+    /// ready, or `open` says no (`Part` with `Pending` then, and the caller
+    /// returns `Ready(None)` instead).
+    fn write_out<W: AsyncWrite + ?Sized>(
+        cx: &mut Context<'_>,
+        mut writer: Pin<&mut W>,
+        bytes: &[u8],
+        framing: &mut Option<&mut BackendFraming>,
+        open: &mut dyn FnMut() -> bool,
+        gated: &mut bool,
+    ) -> Wrote {
+        let mut at = 0;
+        while at < bytes.len() {
+            if !open() {
+                *gated = true;
+                return Wrote::Part(at, Poll::Pending);
+            }
+            match writer.as_mut().poll_write(cx, &bytes[at..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Wrote::Part(at, Poll::Ready(io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => {
+                    if let Some(framing) = framing.as_deref_mut() {
+                        framing.feed(&bytes[at..at + n]);
+                    }
+                    at += n;
+                }
+                Poll::Ready(Err(err)) => return Wrote::Part(at, Poll::Ready(err)),
+                Poll::Pending => return Wrote::Part(at, Poll::Pending),
+            }
+        }
+        Wrote::All
     }
 
     /// Copies until `reader` ends (then shuts `writer` down) or an error.
@@ -71,49 +135,36 @@ impl Pipe {
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
     {
+        let mut gated = false;
         loop {
-            if self.pos == self.cap && !self.read_done {
-                let mut buf = ReadBuf::new(&mut self.buf);
-                match reader.as_mut().poll_read(cx, &mut buf) {
-                    Poll::Ready(Ok(())) => {
-                        let n = buf.filled().len();
+            // What an earlier write left, first.
+            if self.holds() {
+                let wrote = Pipe::write_out(
+                    cx,
+                    writer.as_mut(),
+                    &self.held[self.pos..],
+                    &mut framing,
+                    open,
+                    &mut gated,
+                );
+                match wrote {
+                    Wrote::All => {
+                        self.held = Vec::new();
                         self.pos = 0;
-                        self.cap = n;
-                        if n == 0 {
-                            self.read_done = true;
-                        }
+                        self.need_flush = true;
                     }
-                    Poll::Ready(Err(err)) => return Poll::Ready(Some(Err(err))),
-                    Poll::Pending => {
-                        // Nothing more to send for now: push out what the
-                        // writer holds (a TLS record in the making).
-                        if self.need_flush {
-                            if let Err(err) = ready!(writer.as_mut().poll_flush(cx)) {
-                                return Poll::Ready(Some(Err(err)));
-                            }
-                            self.need_flush = false;
+                    Wrote::Part(n, end) => {
+                        self.pos += n;
+                        self.need_flush |= n > 0;
+                        if gated {
+                            return Poll::Ready(None);
                         }
-                        return Poll::Pending;
+                        return match end {
+                            Poll::Ready(err) => Poll::Ready(Some(Err(err))),
+                            Poll::Pending => Poll::Pending,
+                        };
                     }
                 }
-            }
-            while self.pos < self.cap {
-                if !open() {
-                    return Poll::Ready(None);
-                }
-                let written = ready!(writer
-                    .as_mut()
-                    .poll_write(cx, &self.buf[self.pos..self.cap]));
-                let n = match written {
-                    Ok(0) => return Poll::Ready(Some(Err(io::ErrorKind::WriteZero.into()))),
-                    Ok(n) => n,
-                    Err(err) => return Poll::Ready(Some(Err(err))),
-                };
-                if let Some(framing) = framing.as_deref_mut() {
-                    framing.feed(&self.buf[self.pos..self.pos + n]);
-                }
-                self.pos += n;
-                self.need_flush = true;
             }
             if self.read_done {
                 if let Err(err) = ready!(writer.as_mut().poll_shutdown(cx)) {
@@ -121,6 +172,61 @@ impl Pipe {
                 }
                 self.done = true;
                 return Poll::Ready(Some(Ok(())));
+            }
+            // Read into the thread's scratch buffer and write it out at
+            // once; keep only what the writer did not take.
+            let step = SCRATCH_BUFFER.with(|scratch| {
+                let Ok(mut scratch) = scratch.try_borrow_mut() else {
+                    // Never: nothing polled from here reaches back here.
+                    return Some(Poll::Ready(Some(Err(io::Error::other(
+                        "relay scratch buffer in use",
+                    )))));
+                };
+                let mut buf = ReadBuf::new(&mut scratch[..]);
+                match reader.as_mut().poll_read(cx, &mut buf) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(err)) => return Some(Poll::Ready(Some(Err(err)))),
+                    Poll::Pending => return Some(Poll::Pending),
+                }
+                let n = buf.filled().len();
+                if n == 0 {
+                    self.read_done = true;
+                    return None;
+                }
+                let bytes = &scratch[..n];
+                match Pipe::write_out(cx, writer.as_mut(), bytes, &mut framing, open, &mut gated) {
+                    Wrote::All => {
+                        self.need_flush = true;
+                        None
+                    }
+                    Wrote::Part(k, end) => {
+                        self.held = bytes[k..].to_vec();
+                        self.pos = 0;
+                        self.need_flush |= k > 0;
+                        if gated {
+                            return Some(Poll::Ready(None));
+                        }
+                        match end {
+                            Poll::Ready(err) => Some(Poll::Ready(Some(Err(err)))),
+                            Poll::Pending => Some(Poll::Pending),
+                        }
+                    }
+                }
+            });
+            match step {
+                None => continue,
+                Some(Poll::Pending) => {
+                    // Nothing more to send for now: push out what the
+                    // writer holds (a TLS record in the making).
+                    if self.need_flush {
+                        if let Err(err) = ready!(writer.as_mut().poll_flush(cx)) {
+                            return Poll::Ready(Some(Err(err)));
+                        }
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+                Some(ready) => return ready,
             }
         }
     }
@@ -137,12 +243,12 @@ pub struct Splice {
 }
 
 impl Splice {
-    /// Buffers of `buffer` bytes each way; `framed` tracks PostgreSQL
-    /// backend message boundaries on the way to the client.
-    pub fn new(buffer: usize, framed: bool) -> Splice {
+    /// `framed` tracks PostgreSQL backend message boundaries on the way to
+    /// the client.
+    pub fn new(framed: bool) -> Splice {
         Splice {
-            up: Pipe::new(buffer),
-            down: Pipe::new(buffer),
+            up: Pipe::new(),
+            down: Pipe::new(),
             framing: framed.then(BackendFraming::new),
         }
     }
@@ -239,24 +345,26 @@ impl Splice {
                 Some(0) => break,
                 Some(n) => n,
             };
-            if down.pos == down.cap {
+            if !down.holds() {
                 if down.read_done {
                     return Ok(None);
                 }
-                let n = server.read(&mut down.buf).await?;
-                down.pos = 0;
-                down.cap = n;
+                let mut buf = vec![0u8; CLOSE_READ];
+                let n = server.read(&mut buf).await?;
                 if n == 0 {
                     down.read_done = true;
                     return Ok(None);
                 }
+                buf.truncate(n);
+                down.held = buf;
+                down.pos = 0;
             }
-            let end = down.pos + need.min(down.cap - down.pos);
-            let n = client.write(&down.buf[down.pos..end]).await?;
+            let end = down.pos + need.min(down.held.len() - down.pos);
+            let n = client.write(&down.held[down.pos..end]).await?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
-            framing.feed(&down.buf[down.pos..down.pos + n]);
+            framing.feed(&down.held[down.pos..down.pos + n]);
             down.pos += n;
             relayed += n as u64;
         }
@@ -302,12 +410,11 @@ mod tests {
         for given in (0..out.len()).step_by(997).chain(boundaries.clone()) {
             for held in [0, 1, 4, 5, 100, 16 * 1024] {
                 let held = held.min(out.len() - given);
-                let mut splice = Splice::new(16 * 1024, true);
+                let mut splice = Splice::new(true);
                 if let Some(f) = splice.framing.as_mut() {
                     f.feed(&out[..given]);
                 }
-                splice.down.buf[..held].copy_from_slice(&out[given..given + held]);
-                splice.down.cap = held;
+                splice.down.held = out[given..given + held].to_vec();
                 let mut member: &[u8] = &out[given + held..];
                 let mut client: Vec<u8> = Vec::new();
                 let relayed = splice
@@ -328,7 +435,7 @@ mod tests {
     #[tokio::test]
     async fn finish_message_gives_up_when_the_member_ends_mid_message() {
         let (out, _) = member_output();
-        let mut splice = Splice::new(1024, true);
+        let mut splice = Splice::new(true);
         if let Some(f) = splice.framing.as_mut() {
             f.feed(&out[..10]);
         }
@@ -350,7 +457,7 @@ mod tests {
         let (mut client, mut client_far) = tokio::io::duplex(64 * 1024);
         let (mut server, mut server_far) = tokio::io::duplex(64 * 1024);
         let open = AtomicBool::new(true);
-        let mut splice = Splice::new(1024, true);
+        let mut splice = Splice::new(true);
         let mut gate = || open.load(Ordering::SeqCst);
 
         client_far.write_all(b"before").await.expect("write");
@@ -375,5 +482,76 @@ mod tests {
             rest.is_empty(),
             "{rest:?} reached the member after the gate closed"
         );
+    }
+
+    /// A writer that takes a few bytes at a time and is often not ready
+    /// (waking itself), the way a slow client's socket behaves.
+    struct Stingy {
+        got: Vec<u8>,
+        seed: u64,
+    }
+
+    impl Stingy {
+        fn next(&mut self) -> u64 {
+            self.seed = self
+                .seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            self.seed >> 33
+        }
+    }
+
+    impl AsyncWrite for Stingy {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.next().is_multiple_of(3) {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = (1 + self.next() as usize % 7000).min(buf.len());
+            self.got.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn every_byte_reaches_a_slow_writer_in_order_and_nothing_is_held_after() {
+        use std::future::poll_fn;
+        for seed in 0..20u64 {
+            let data: Vec<u8> = (0..300_000u32)
+                .map(|i| (i * 7 + seed as u32) as u8)
+                .collect();
+            let mut reader: &[u8] = &data;
+            let mut writer = Stingy {
+                got: Vec::new(),
+                seed,
+            };
+            let mut pipe = Pipe::new();
+            let copied = poll_fn(|cx| {
+                pipe.poll_copy(
+                    cx,
+                    Pin::new(&mut reader),
+                    Pin::new(&mut writer),
+                    None,
+                    &mut || true,
+                )
+            })
+            .await;
+            assert!(matches!(copied, Some(Ok(()))), "seed {seed}: {copied:?}");
+            assert!(writer.got == data, "seed {seed}: bytes lost or reordered");
+            assert!(
+                !pipe.holds() && pipe.held.capacity() == 0,
+                "seed {seed}: a buffer is still held"
+            );
+        }
     }
 }

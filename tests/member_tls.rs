@@ -398,16 +398,6 @@ async fn a_redis_member_from_another_ca_is_never_routed_to_until_its_ca_is_confi
     );
 }
 
-/// `yaml` with the probe's `reconnect_interval` set (`0s`: the probe keeps
-/// its connection until it drops).
-fn with_reconnect_interval(yaml: &str, interval: &str) -> String {
-    yaml.replacen(
-        "      fall: 2\n",
-        &format!("      fall: 2\n      reconnect_interval: {interval}\n"),
-        1,
-    )
-}
-
 /// One TLS-only Redis member (client certificates not required) and the
 /// portal's `backend_tls` block trusting its CA.
 fn lone_tls_member(pki: &Pki) -> (TlsRedis, Leaf, String) {

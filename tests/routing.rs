@@ -324,3 +324,54 @@ async fn the_probe_logs_in_as_a_redis_acl_user_with_only_info() {
         Reply::Simple("OK".into())
     );
 }
+
+/// A primary with every connection slot taken (clients through the portal
+/// filled Redis's `maxclients`) answers the probe's fresh connections with
+/// `max number of clients reached`: that is a full member, not a dead one.
+/// It stays leader across many renewals of the probe's connection, and the
+/// sessions on it keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_with_every_connection_slot_taken_stays_leader_across_probe_renewals() {
+    let a = RedisServer::start(None);
+    let certs = temp_certs();
+    let config = PortalConfig::new(&certs, &[a.port()]);
+    let portal = Portal::start(&with_reconnect_interval(&config.yaml(), "300ms")).await;
+    let status = portal.wait_roles("a", &[]).await;
+    let before = epoch(&status);
+    // Room for four more clients than are connected now (the probe).
+    let connected = info_number(a.port(), "clients", "connected_clients");
+    let room = (connected + 4).to_string();
+    assert_eq!(a.cmd(&["CONFIG", "SET", "maxclients", &room]), "OK");
+    let mut sessions = Vec::new();
+    let mut refused = 0;
+    for _ in 0..8 {
+        let mut s = session(config.ports.rw, &certs).await;
+        match s.cmd(&["PING"]).await {
+            Ok(reply) if reply.text() == "PONG" => sessions.push(s),
+            _ => refused += 1,
+        }
+    }
+    assert!(refused > 0, "the member was never full");
+    assert!(!sessions.is_empty());
+    // Several renewals of the probe's connection, each refused for want of a
+    // slot: the member stays leader, no session is closed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = portal.status().await;
+    assert_eq!(leader(&status).as_deref(), Some("a"), "{status:#}");
+    assert_eq!(epoch(&status), before, "the view changed: {status:#}");
+    for s in &mut sessions {
+        let reply = s
+            .cmd(&["PING"])
+            .await
+            .expect("a session on the full primary");
+        assert_eq!(reply.text(), "PONG");
+    }
+    let metrics = portal.metrics().await;
+    let closed = metric(
+        &metrics,
+        "portal_sessions_closed_total",
+        &[("endpoint", "rw"), ("reason", "leader_change")],
+    )
+    .unwrap_or(0.0);
+    assert_eq!(closed, 0.0);
+}

@@ -177,8 +177,9 @@ pub async fn sniff(tcp: &TcpStream) -> std::io::Result<Opening> {
 }
 
 /// The most a Redis or etcd client's first read takes in: the bytes the
-/// member receives first.
-const FIRST_READ: usize = 16 * 1024;
+/// member receives first (the rest follows in the relay). Small, since it
+/// is held while a client that finished its handshake stays silent.
+const FIRST_READ: usize = 2 * 1024;
 
 /// What the frontend made of a new connection.
 pub enum Accepted {
@@ -309,6 +310,7 @@ impl Frontend<'_> {
                 match client.read(&mut preface).await {
                     Ok(n) if n > 0 => {
                         preface.truncate(n);
+                        preface.shrink_to_fit();
                         Accepted::Session { client, preface }
                     }
                     Ok(_) => {

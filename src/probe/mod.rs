@@ -34,8 +34,12 @@ pub trait Prober: Send {
     /// no connection to watch.
     fn disconnected(&mut self) -> impl Future<Output = ()> + Send;
 
-    /// Drops the persistent connection, so the next probe opens (and
-    /// verifies) a fresh one.
+    /// Makes the next probe open (and verify) a fresh connection. The old
+    /// one is kept aside only for a member that answers the new one with
+    /// "no free connection slot" ([`Failure::busy`]): a primary full of
+    /// clients is not down. Any other failure of the fresh connection (a
+    /// certificate that no longer verifies, a timeout, a refusal) is the
+    /// probe's failure, and the old connection is dropped.
     fn reconnect(&mut self);
 }
 
@@ -44,6 +48,10 @@ pub trait Prober: Send {
 pub struct Failure {
     pub hard: bool,
     pub error: String,
+    /// The member answered, and would not take another connection (its
+    /// connection slots are full): an older connection to it still says
+    /// what it is.
+    pub busy: bool,
 }
 
 impl Failure {
@@ -51,6 +59,7 @@ impl Failure {
         Failure {
             hard: true,
             error: error.into(),
+            busy: false,
         }
     }
 
@@ -58,6 +67,23 @@ impl Failure {
         Failure {
             hard: false,
             error: error.into(),
+            busy: false,
+        }
+    }
+
+    /// The portal could not open a connection (out of file descriptors,
+    /// say): no fault of the member's, so an older connection still says
+    /// what it is, as with [`Failure::busy`].
+    pub fn local(error: impl Into<String>) -> Failure {
+        Failure::busy(format!("{} (the portal's own limit)", error.into()))
+    }
+
+    /// The member refused a new connection for want of a free slot.
+    pub fn busy(error: impl Into<String>) -> Failure {
+        Failure {
+            hard: false,
+            error: error.into(),
+            busy: true,
         }
     }
 
@@ -73,6 +99,9 @@ impl Failure {
 /// else (a timeout, a full table) may pass.
 pub fn classify_io(err: &std::io::Error) -> Failure {
     use std::io::ErrorKind as K;
+    if is_local(err) {
+        return Failure::local(err.to_string());
+    }
     match err.kind() {
         K::ConnectionRefused
         | K::ConnectionReset
@@ -82,6 +111,16 @@ pub fn classify_io(err: &std::io::Error) -> Failure {
         | K::NotConnected => Failure::hard(err.to_string()),
         _ => Failure::soft(err.to_string()),
     }
+}
+
+/// The portal itself is out of something (file descriptors, socket
+/// buffers, memory): says nothing about the member.
+pub fn is_local(err: &std::io::Error) -> bool {
+    const ENOMEM: i32 = 12;
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    const ENOBUFS: i32 = 105;
+    matches!(err.raw_os_error(), Some(ENOMEM | ENFILE | EMFILE | ENOBUFS))
 }
 
 /// A member's address as written, and what it resolved to when learned:
@@ -180,10 +219,11 @@ impl ProbeContext {
 /// when the connection drops.
 ///
 /// The probe's connection is replaced by a fresh one every
-/// `reconnect_interval`, and when the data path suspects the member (a new
-/// connection to it failed; at most once per `interval`): a member
-/// that accepts no new connection, or whose certificate stopped verifying,
-/// must not stay up on the strength of one old connection.
+/// `reconnect_interval` (never with zero), and at the next probe after the
+/// data path suspected the member (a new connection to it failed): a
+/// member that accepts no new connection,
+/// or whose certificate stopped verifying, must not stay up on the
+/// strength of one old connection (see [`Prober::reconnect`]).
 pub async fn run<P: Prober>(
     mut prober: P,
     ctx: ProbeContext,
@@ -193,11 +233,13 @@ pub async fn run<P: Prober>(
     cancel: CancellationToken,
 ) {
     let reconnect_every = ctx.settings.reconnect_interval;
-    let mut connected_at = tokio::time::Instant::now();
+    let mut renewed_at = tokio::time::Instant::now();
+    let mut renew = false;
     loop {
-        if !reconnect_every.is_zero() && connected_at.elapsed() >= reconnect_every {
+        if renew || (!reconnect_every.is_zero() && renewed_at.elapsed() >= reconnect_every) {
             prober.reconnect();
-            connected_at = tokio::time::Instant::now();
+            renewed_at = tokio::time::Instant::now();
+            renew = false;
         }
         let (outcome, took) = tokio::select! {
             result = prober.probe(&ctx) => result,
@@ -229,21 +271,169 @@ pub async fn run<P: Prober>(
         } else {
             ctx.settings.interval
         };
-        tokio::select! {
-            _ = tokio::time::sleep(period) => {}
-            _ = poke.notified() => {}
-            Ok(()) = urgent.changed() => {}
-            _ = prober.disconnected() => {
-                tracing::debug!(cluster = %ctx.cluster, member = %ctx.name, "probe connection dropped; probing again now");
-            }
-            _ = ctx.roster.suspected(ctx.member) => {
-                if connected_at.elapsed() >= ctx.settings.interval {
-                    tracing::debug!(cluster = %ctx.cluster, member = %ctx.name, "a new connection to the member failed; probing it over a fresh one");
-                    prober.reconnect();
-                    connected_at = tokio::time::Instant::now();
+        let next = tokio::time::Instant::now() + period;
+        // Registered once for the whole wait: a poke between two turns of
+        // the loop below is not missed.
+        let poked = poke.notified();
+        tokio::pin!(poked);
+        poked.as_mut().enable();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => break,
+                _ = &mut poked => break,
+                Ok(()) = urgent.changed() => break,
+                _ = prober.disconnected() => {
+                    tracing::debug!(cluster = %ctx.cluster, member = %ctx.name, "probe connection dropped; probing again now");
+                    break;
                 }
+                _ = ctx.roster.suspected(ctx.member) => {
+                    // The next probe, when it is due (not sooner: failing
+                    // sessions must not speed probes up), opens a fresh
+                    // connection.
+                    if !renew {
+                        tracing::debug!(cluster = %ctx.cluster, member = %ctx.name, "a new connection to the member failed; the next probe uses a fresh one");
+                    }
+                    renew = true;
+                }
+                _ = cancel.cancelled() => return,
             }
-            _ = cancel.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::Observation;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts what the loop asks of it; every probe succeeds at once.
+    struct Counting {
+        probes: Arc<AtomicUsize>,
+        renewals: Arc<AtomicUsize>,
+    }
+
+    impl Prober for Counting {
+        async fn probe(&mut self, _: &ProbeContext) -> (Outcome, Option<Duration>) {
+            self.probes.fetch_add(1, Ordering::SeqCst);
+            let seen = Observation {
+                role: crate::view::Role::Primary,
+                term: None,
+                upstream: None,
+                position: None,
+                delay: None,
+                term_floor: false,
+                followers: Vec::new(),
+            };
+            (Outcome::Observed(seen), Some(Duration::ZERO))
+        }
+        async fn disconnected(&mut self) {
+            std::future::pending().await
+        }
+        fn reconnect(&mut self) {
+            self.renewals.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Runs the loop for `run_for` of (paused, virtual) time with the
+    /// member suspected every `suspect_every`; returns (probes, renewals).
+    async fn run_suspected(
+        reconnect_interval: Duration,
+        suspect_every: Option<Duration>,
+        run_for: Duration,
+    ) -> (usize, usize) {
+        let mut config = crate::roster::tests::cluster(&[("a", "127.0.0.1:1")], None);
+        config.probe.interval = Duration::from_millis(200);
+        config.probe.fast_interval = Duration::from_millis(20);
+        config.probe.reconnect_interval = reconnect_interval;
+        let roster = Arc::new(Roster::new(&config));
+        let Some(entry) = roster.get(0) else {
+            panic!("member a in slot 0");
+        };
+        let metrics = Metrics::new();
+        let ctx = ProbeContext::new(
+            "main".into(),
+            0,
+            &entry,
+            config.probe.clone(),
+            roster.clone(),
+            &metrics,
+        );
+        let (reports, mut received) = mpsc::channel(1024);
+        tokio::spawn(async move { while received.recv().await.is_some() {} });
+        let (_urgent_tx, urgent) = watch::channel(false);
+        let cancel = CancellationToken::new();
+        let (probes, renewals) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let prober = Counting {
+            probes: probes.clone(),
+            renewals: renewals.clone(),
+        };
+        let task = tokio::spawn(run(
+            prober,
+            ctx,
+            reports,
+            urgent,
+            Arc::new(Notify::new()),
+            cancel.clone(),
+        ));
+        let end = tokio::time::Instant::now() + run_for;
+        while tokio::time::Instant::now() < end {
+            match suspect_every {
+                Some(every) => {
+                    roster.suspect(0);
+                    tokio::time::sleep(every).await;
+                }
+                None => tokio::time::sleep_until(end).await,
+            }
+        }
+        cancel.cancel();
+        let _ = task.await;
+        (
+            probes.load(Ordering::SeqCst),
+            renewals.load(Ordering::SeqCst),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn suspicions_renew_the_connection_at_most_once_per_interval_and_do_not_speed_up_probes()
+    {
+        // 2 s of a session failing every 5 ms; interval 200 ms.
+        let (probes, renewals) = run_suspected(
+            Duration::ZERO,
+            Some(Duration::from_millis(5)),
+            Duration::from_secs(2),
+        )
+        .await;
+        assert!(
+            (9..=12).contains(&probes),
+            "{probes} probes in 2 s at a 200 ms interval"
+        );
+        assert!((9..=11).contains(&renewals), "{renewals} renewals in 2 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_connection_is_renewed_every_reconnect_interval_and_never_with_zero() {
+        let quiet = None;
+        let (_, renewals) =
+            run_suspected(Duration::from_secs(1), quiet, Duration::from_millis(5500)).await;
+        assert_eq!(renewals, 5, "renewals in 5.5 s at 1 s");
+        let (probes, renewals) =
+            run_suspected(Duration::ZERO, quiet, Duration::from_millis(5500)).await;
+        assert_eq!(renewals, 0);
+        assert!(
+            (27..=29).contains(&probes),
+            "{probes} probes in 5.5 s at 200 ms"
+        );
+    }
+
+    #[test]
+    fn the_portal_out_of_descriptors_is_not_the_members_failure() {
+        let emfile = std::io::Error::from_raw_os_error(24);
+        assert!(is_local(&emfile));
+        let failure = classify_io(&emfile);
+        assert!(failure.busy && !failure.hard, "{failure:?}");
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!is_local(&refused));
+        assert!(classify_io(&refused).hard);
     }
 }

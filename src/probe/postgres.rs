@@ -41,6 +41,9 @@ select pg_is_in_recovery() as standby,
 pub struct PostgresProber {
     origination: Option<Origination>,
     conn: Option<(Client, oneshot::Receiver<()>)>,
+    /// The connection a renewal replaces, kept until the new one answers
+    /// (see [`Prober::reconnect`]).
+    spare: Option<(Client, oneshot::Receiver<()>)>,
 }
 
 impl PostgresProber {
@@ -48,6 +51,7 @@ impl PostgresProber {
         PostgresProber {
             origination,
             conn: None,
+            spare: None,
         }
     }
 
@@ -79,7 +83,14 @@ impl PostgresProber {
         let (client, connection) = tokio::time::timeout(timeout, config.connect_raw(stream, NoTls))
             .await
             .map_err(|_| Failure::soft(format!("no startup answer within {timeout:?}")))?
-            .map_err(|err| pg_failure(&err))?;
+            .map_err(|err| match err.code() {
+                // `too many clients already`, `remaining connection slots
+                // are reserved ...`: full, not down.
+                Some(code) if *code == tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS => {
+                    Failure::busy(pg_failure(&err).error)
+                }
+                _ => pg_failure(&err),
+            })?;
         let (closed_tx, closed) = oneshot::channel();
         tokio::spawn(async move {
             let _ = connection.await;
@@ -94,8 +105,18 @@ impl Prober for PostgresProber {
         let started = Instant::now();
         if self.conn.is_none() {
             match self.connect(ctx).await {
-                Ok(conn) => self.conn = Some(conn),
-                Err(failure) => return (failure.outcome(), None),
+                Ok(conn) => {
+                    self.conn = Some(conn);
+                    self.spare = None;
+                }
+                Err(failure) if failure.busy && self.spare.is_some() => {
+                    tracing::debug!(cluster = %ctx.cluster, member = %ctx.name, error = %failure.error, "member has no free connection slot; probing over the older connection");
+                    self.conn = self.spare.take();
+                }
+                Err(failure) => {
+                    self.spare = None;
+                    return (failure.outcome(), None);
+                }
             }
         }
         let Some((client, _)) = self.conn.as_ref() else {
@@ -163,7 +184,9 @@ impl Prober for PostgresProber {
     }
 
     fn reconnect(&mut self) {
-        self.conn = None;
+        if let Some(conn) = self.conn.take() {
+            self.spare = Some(conn);
+        }
     }
 
     async fn disconnected(&mut self) {

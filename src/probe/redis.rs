@@ -111,6 +111,9 @@ type Connection = (
 pub struct RedisProber {
     origination: Option<Origination>,
     conn: Option<Connection>,
+    /// The connection a renewal replaces, kept until the new one answers
+    /// (see [`Prober::reconnect`]).
+    spare: Option<Connection>,
 }
 
 impl RedisProber {
@@ -118,6 +121,7 @@ impl RedisProber {
         RedisProber {
             origination,
             conn: None,
+            spare: None,
         }
     }
 
@@ -151,7 +155,7 @@ impl RedisProber {
         )
         .await
         .map_err(|_| Failure::soft(format!("no HELLO answer within {timeout:?}")))?
-        .map_err(|err| redis_failure(&err))?;
+        .map_err(|err| hello_failure(&err))?;
         let driver = AbortOnDropHandle::new(tokio::spawn(driver));
         Ok((conn, rx, driver))
     }
@@ -171,8 +175,18 @@ impl Prober for RedisProber {
         let started = Instant::now();
         if self.conn.is_none() {
             match self.connect(ctx).await {
-                Ok(conn) => self.conn = Some(conn),
-                Err(failure) => return (failure.outcome(), None),
+                Ok(conn) => {
+                    self.conn = Some(conn);
+                    self.spare = None;
+                }
+                Err(failure) if failure.busy && self.spare.is_some() => {
+                    tracing::debug!(cluster = %ctx.cluster, member = %ctx.name, error = %failure.error, "member has no free connection slot; probing over the older connection");
+                    self.conn = self.spare.take();
+                }
+                Err(failure) => {
+                    self.spare = None;
+                    return (failure.outcome(), None);
+                }
             }
         }
         let Some((conn, _, _)) = self.conn.as_mut() else {
@@ -192,7 +206,9 @@ impl Prober for RedisProber {
     }
 
     fn reconnect(&mut self) {
-        self.conn = None;
+        if let Some(conn) = self.conn.take() {
+            self.spare = Some(conn);
+        }
     }
 
     async fn disconnected(&mut self) {
@@ -209,6 +225,17 @@ impl Prober for RedisProber {
             }
         }
     }
+}
+
+/// A failed `HELLO` on a connection the member accepted. Redis over its
+/// `maxclients` answers `-ERR max number of clients reached` and closes:
+/// busy, whether the answer or only the close arrives.
+fn hello_failure(err: &redis::RedisError) -> Failure {
+    let text = err.to_string();
+    if text.contains("max number of clients") || err.is_connection_dropped() {
+        return Failure::busy(text);
+    }
+    redis_failure(err)
 }
 
 fn redis_failure(err: &redis::RedisError) -> Failure {

@@ -863,6 +863,16 @@ impl PortalConfig {
     }
 }
 
+/// `yaml` (of [`PortalConfig`]) with the probe's `reconnect_interval` set
+/// (`0s`: no periodic renewal of the probe's connection).
+pub fn with_reconnect_interval(yaml: &str, interval: &str) -> String {
+    yaml.replacen(
+        "      fall: 2\n",
+        &format!("      fall: 2\n      reconnect_interval: {interval}\n"),
+        1,
+    )
+}
+
 /// `yaml` with `lines` added to its `admin:` section.
 pub fn with_admin(yaml: &str, lines: &str) -> String {
     yaml.replacen("\n\nshutdown:", &format!("\n{lines}\n\nshutdown:"), 1)
