@@ -82,8 +82,12 @@ fn tls_connector(ca: &std::path::Path) -> Result<TlsConnector> {
 
 /// `PING` on an open session; Ok when `+PONG` comes back.
 async fn ping(s: &mut Session) -> Result<(), String> {
-    s.write_all(b"PING\r\n").await.map_err(|e| format!("ping write: {}", e.kind()))?;
-    s.flush().await.map_err(|e| format!("ping write: {}", e.kind()))?;
+    s.write_all(b"PING\r\n")
+        .await
+        .map_err(|e| format!("ping write: {}", e.kind()))?;
+    s.flush()
+        .await
+        .map_err(|e| format!("ping write: {}", e.kind()))?;
     let mut buf = [0u8; 7];
     let mut got = 0;
     while got < buf.len() {
@@ -96,12 +100,21 @@ async fn ping(s: &mut Session) -> Result<(), String> {
     if &buf == b"+PONG\r\n" {
         Ok(())
     } else {
-        Err(format!("ping: unexpected reply {:?}", String::from_utf8_lossy(&buf)))
+        Err(format!(
+            "ping: unexpected reply {:?}",
+            String::from_utf8_lossy(&buf)
+        ))
     }
 }
 
-async fn open(addr: SocketAddr, tls: TlsConnector, name: ServerName<'static>) -> Result<Session, String> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| format!("connect: {}", e.kind()))?;
+async fn open(
+    addr: SocketAddr,
+    tls: TlsConnector,
+    name: ServerName<'static>,
+) -> Result<Session, String> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {}", e.kind()))?;
     let mut s = tls.connect(name, tcp).await.map_err(|e| {
         // rustls errors (bad certificate, ...) keep their text; I/O errors their kind.
         match e.get_ref() {
