@@ -95,6 +95,45 @@ impl Failure {
     }
 }
 
+/// Opens `conn` when there is none with `connect`. After a renewal
+/// ([`Prober::reconnect`] put the old connection in `spare`), the old one
+/// comes back only when the member answered the new one with "no free
+/// slot" or the portal is out of descriptors ([`Failure::busy`]); otherwise
+/// it is dropped, and any failure is the probe's.
+pub async fn connect_or_keep<C>(
+    ctx: &ProbeContext,
+    conn: &mut Option<C>,
+    spare: &mut Option<C>,
+    connect: impl Future<Output = Result<C, Failure>>,
+) -> Result<(), Failure> {
+    if conn.is_some() {
+        return Ok(());
+    }
+    match connect.await {
+        Ok(fresh) => {
+            *conn = Some(fresh);
+            *spare = None;
+            Ok(())
+        }
+        Err(failure) if failure.busy && spare.is_some() => {
+            tracing::debug!(cluster = %ctx.cluster, member = %ctx.name, error = %failure.error, "no new connection to the member now; probing over the older one");
+            *conn = spare.take();
+            Ok(())
+        }
+        Err(failure) => {
+            *spare = None;
+            Err(failure)
+        }
+    }
+}
+
+/// What [`Prober::reconnect`] does with a `conn` and its `spare`.
+pub fn set_aside<C>(conn: &mut Option<C>, spare: &mut Option<C>) {
+    if let Some(old) = conn.take() {
+        *spare = Some(old);
+    }
+}
+
 /// Refused or reset means the member is not there: a hard failure. Anything
 /// else (a timeout, a full table) may pass.
 pub fn classify_io(err: &std::io::Error) -> Failure {

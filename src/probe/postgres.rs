@@ -56,18 +56,13 @@ impl PostgresProber {
     }
 
     async fn connect(
-        &self,
+        origination: Option<&Origination>,
         ctx: &ProbeContext,
     ) -> Result<(Client, oneshot::Receiver<()>), Failure> {
         let timeout = ctx.settings.timeout;
-        let stream = backend::connect(
-            Protocol::Postgres,
-            &ctx.address,
-            self.origination.as_ref(),
-            timeout,
-        )
-        .await
-        .map_err(|err| super::classify_io(&err))?;
+        let stream = backend::connect(Protocol::Postgres, &ctx.address, origination, timeout)
+            .await
+            .map_err(|err| super::classify_io(&err))?;
         let mut config = tokio_postgres::Config::new();
         config
             .ssl_mode(SslMode::Disable) // TLS, if any, is already up
@@ -103,21 +98,11 @@ impl PostgresProber {
 impl Prober for PostgresProber {
     async fn probe(&mut self, ctx: &ProbeContext) -> (Outcome, Option<Duration>) {
         let started = Instant::now();
-        if self.conn.is_none() {
-            match self.connect(ctx).await {
-                Ok(conn) => {
-                    self.conn = Some(conn);
-                    self.spare = None;
-                }
-                Err(failure) if failure.busy && self.spare.is_some() => {
-                    tracing::debug!(cluster = %ctx.cluster, member = %ctx.name, error = %failure.error, "member has no free connection slot; probing over the older connection");
-                    self.conn = self.spare.take();
-                }
-                Err(failure) => {
-                    self.spare = None;
-                    return (failure.outcome(), None);
-                }
-            }
+        let connect = Self::connect(self.origination.as_ref(), ctx);
+        if let Err(failure) =
+            super::connect_or_keep(ctx, &mut self.conn, &mut self.spare, connect).await
+        {
+            return (failure.outcome(), None);
         }
         let Some((client, _)) = self.conn.as_ref() else {
             return (Failure::soft("no connection").outcome(), None);
@@ -184,9 +169,7 @@ impl Prober for PostgresProber {
     }
 
     fn reconnect(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            self.spare = Some(conn);
-        }
+        super::set_aside(&mut self.conn, &mut self.spare);
     }
 
     async fn disconnected(&mut self) {

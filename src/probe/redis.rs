@@ -128,16 +128,14 @@ impl RedisProber {
     /// Connects the way sessions do ([`backend::connect`]: plain, or TLS
     /// verified against `backend_tls`), then hands the stream to redis-rs
     /// (RESP3 `HELLO`, with the probe's credentials).
-    async fn connect(&self, ctx: &ProbeContext) -> Result<Connection, Failure> {
+    async fn connect(
+        origination: Option<&Origination>,
+        ctx: &ProbeContext,
+    ) -> Result<Connection, Failure> {
         let timeout = ctx.settings.timeout;
-        let stream = backend::connect(
-            Protocol::Redis,
-            &ctx.address,
-            self.origination.as_ref(),
-            timeout,
-        )
-        .await
-        .map_err(|err| classify_io(&err))?;
+        let stream = backend::connect(Protocol::Redis, &ctx.address, origination, timeout)
+            .await
+            .map_err(|err| classify_io(&err))?;
         let mut settings = RedisConnectionInfo::default().set_protocol(ProtocolVersion::RESP3);
         if let Some(user) = &ctx.settings.username {
             settings = settings.set_username(user);
@@ -173,21 +171,11 @@ impl RedisProber {
 impl Prober for RedisProber {
     async fn probe(&mut self, ctx: &ProbeContext) -> (Outcome, Option<Duration>) {
         let started = Instant::now();
-        if self.conn.is_none() {
-            match self.connect(ctx).await {
-                Ok(conn) => {
-                    self.conn = Some(conn);
-                    self.spare = None;
-                }
-                Err(failure) if failure.busy && self.spare.is_some() => {
-                    tracing::debug!(cluster = %ctx.cluster, member = %ctx.name, error = %failure.error, "member has no free connection slot; probing over the older connection");
-                    self.conn = self.spare.take();
-                }
-                Err(failure) => {
-                    self.spare = None;
-                    return (failure.outcome(), None);
-                }
-            }
+        let connect = Self::connect(self.origination.as_ref(), ctx);
+        if let Err(failure) =
+            super::connect_or_keep(ctx, &mut self.conn, &mut self.spare, connect).await
+        {
+            return (failure.outcome(), None);
         }
         let Some((conn, _, _)) = self.conn.as_mut() else {
             return (Failure::soft("no connection").outcome(), None);
@@ -206,9 +194,7 @@ impl Prober for RedisProber {
     }
 
     fn reconnect(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            self.spare = Some(conn);
-        }
+        super::set_aside(&mut self.conn, &mut self.spare);
     }
 
     async fn disconnected(&mut self) {
