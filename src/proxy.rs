@@ -23,9 +23,9 @@ use tokio_util::task::TaskTracker;
 use crate::admission::{Admission, Denied, Limits, OpeningTicket};
 use crate::backend;
 use crate::cluster::Cluster;
-use crate::config::Protocol;
 use crate::config::{self, OnLeaderChange, Route};
-use crate::frontend::postgres::{CancelKey, KeyWatcher};
+use crate::frontend::postgres::CancelKey;
+use crate::frontend::session::{CloseReason, Closed, SessionHook, CLOSE_DRAIN};
 use crate::frontend::{self, Accepted, Frontend, Refusal};
 use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
@@ -46,10 +46,6 @@ const CONNECT_ATTEMPT_CAP: Duration = Duration::from_secs(2);
 const CONNECT_ATTEMPT_FLOOR: Duration = Duration::from_millis(100);
 /// How long a cancel request may take to reach its member.
 const CANCEL_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a PostgreSQL session closed on a leader change may take to
-/// finish relaying the message its client is in the middle of (and to take
-/// the `57P01` after it). Past that it is closed mid-message, without one.
-const CLOSE_DRAIN: Duration = Duration::from_secs(1);
 /// Pause before retrying a member after a connect failure the view has not
 /// (yet) turned into a new snapshot.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
@@ -416,16 +412,13 @@ async fn session(
         }
     };
     let _count = cluster.session_guard(member);
-    if protocol == Protocol::Postgres {
+    let hook = SessionHook::for_protocol(protocol);
+    if hook.binds_channel() {
         endpoint.check_channel_binding(&cluster, member, &server);
     }
     let epoch = routing.borrow().epoch;
-    if protocol == Protocol::Postgres {
-        let (user, database) = frontend::postgres::startup_identity(&preface);
-        tracing::debug!(endpoint = ep, %peer, member = cluster.member_name(member), epoch, user, database, "session routed");
-    } else {
-        tracing::debug!(endpoint = ep, %peer, member = cluster.member_name(member), epoch, "session routed");
-    }
+    let (user, database) = hook.identity(&preface);
+    tracing::debug!(endpoint = ep, %peer, member = cluster.member_name(member), epoch, user, database, "session routed");
     let route = endpoint.config.route;
     let close_on_change = endpoint.config.on_leader_change == OnLeaderChange::Close;
     // A second look at the routing snapshots, asked before every write to
@@ -460,14 +453,8 @@ async fn session(
         written: endpoint.metrics.bytes_out.clone(),
         session: bytes.clone(),
     };
-    let mut server = KeyWatched {
-        inner: server,
-        watcher: (protocol == Protocol::Postgres).then(KeyWatcher::new),
-        cluster: cluster.clone(),
-        member,
-        key: None,
-    };
-    let mut splice = Splice::new(protocol == Protocol::Postgres);
+    let mut server = hook.member_side(server, cluster.clone(), member);
+    let mut splice = Splice::new(hook.framed());
     let mut open = || gate.open();
     let idle_timeout = endpoint.config.idle_timeout;
     let ended = {
@@ -504,56 +491,42 @@ async fn session(
         Ended::Ineligible => {
             endpoint.metrics.closed_leader_change.inc();
             let epoch = routing.borrow().epoch;
-            if protocol == Protocol::Postgres {
-                // Tell the client why, as the server does on a forced
-                // disconnect, where its parser expects a new message.
-                let closed = Box::pin(close_at_message_boundary(
-                    &mut splice,
-                    &mut client,
-                    &mut server,
-                    "57P01",
-                    "portal: the member this session used is no longer eligible (leader change); reconnect",
-                ))
-                .await;
-                match closed {
-                    Closed::AtBoundary(relayed) => tracing::info!(
-                        endpoint = ep, %peer, member = member_name, epoch, relayed,
-                        "member no longer eligible for this route; session closed at a message boundary with 57P01"
-                    ),
-                    Closed::MemberEnded => tracing::info!(
-                        endpoint = ep, %peer, member = member_name, epoch,
-                        "member no longer eligible for this route; session closed (the member's stream ended mid-message)"
-                    ),
-                    Closed::Failed(err) => tracing::info!(
-                        endpoint = ep, %peer, member = member_name, epoch, error = %err,
-                        "member no longer eligible for this route; session closed (relaying the rest of the message failed)"
-                    ),
-                    Closed::TimedOut => tracing::info!(
-                        endpoint = ep, %peer, member = member_name, epoch, timeout_ms = CLOSE_DRAIN.as_millis() as u64,
-                        "member no longer eligible for this route; session closed mid-message, the rest not relayed in time"
-                    ),
-                }
-            } else {
-                tracing::info!(
+            // Tell the client why, where its parser expects a new message
+            // (PostgreSQL: 57P01, as the server does on a forced disconnect).
+            let closed = Box::pin(hook.close(
+                CloseReason::LeaderChange,
+                &mut splice,
+                &mut client,
+                &mut server,
+            ))
+            .await;
+            match closed {
+                Closed::Plainly => tracing::info!(
                     endpoint = ep, %peer, member = member_name, epoch,
                     "member no longer eligible for this route; session closed"
-                );
+                ),
+                Closed::AtBoundary(relayed) => tracing::info!(
+                    endpoint = ep, %peer, member = member_name, epoch, relayed,
+                    "member no longer eligible for this route; session closed at a message boundary with 57P01"
+                ),
+                Closed::MemberEnded => tracing::info!(
+                    endpoint = ep, %peer, member = member_name, epoch,
+                    "member no longer eligible for this route; session closed (the member's stream ended mid-message)"
+                ),
+                Closed::Failed(err) => tracing::info!(
+                    endpoint = ep, %peer, member = member_name, epoch, error = %err,
+                    "member no longer eligible for this route; session closed (relaying the rest of the message failed)"
+                ),
+                Closed::TimedOut => tracing::info!(
+                    endpoint = ep, %peer, member = member_name, epoch, timeout_ms = CLOSE_DRAIN.as_millis() as u64,
+                    "member no longer eligible for this route; session closed mid-message, the rest not relayed in time"
+                ),
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), client.inner.shutdown()).await;
         }
         Ended::Idle => {
             endpoint.metrics.closed_idle.inc();
-            if protocol == Protocol::Postgres {
-                // What PostgreSQL's own idle_session_timeout sends.
-                Box::pin(close_at_message_boundary(
-                    &mut splice,
-                    &mut client,
-                    &mut server,
-                    "57P05",
-                    "portal: terminating connection due to idle timeout (idle_timeout)",
-                ))
-                .await;
-            }
+            Box::pin(hook.close(CloseReason::Idle, &mut splice, &mut client, &mut server)).await;
             tracing::debug!(endpoint = ep, %peer, member = member_name, "session idle for idle_timeout; closed");
             let _ = tokio::time::timeout(Duration::from_millis(100), client.inner.shutdown()).await;
         }
@@ -580,49 +553,6 @@ async fn session(
                 "session"
             ),
         }
-    }
-}
-
-/// How a PostgreSQL session closed by the portal ended.
-enum Closed {
-    /// The message in flight was finished (`relayed` more bytes), then the
-    /// ErrorResponse sent.
-    AtBoundary(u64),
-    /// The member's stream ended mid-message; no ErrorResponse.
-    MemberEnded,
-    /// Relaying the rest of the message failed.
-    Failed(io::Error),
-    /// The rest did not come within [`CLOSE_DRAIN`]: closed mid-message.
-    TimedOut,
-}
-
-/// Finishes the backend message a PostgreSQL client is in the middle of,
-/// then sends it an ErrorResponse (`sqlstate`, `message`): an ErrorResponse
-/// inside a half-relayed DataRow would corrupt its stream. Closing
-/// mid-message is the lesser harm when the message cannot be finished
-/// within [`CLOSE_DRAIN`].
-async fn close_at_message_boundary(
-    splice: &mut Splice,
-    client: &mut Counted<Stream>,
-    server: &mut KeyWatched,
-    sqlstate: &str,
-    message: &str,
-) -> Closed {
-    let notice = frontend::postgres::error_response(sqlstate, message);
-    let drained = tokio::time::timeout(CLOSE_DRAIN, async {
-        let relayed = splice.finish_message(client, server).await?;
-        if relayed.is_some() {
-            client.write_all(&notice).await?;
-            client.flush().await?;
-        }
-        Ok::<_, io::Error>(relayed)
-    })
-    .await;
-    match drained {
-        Ok(Ok(Some(relayed))) => Closed::AtBoundary(relayed),
-        Ok(Ok(None)) => Closed::MemberEnded,
-        Ok(Err(err)) => Closed::Failed(err),
-        Err(_) => Closed::TimedOut,
     }
 }
 
@@ -987,69 +917,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// The member's side of a PostgreSQL session: records the session's cancel
-/// key when `BackendKeyData` passes, and forgets it when the session ends.
-struct KeyWatched {
-    inner: Stream,
-    watcher: Option<KeyWatcher>,
-    cluster: Arc<Cluster>,
-    member: MemberId,
-    key: Option<CancelKey>,
-}
-
-impl AsyncRead for KeyWatched {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let this = &mut *self;
-        if let Some(watcher) = this.watcher.as_mut() {
-            if let Some(key) = watcher.feed(&buf.filled()[before..]) {
-                let issuer = this.cluster.roster.get(this.member);
-                if issuer.is_some_and(|issuer| this.cluster.cancel_keys.insert(key.clone(), issuer))
-                {
-                    this.key = Some(key);
-                } else {
-                    tracing::warn!(cluster = %this.cluster.config.name, "cancel key table full; this session cannot be cancelled through the portal");
-                }
-            }
-            if watcher.done() {
-                this.watcher = None;
-            }
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for KeyWatched {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-impl Drop for KeyWatched {
-    fn drop(&mut self) {
-        if let Some(key) = self.key.take() {
-            self.cluster.cancel_keys.remove(&key);
-        }
     }
 }
 

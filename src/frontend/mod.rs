@@ -5,6 +5,7 @@
 pub mod etcd;
 pub mod postgres;
 pub mod redis;
+pub mod session;
 
 use std::net::SocketAddr;
 use std::time::Duration;
