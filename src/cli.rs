@@ -79,6 +79,9 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Threads of the control runtime.
+const CONTROL_THREADS: usize = 1;
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -92,7 +95,11 @@ pub fn main() -> ExitCode {
                 }
             };
             raise_descriptor_limit(&config);
+            // The control runtime: probes, views, DCS sources, the admin
+            // API, reloads. The data path runs on its own threads
+            // (`data_threads`), so this one needs little.
             let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(CONTROL_THREADS)
                 .enable_all()
                 .build()
             {

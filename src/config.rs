@@ -41,6 +41,9 @@ pub struct Config {
     pub file: PathBuf,
     pub admin: Admin,
     pub shutdown: ShutdownSettings,
+    /// How many threads run the data path (`data_threads`); `None`: one
+    /// per CPU. Read at start only.
+    pub data_threads: Option<usize>,
     pub clusters: Vec<Cluster>,
 }
 
@@ -587,6 +590,9 @@ fn bare_message(text: &str) -> String {
     }
 }
 
+/// More data threads than this is a typo, not a machine.
+const MAX_DATA_THREADS: u32 = 1024;
+
 // ---- the raw, serde-facing tree -------------------------------------------
 
 #[derive(Deserialize)]
@@ -597,6 +603,7 @@ struct RawConfig {
     certs_dir: Option<Spanned<String>>,
     #[serde(default)]
     shutdown: RawShutdown,
+    data_threads: Option<Spanned<u32>>,
     clusters: Vec<RawCluster>,
 }
 
@@ -988,6 +995,18 @@ impl Validator<'_> {
             )
         })?;
 
+        let data_threads = match &raw.data_threads {
+            None => None,
+            Some(n) if (1..=MAX_DATA_THREADS).contains(&n.value) => Some(n.value as usize),
+            Some(n) => {
+                return Err(self.error(
+                    n,
+                    "data_threads",
+                    format!("must be between 1 and {MAX_DATA_THREADS}"),
+                ))
+            }
+        };
+
         if raw.clusters.is_empty() {
             return Err(ConfigError::Invalid {
                 file: self.file.display().to_string(),
@@ -1274,6 +1293,7 @@ impl Validator<'_> {
                 drain_timeout: raw.shutdown.drain_timeout,
                 ready_delay: raw.shutdown.ready_delay,
             },
+            data_threads,
             clusters,
         })
     }
@@ -1765,6 +1785,23 @@ clusters:
         tls: auto
         hold_timeout: 2s
 ";
+
+    #[test]
+    fn data_threads_default_to_one_per_cpu_and_are_bounded() {
+        let dir = certs();
+        let cfg = config(dir.path(), GOOD).expect("valid");
+        assert_eq!(cfg.data_threads, None);
+        let cfg = config(dir.path(), &format!("data_threads: 3\n{GOOD}")).expect("valid");
+        assert_eq!(cfg.data_threads, Some(3));
+        for bad in ["0", "1025", "-1", "many"] {
+            let (line, key, message) = invalid(&format!("\ndata_threads: {bad}\n{GOOD}"));
+            assert_eq!(
+                (line, key.as_str()),
+                (2, "data_threads"),
+                "{bad}: {message}"
+            );
+        }
+    }
 
     #[test]
     fn ready_delay_is_off_by_default_and_may_be_zero() {

@@ -24,6 +24,7 @@ pub mod certs;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod data_threads;
 pub mod dcs;
 pub mod etcd_api;
 pub mod frontend;

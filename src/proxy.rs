@@ -24,6 +24,7 @@ use crate::admission::{Admission, Denied, Limits, OpeningTicket};
 use crate::backend;
 use crate::cluster::Cluster;
 use crate::config::{self, OnLeaderChange, Route};
+use crate::data_threads::DataThreads;
 use crate::frontend::postgres::CancelKey;
 use crate::frontend::session::{CloseReason, Closed, SessionHook, CLOSE_DRAIN};
 use crate::frontend::{self, Accepted, Frontend, Refusal};
@@ -250,14 +251,69 @@ pub struct SessionTasks {
     pub close: CancellationToken,
 }
 
-/// Accepts until `stop_accepting`, then hands the listener back (a reload
-/// passes it to the endpoint's next instance: no connection is refused).
+/// Accepts on every data thread until `stop_accepting`, then hands the
+/// listening socket back (a reload passes it to the endpoint's next
+/// instance: no connection is refused). Each thread accepts on its own
+/// duplicate of the socket, and a session stays on the thread that accepted
+/// it (`data_threads`).
 pub async fn serve(
     endpoint: Arc<Endpoint>,
-    listener: TcpListener,
+    listener: std::net::TcpListener,
+    threads: DataThreads,
     tasks: SessionTasks,
     stop_accepting: CancellationToken,
-) -> TcpListener {
+) -> Option<std::net::TcpListener> {
+    let mut loops = Vec::with_capacity(threads.len());
+    let mut listener = Some(listener);
+    for (i, handle) in threads.handles().iter().enumerate() {
+        // The last thread takes the socket itself, the others a duplicate.
+        let socket = if i + 1 == threads.len() {
+            listener.take()
+        } else {
+            match listener.as_ref().map(std::net::TcpListener::try_clone) {
+                Some(Ok(copy)) => Some(copy),
+                Some(Err(err)) => {
+                    tracing::warn!(endpoint = %endpoint.config.name, thread = i, error = %err, "cannot duplicate the listening socket; this data thread does not accept on it");
+                    None
+                }
+                None => None,
+            }
+        };
+        if let Some(socket) = socket {
+            loops.push(handle.spawn(accept_loop(
+                endpoint.clone(),
+                socket,
+                tasks.clone(),
+                stop_accepting.clone(),
+            )));
+        }
+    }
+    let mut handed_back = None;
+    for accepting in loops {
+        if let Ok(Some(socket)) = accepting.await {
+            handed_back = Some(socket);
+        }
+    }
+    tracing::debug!(endpoint = %endpoint.config.name, "stopped accepting");
+    handed_back
+}
+
+/// One data thread's accept loop: registers `socket` with this thread's
+/// runtime, accepts until `stop_accepting`, and hands the socket back
+/// unregistered.
+async fn accept_loop(
+    endpoint: Arc<Endpoint>,
+    socket: std::net::TcpListener,
+    tasks: SessionTasks,
+    stop_accepting: CancellationToken,
+) -> Option<std::net::TcpListener> {
+    let listener = match TcpListener::from_std(socket) {
+        Ok(listener) => listener,
+        Err(err) => {
+            tracing::error!(endpoint = %endpoint.config.name, error = %err, "cannot register the listening socket on a data thread");
+            return None;
+        }
+    };
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -270,6 +326,8 @@ pub async fn serve(
                     Ok(ticket) => {
                         let session =
                             session(endpoint.clone(), tcp, peer, ticket, tasks.close.clone());
+                        // Spawned on this thread's runtime: the session
+                        // never leaves it.
                         tasks.all.spawn(
                             tasks
                                 .cluster
@@ -288,8 +346,13 @@ pub async fn serve(
             }
         }
     }
-    tracing::debug!(endpoint = %endpoint.config.name, "stopped accepting");
-    listener
+    match listener.into_std() {
+        Ok(socket) => Some(socket),
+        Err(err) => {
+            tracing::warn!(endpoint = %endpoint.config.name, error = %err, "cannot unregister the listening socket");
+            None
+        }
+    }
 }
 
 /// Decrements the active gauge when a session ends, however it ends.

@@ -29,6 +29,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
+
+use crate::data_threads::DataThreads;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -62,6 +64,8 @@ struct Process {
     /// View rule 9: with peers, a fresh view's first election waits for a
     /// peer's answer at most this long.
     peer_wait: Option<Duration>,
+    /// Where every endpoint accepts and its sessions run.
+    data: DataThreads,
 }
 
 /// The instances serving now.
@@ -85,7 +89,7 @@ struct LiveEndpoint {
     endpoint: Arc<Endpoint>,
     /// Stops its accept loop, which then hands its listener back.
     stop: CancellationToken,
-    accepting: Option<JoinHandle<TcpListener>>,
+    accepting: Option<JoinHandle<Option<std::net::TcpListener>>>,
     sessions: TaskTracker,
     close: CancellationToken,
 }
@@ -120,7 +124,7 @@ struct PreparedEndpoint {
 enum Listener {
     /// The listener of the running endpoint at this index (same address).
     Taken(usize),
-    Bound(TcpListener),
+    Bound(std::net::TcpListener),
 }
 
 pub async fn run(mut config: Config) -> anyhow::Result<()> {
@@ -143,6 +147,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         stop_accepting: CancellationToken::new(),
         close_sessions: CancellationToken::new(),
         peer_wait,
+        data: DataThreads::start(config.data_threads).context("cannot start the data threads")?,
     };
     let metrics = process.metrics.clone();
 
@@ -351,16 +356,17 @@ async fn prepare(config: &Config, live: &Live) -> anyhow::Result<Prepared> {
         for e in &c.endpoints {
             let tls = crate::tls::server_config(&e.tls, crate::frontend::alpn(c.protocol))
                 .with_context(|| format!("endpoint {}", e.name))?;
-            let listener = match live
-                .endpoints
-                .iter()
-                .position(|l| l.endpoint.config.listen == e.listen)
-            {
-                Some(i) => Listener::Taken(i),
-                None => Listener::Bound(TcpListener::bind(e.listen).await.with_context(|| {
-                    format!("endpoint {}: cannot listen on {}", e.name, e.listen)
-                })?),
-            };
+            let listener =
+                match live
+                    .endpoints
+                    .iter()
+                    .position(|l| l.endpoint.config.listen == e.listen)
+                {
+                    Some(i) => Listener::Taken(i),
+                    None => Listener::Bound(crate::data_threads::listen(e.listen).with_context(
+                        || format!("endpoint {}: cannot listen on {}", e.name, e.listen),
+                    )?),
+                };
             endpoints.push(PreparedEndpoint {
                 config: e.clone(),
                 tls,
@@ -543,13 +549,13 @@ async fn commit(
                     };
                     old.stop.cancel();
                     let taken = match old.accepting.take() {
-                        Some(accepting) => accepting.await.ok(),
+                        Some(accepting) => accepting.await.ok().flatten(),
                         None => None,
                     };
                     handed.push(old);
                     match taken {
                         Some(listener) => listener,
-                        None => match TcpListener::bind(pe.config.listen).await {
+                        None => match crate::data_threads::listen(pe.config.listen) {
                             Ok(listener) => listener,
                             Err(err) => {
                                 tracing::error!(endpoint = %pe.config.name, listen = %pe.config.listen, error = %err, "cannot listen again after a reload; the endpoint is not served");
@@ -588,6 +594,7 @@ async fn commit(
             let accepting = tokio::spawn(proxy::serve(
                 endpoint.clone(),
                 listener,
+                process.data.clone(),
                 tasks,
                 stop.clone(),
             ));
@@ -773,6 +780,9 @@ async fn reload(
     let admin_changed = new.admin != running.admin;
     // The admin listener, its token and the peers stay as they are.
     new.admin = running.admin.clone();
+    // So do the data threads.
+    let threads_changed = new.data_threads != running.data_threads;
+    new.data_threads = running.data_threads;
     let (changes, interrupted) = commit(prepared, live, process, &new, Some(signals)).await;
     *running = new;
     metrics.reloads.with_label_values(&["ok"]).inc();
@@ -789,6 +799,13 @@ async fn reload(
             "the admin settings changed; they need a restart and were not applied"
         );
         outcome.push_str("; not applied (needs a restart): admin");
+    }
+    if threads_changed {
+        tracing::warn!(
+            not_applied = "data_threads",
+            "data_threads changed; it needs a restart and was not applied"
+        );
+        outcome.push_str("; not applied (needs a restart): data_threads");
     }
     (Ok(outcome), interrupted)
 }

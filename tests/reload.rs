@@ -520,6 +520,40 @@ async fn a_reload_that_cannot_apply_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_threads_need_a_restart_and_the_rest_of_the_reload_applies() {
+    let redis = RedisServer::start(None);
+    let Reloadable {
+        certs,
+        ports,
+        yaml,
+        portal,
+        _dir,
+    } = reloadable(&[redis.port()], "10s").await;
+    let flowing = Flowing::start(session(ports.rw, &certs).await, "k");
+
+    // data_threads changed (the default is one per CPU), and `any` removed.
+    let (kept, _any) = yaml.split_once("      - name: any\n").expect("any");
+    std::fs::write(portal.config_file(), format!("data_threads: 7\n{kept}")).expect("write");
+    let (code, answer) = post_reload(&portal).await;
+    assert_eq!(code, 200, "{answer}");
+    assert!(
+        answer.contains("removed: any")
+            && answer.contains("not applied (needs a restart): data_threads"),
+        "{answer}"
+    );
+    // The endpoint handed from one instance to the next serves on every
+    // data thread, and the session opened before flowed all along.
+    for _ in 0..8 {
+        assert_eq!(reached(ports.rw, &certs).await, Ok(redis.port()));
+    }
+    let made = flowing
+        .finish()
+        .await
+        .expect("the rw session through the reload");
+    assert!(made > 0, "no INCR");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_per_cluster_and_endpoint_and_the_ready_delay() {
     let redis = RedisServer::start(None);
     let certs = temp_certs();
