@@ -517,7 +517,15 @@ impl Config {
             .flat_map(|c| &c.endpoints)
             .map(|e| 2 * e.max_connections as u64 + e.max_handshakes as u64)
             .sum();
-        endpoints + 256
+        // Each data thread: its runtime's epoll and wakeup descriptors, and
+        // a copy of every endpoint's listening socket.
+        let listeners = self
+            .clusters
+            .iter()
+            .map(|c| c.endpoints.len() as u64)
+            .sum::<u64>();
+        let threads = crate::data_threads::DataThreads::count(self.data_threads) as u64;
+        endpoints + threads * (2 + listeners) + 256
     }
 
     /// Reads, parses and validates `file`.
@@ -1846,7 +1854,11 @@ clusters:
             (10_000, None, 1_024, 256)
         );
         assert_eq!((e.idle_timeout, e.access_log), (None, false));
-        assert_eq!(cfg.descriptors_needed(), 2 * 10_000 + 1_024 + 256);
+        let threads = crate::data_threads::DataThreads::count(None) as u64;
+        assert_eq!(
+            cfg.descriptors_needed(),
+            2 * 10_000 + 1_024 + threads * (2 + 1) + 256
+        );
         let with = |line: &str| {
             GOOD.replace(
                 "        hold_timeout: 2s\n",

@@ -31,9 +31,7 @@ impl DataThreads {
     /// Starts `count` threads (at least one), or one per CPU when `None`.
     /// They run until the process exits.
     pub fn start(count: Option<usize>) -> io::Result<DataThreads> {
-        let count = count
-            .unwrap_or_else(|| thread::available_parallelism().map_or(1, |n| n.get()))
-            .max(1);
+        let count = DataThreads::count(count);
         let mut handles = Vec::with_capacity(count);
         for i in 0..count {
             let runtime = Builder::new_current_thread().enable_all().build()?;
@@ -43,6 +41,13 @@ impl DataThreads {
                 .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
         }
         Ok(DataThreads { handles })
+    }
+
+    /// How many threads `start(count)` starts.
+    pub fn count(count: Option<usize>) -> usize {
+        count
+            .unwrap_or_else(|| thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
     }
 
     pub fn handles(&self) -> &[Handle] {

@@ -341,10 +341,18 @@ async fn accept_loop(
             }
             Err(err) => {
                 // Out of file descriptors or similar: back off, keep serving.
-                tracing::warn!(endpoint = %endpoint.config.name, error = %err, "accept failed");
+                if let Some(suppressed) = endpoint.log_limit.admit("accept_failed") {
+                    tracing::warn!(endpoint = %endpoint.config.name, error = %err, suppressed, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+        // One new connection per turn of this thread's scheduler: every
+        // task that is ready (the open sessions, the openings under way)
+        // runs before the next accept. A flood of connections whose
+        // handshakes cost CPU then queues in the kernel's backlog, not in
+        // front of the sessions already open on this thread.
+        tokio::task::yield_now().await;
     }
     match listener.into_std() {
         Ok(socket) => Some(socket),

@@ -610,7 +610,7 @@ async fn commit(
 
     // The old endpoint instances: no more accepting. Sessions of an
     // endpoint that stays run on; those of one that is gone are drained.
-    for old in old_endpoints.into_iter().flatten().chain(handed) {
+    for mut old in old_endpoints.into_iter().flatten().chain(handed) {
         old.stop.cancel();
         old.sessions.close();
         let name = &old.endpoint.config.name;
@@ -620,6 +620,12 @@ async fn commit(
             .any(|e| e.endpoint.config.name == *name)
         {
             continue;
+        }
+        // A removed endpoint's port is closed before the reload answers:
+        // every data thread's accept loop has stopped and dropped its copy
+        // of the socket, so the address is free to bind again at once.
+        if let Some(accepting) = old.accepting.take() {
+            drop(accepting.await);
         }
         changes.endpoints_removed.push(name.clone());
         tracing::info!(endpoint = %name, listen = %old.endpoint.config.listen, open = old.sessions.len(), "endpoint removed: no new connections; draining its sessions");
@@ -781,7 +787,7 @@ async fn reload(
     // The admin listener, its token and the peers stay as they are.
     new.admin = running.admin.clone();
     // So do the data threads.
-    let threads_changed = new.data_threads != running.data_threads;
+    let threads_changed = DataThreads::count(new.data_threads) != process.data.len();
     new.data_threads = running.data_threads;
     let (changes, interrupted) = commit(prepared, live, process, &new, Some(signals)).await;
     *running = new;

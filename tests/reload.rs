@@ -541,6 +541,28 @@ async fn data_threads_need_a_restart_and_the_rest_of_the_reload_applies() {
             && answer.contains("not applied (needs a restart): data_threads"),
         "{answer}"
     );
+    // The removed endpoint's port was closed before the answer: every data
+    // thread's copy of the socket is gone, so it can be bound at once; and
+    // re-adding the endpoint straight after works, each time.
+    for round in 0..10 {
+        drop(
+            std::net::TcpListener::bind(("127.0.0.1", ports.any)).unwrap_or_else(|err| {
+                panic!("round {round}: the removed endpoint's port is still bound: {err}")
+            }),
+        );
+        std::fs::write(portal.config_file(), &yaml).expect("write");
+        let (code, answer) = post_reload(&portal).await;
+        assert!(
+            code == 200 && answer.contains("added: any"),
+            "round {round}: {answer}"
+        );
+        std::fs::write(portal.config_file(), format!("data_threads: 7\n{kept}")).expect("write");
+        let (code, answer) = post_reload(&portal).await;
+        assert!(
+            code == 200 && answer.contains("removed: any"),
+            "round {round}: {answer}"
+        );
+    }
     // The endpoint handed from one instance to the next serves on every
     // data thread, and the session opened before flowed all along.
     for _ in 0..8 {
