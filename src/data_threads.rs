@@ -4,11 +4,12 @@
 //! the threads waiting in `accept`, and the session (handshake, routing,
 //! relay, both sockets, its timers) then lives on that thread until it ends:
 //! no task moves between threads, no wakeup crosses one. Measured against
-//! tokio's work-stealing runtime on the same load, this takes 14% less CPU
-//! per request (bench/README.md).
+//! tokio's work-stealing runtime on the same keep-alive load, this takes 15%
+//! less CPU per request (README, "How the data path works").
 //!
-//! Probes, views, DCS sources, the admin API and reloads run on a separate,
-//! small runtime (`cli.rs`), so a busy data thread never delays a probe.
+//! Probes, views, DCS sources, the admin API and reloads run on a separate
+//! one-thread runtime (`cli.rs`), so a probe never waits in a data thread's
+//! queue of session tasks.
 
 use std::io;
 use std::net::SocketAddr;
