@@ -29,8 +29,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-
-use crate::data_threads::DataThreads;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +38,7 @@ use crate::admin::{self, AdminState, ReloadOutcome, Served};
 use crate::backend::Origination;
 use crate::cluster::{self, Cluster};
 use crate::config::{self, Config};
+use crate::data_threads::{self, DataThreads};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Endpoint, SessionTasks};
 
@@ -356,17 +355,16 @@ async fn prepare(config: &Config, live: &Live) -> anyhow::Result<Prepared> {
         for e in &c.endpoints {
             let tls = crate::tls::server_config(&e.tls, crate::frontend::alpn(c.protocol))
                 .with_context(|| format!("endpoint {}", e.name))?;
-            let listener =
-                match live
-                    .endpoints
-                    .iter()
-                    .position(|l| l.endpoint.config.listen == e.listen)
-                {
-                    Some(i) => Listener::Taken(i),
-                    None => Listener::Bound(crate::data_threads::listen(e.listen).with_context(
-                        || format!("endpoint {}: cannot listen on {}", e.name, e.listen),
-                    )?),
-                };
+            let listener = match live
+                .endpoints
+                .iter()
+                .position(|l| l.endpoint.config.listen == e.listen)
+            {
+                Some(i) => Listener::Taken(i),
+                None => Listener::Bound(data_threads::listen(e.listen).with_context(|| {
+                    format!("endpoint {}: cannot listen on {}", e.name, e.listen)
+                })?),
+            };
             endpoints.push(PreparedEndpoint {
                 config: e.clone(),
                 tls,
@@ -555,7 +553,7 @@ async fn commit(
                     handed.push(old);
                     match taken {
                         Some(listener) => listener,
-                        None => match crate::data_threads::listen(pe.config.listen) {
+                        None => match data_threads::listen(pe.config.listen) {
                             Ok(listener) => listener,
                             Err(err) => {
                                 tracing::error!(endpoint = %pe.config.name, listen = %pe.config.listen, error = %err, "cannot listen again after a reload; the endpoint is not served");
